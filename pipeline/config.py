@@ -1,0 +1,281 @@
+"""The params.yaml contract: typed, frozen, validated once at the edge.
+
+`load_config(path)` is the only place that reads params.yaml. Everything below it receives a
+`Config` object. User mistakes raise `ConfigError` with one line per problem, each naming the
+dotted key, what is allowed and what was given (``train.lr_d: must be > 0, got -1``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATASETS = ("ring", "grid", "digits", "mnist5k", "npz")
+LOSSES = ("minimax", "nonsaturating", "wgan", "wgan-gp", "lsgan", "hinge")
+
+
+class ConfigError(ValueError):
+    """A user mistake in params: the message is ready to print as is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    name: Literal["ring", "grid", "digits", "mnist5k", "npz"] = "grid"
+    path: str | None = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    n_samples: int = Field(50_000, gt=0, description="points drawn for ring/grid")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataConfig":
+        if self.name == "npz" and not self.path:
+            raise ValueError("data.path: required when data.name is npz")
+        return self
+
+
+class ModelConfig(_Section):
+    arch: Literal["mlp", "dcgan"] = "mlp"
+    z_dim: int = Field(2, gt=0)
+    hidden: int = Field(128, gt=0, description="MLP width / DCGAN base channels")
+    layers: int = Field(3, gt=0, description="MLP hidden layers")
+    d_norm: Literal["none", "batch", "layer", "instance", "spectral"] = "none"
+    d_activation: Literal["relu", "leaky_relu", "tanh"] = "leaky_relu"
+    conditional: bool = False
+    pack: int = Field(1, ge=1)
+
+    @field_validator("conditional")
+    @classmethod
+    def _conditional_not_yet(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("conditional GANs are not implemented yet (issue #3); use false")
+        return v
+
+
+class LossConfig(_Section):
+    name: Literal["minimax", "nonsaturating", "wgan", "wgan-gp", "lsgan", "hinge"] = "nonsaturating"
+    gp_weight: float = Field(10.0, ge=0.0)
+    clip: float = Field(0.01, gt=0.0)
+    r1_gamma: float = Field(0.0, ge=0.0)
+
+
+class AdaConfig(_Section):
+    enabled: bool = False
+    target: float = Field(0.6, gt=0.0, lt=1.0)
+    interval: int = Field(4, gt=0)
+    speed_img: int = Field(500_000, gt=0)
+
+    @field_validator("enabled")
+    @classmethod
+    def _ada_not_yet(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("ADA is not implemented yet (issue #3); use false")
+        return v
+
+
+class TrainConfig(_Section):
+    steps: int = Field(3000, gt=0)
+    batch_size: int = Field(256, gt=0, description="global batch, split across workers")
+    lr_g: float = Field(1e-3, gt=0.0)
+    lr_d: float = Field(1e-3, gt=0.0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    n_critic: int = Field(1, ge=1)
+    ema: float = Field(0.0, ge=0.0, lt=1.0, description="generator EMA decay, 0 = off")
+    ada: AdaConfig = AdaConfig()
+    num_workers: int = Field(1, ge=1)
+    use_gpu: Literal["auto", True, False] = "auto"
+    checkpoint_every: int = Field(500, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0)
+    log_every: int = Field(100, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"must be two numbers in [0, 1), got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_divisible(self) -> "TrainConfig":
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"train.batch_size: must be divisible by train.num_workers ({self.num_workers}), "
+                f"got {self.batch_size}"
+            )
+        return self
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(8, gt=0)
+    scheduler: Literal["asha", "pbt", "none"] = "asha"
+    search_alg: Literal["random", "optuna"] = "random"
+    metric: str = "w1"
+    mode: Literal["min", "max"] = "min"
+    max_concurrent: int = Field(2, gt=0)
+    search_space: dict[str, Any] = {}
+
+
+class EvalConfig(_Section):
+    n_samples: int = Field(2500, gt=0)
+
+
+class ExportConfig(_Section):
+    formats: list[Literal["torchscript", "onnx"]] = ["torchscript", "onnx"]
+    model_name: str = Field("ganpipe-generator", min_length=1)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None
+    experiment: str = Field("ganpipe", min_length=1)
+
+
+class StorageConfig(_Section):
+    root: str = ".ganpipe/ray"
+    s3_endpoint_url: str | None = None
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray; null = all")
+
+
+class Config(_Section):
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.data.name in ("ring", "grid") and self.model.arch != "mlp":
+            raise ValueError(f"model.arch: 2D data ({self.data.name}) needs mlp, got {self.model.arch}")
+        if self.data.name in ("digits", "mnist5k") and self.model.arch != "dcgan":
+            raise ValueError(f"model.arch: image data ({self.data.name}) needs dcgan, got {self.model.arch}")
+        if (self.train.batch_size // self.train.num_workers) % self.model.pack:
+            raise ValueError(
+                f"model.pack: the per-worker batch ({self.train.batch_size // self.train.num_workers}) "
+                f"must be divisible by it, got {self.model.pack}"
+            )
+        if self.model.arch == "mlp" and self.model.d_norm == "instance":
+            raise ValueError("model.d_norm: instance norm needs image data (arch dcgan), got instance")
+        if self.loss.name == "wgan-gp" and self.model.d_norm == "batch":
+            raise ValueError(
+                "model.d_norm: batch norm makes the WGAN-GP penalty wrong (it couples samples "
+                "in a batch); use none, layer or instance, got batch"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, as MLflow params."""
+        return flatten(self.to_dict())
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable short hash of the given top-level sections (all when none given)."""
+        d = self.to_dict()
+        picked = {k: d[k] for k in (sections or d.keys())}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+_OPS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One pydantic error -> `key: must be ..., got X`."""
+    key = ".".join(str(p) for p in err["loc"])
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    if kind in _OPS:
+        limit = next(iter(ctx.values()))
+        return f"{key}: must be {_OPS[kind]} {limit}, got {got!r}"
+    if kind == "literal_error":
+        return f"{key}: must be one of {ctx.get('expected', '')}, got {got!r}"
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        if ":" in msg.split(" ")[0]:
+            return msg  # already names its key
+        return f"{key}: {msg}" if key else msg
+    if kind == "missing":
+        return f"{key}: required"
+    return f"{key}: {err['msg'].lower()}, got {got!r}"
+
+
+def build_config(raw: dict[str, Any] | None) -> Config:
+    """Validate a params mapping; raise ConfigError naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError("\n".join(_describe(err) for err in e.errors())) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return data or {}
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    raw = read_yaml(path)
+    if overrides:
+        raw = deep_merge(raw, unflatten(overrides))
+    return build_config(raw)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: `update` merged into `base`, nested mappings merged key by key."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out

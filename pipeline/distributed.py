@@ -1,0 +1,226 @@
+"""Ray: starting or joining a cluster and running the training loop under Ray Train.
+
+The only module (with tune, later) that imports Ray. The driver calls `fit`; each worker runs
+`_worker_loop`, which wraps `pipeline.training.train` with hooks that average gradients over the
+gloo/NCCL process group Ray Train set up, report checkpoints to Ray, and (rank 0 only) log metrics
+to MLflow and print progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config, build_config
+
+STATE_FILE = "state.pt"
+
+# Ray's own chatter (usage stats, V2 tips, per-run banners) is noise for our users.
+_QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "RAY_LOG_TO_STDERR": "0",
+}
+
+
+def ensure_ray(address: str | None, num_cpus: int | None) -> str:
+    """Join `address` (or $RAY_ADDRESS) if given, else start a local Ray. Returns what was done."""
+    for k, v in _QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        return "already running"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **common)
+        return f"joined Ray cluster at {address}"
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
+    return f"started local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def resolve_use_gpu(setting: str | bool) -> bool:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if setting == "auto":
+        return gpus >= 1
+    if setting and gpus < 1:
+        raise RuntimeError("train.use_gpu: true, but the Ray cluster has no GPUs")
+    return bool(setting)
+
+
+def storage_filesystem(root: str, endpoint_url: str | None):
+    """(storage_path, pyarrow filesystem or None) for Ray's RunConfig.
+
+    Local roots become absolute paths. For s3:// roots the endpoint is given to pyarrow
+    explicitly: it does not read AWS_ENDPOINT_URL.
+    """
+    if not root.startswith("s3://"):
+        return str(Path(root).expanduser().resolve()), None
+    import pyarrow.fs
+
+    kwargs: dict[str, Any] = {}
+    if endpoint_url:
+        kwargs["endpoint_override"] = endpoint_url
+        kwargs["scheme"] = "https" if endpoint_url.startswith("https") else "http"
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return root[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What the driver hands to every worker (plain data: it crosses process boundaries)."""
+
+    cfg: dict[str, Any]
+    data_ref: Any  # ray.ObjectRef of the training array
+    tracking_uri: str
+    run_id: str
+
+
+def fit(cfg: Config, x_train, tracking_uri: str, run_id: str, name: str) -> tuple[dict[str, Any], str]:
+    """Train under Ray Train; returns (final GAN state, Ray result path).
+
+    A run with the same storage root and name continues from its last checkpoint.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, fs = storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
+    t = cfg.train
+    job = TrainJob(cfg.to_dict(), ray.put(torch.from_numpy(x_train)), tracking_uri, run_id)
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=resolve_use_gpu(t.use_gpu)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    return state, result.path
+
+
+# ---- inside a worker ------------------------------------------------------------------------
+
+
+def _allreduce_mean(world: int):
+    import torch.distributed as dist
+
+    def sync(module: torch.nn.Module) -> None:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    return sync
+
+
+def _reduce_stats(world: int):
+    import torch.distributed as dist
+
+    def reduce(stats: dict[str, float]) -> dict[str, float]:
+        keys = sorted(stats)
+        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return dict(zip(keys, (t / world).tolist()))
+
+    return reduce
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from pipeline import training
+    from pipeline.tracking import MetricBuffer
+
+    job: TrainJob = loop_config["job"]
+    cfg = build_config(job.cfg)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    x = ray.get(job.data_ref).to(device)
+
+    gan = training.build_gan(cfg, list(x.shape[1:]), device)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            training.load_gan_state(gan, torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False), cfg)
+        if rank == 0:
+            print(f"[train] resuming from checkpoint at step {gan.step}", flush=True)
+
+    shard = training.Shard(rank, world)
+    batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, shard)
+    metrics = MetricBuffer(job.tracking_uri, job.run_id) if rank == 0 else None
+    progress = _Progress(cfg.train.steps, gan.step)
+
+    def on_log(step: int, stats: dict[str, float]) -> None:
+        if metrics is not None:
+            metrics.add(step, stats)
+            metrics.flush()
+            progress.show(step, stats)
+
+    def on_checkpoint(g: training.GAN, final: bool) -> None:
+        report = {"step": g.step}
+        if metrics is not None:
+            metrics.flush(wait=final)
+        if rank != 0:
+            ray.train.report(report, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(training.gan_state(g), Path(d) / STATE_FILE)
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+
+    hooks = training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint)
+    if world > 1:
+        hooks.sync_grads, hooks.reduce_stats = _allreduce_mean(world), _reduce_stats(world)
+    if gan.step >= cfg.train.steps:  # already finished: hand the final state back again
+        on_checkpoint(gan, True)
+        return
+    training.train(gan, cfg, batches, hooks)
+
+
+class _Progress:
+    """A periodic progress line (rank 0): step, losses, speed, ETA."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start, self.t0 = total, start, time.perf_counter()
+
+    def show(self, step: int, stats: dict[str, float]) -> None:
+        done = step - self.start
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        keys = ("loss/D", "loss/G", "D/real", "D/fake")
+        vals = " ".join(f"{k}={stats[k]:.3f}" for k in keys if k in stats)
+        print(f"[train] step {step}/{self.total} ({100 * step / self.total:.0f}%) {vals} {rate:.0f} steps/s eta {eta:.0f}s", flush=True)

@@ -1,0 +1,162 @@
+"""Generators and discriminators: an MLP pair for 2D points, a DCGAN pair for 8x8..64x64 images.
+
+Pure torch: no I/O. A generator is fully described by its `spec` (a small dict saved inside every
+checkpoint), so evaluation and export rebuild it without the training config.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from pipeline.config import ModelConfig
+
+ACTIVATIONS = {
+    "relu": lambda: nn.ReLU(),
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "tanh": lambda: nn.Tanh(),
+}
+
+
+def generator_spec(model: ModelConfig, sample_shape: list[int] | tuple[int, ...]) -> dict[str, Any]:
+    return {
+        "arch": model.arch,
+        "z_dim": model.z_dim,
+        "hidden": model.hidden,
+        "layers": model.layers,
+        "sample_shape": list(sample_shape),
+    }
+
+
+def build_generator(spec: dict[str, Any]) -> nn.Module:
+    if spec["arch"] == "mlp":
+        return MLPGenerator(spec["z_dim"], spec["hidden"], spec["layers"], spec["sample_shape"][0])
+    return DCGANGenerator(spec["z_dim"], spec["hidden"], tuple(spec["sample_shape"]))
+
+
+def build_discriminator(model: ModelConfig, sample_shape: list[int] | tuple[int, ...]) -> nn.Module:
+    if model.arch == "mlp":
+        return MLPDiscriminator(sample_shape[0], model.hidden, model.layers, model.d_norm, model.d_activation, model.pack)
+    return DCGANDiscriminator(tuple(sample_shape), model.hidden, model.d_norm, model.d_activation, model.pack)
+
+
+# ---- MLP (2D) -------------------------------------------------------------------------------
+
+
+class MLPGenerator(nn.Module):
+    def __init__(self, z_dim: int, hidden: int, layers: int, out_dim: int):
+        super().__init__()
+        dims = [z_dim] + [hidden] * layers
+        blocks: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            blocks += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*blocks, nn.Linear(dims[-1], out_dim))
+        self.z_dim = z_dim
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def _mlp_norm(kind: str, width: int) -> list[nn.Module]:
+    if kind == "batch":
+        return [nn.BatchNorm1d(width)]
+    if kind == "layer":
+        return [nn.LayerNorm(width)]
+    if kind == "instance":
+        raise ValueError("model.d_norm: instance norm needs image data (arch dcgan)")
+    return []
+
+
+class MLPDiscriminator(nn.Module):
+    """Scores packs of `pack` points: input (B, D) with B divisible by pack -> (B // pack,)."""
+
+    def __init__(self, in_dim: int, hidden: int, layers: int, norm: str, act: str, pack: int = 1):
+        super().__init__()
+        self.pack = pack
+        dims = [in_dim * pack] + [hidden] * layers
+        blocks: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            lin = nn.Linear(a, b)
+            blocks.append(spectral_norm(lin) if norm == "spectral" else lin)
+            if i > 0:  # no normalisation right on the input
+                blocks += _mlp_norm(norm, b)
+            blocks.append(ACTIVATIONS[act]())
+        last = nn.Linear(dims[-1], 1)
+        blocks.append(spectral_norm(last) if norm == "spectral" else last)
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.reshape(x.shape[0] // self.pack, -1)).squeeze(1)
+
+
+# ---- DCGAN (images) -------------------------------------------------------------------------
+
+
+def _levels(shape: tuple[int, ...]) -> int:
+    """Number of 2x up/down-samplings between 4x4 and the smallest power of two >= the image."""
+    side = max(shape[1], shape[2])
+    return max(1, math.ceil(math.log2(side / 4)))
+
+
+class DCGANGenerator(nn.Module):
+    """z (N, z_dim) -> images (N, C, H, W) in [-1, 1]; drawn at 4 * 2**levels, centre-cropped."""
+
+    def __init__(self, z_dim: int, base: int, shape: tuple[int, int, int]):
+        super().__init__()
+        self.z_dim, self.shape = z_dim, shape
+        n = _levels(shape)
+        ch = [base * 2 ** (n - 1 - i) for i in range(n)] + [shape[0]]
+        self.fc = nn.Sequential(nn.Linear(z_dim, ch[0] * 16), nn.BatchNorm1d(ch[0] * 16), nn.ReLU())
+        blocks: list[nn.Module] = []
+        for i in range(n):
+            blocks.append(nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=i == n - 1))
+            blocks += [nn.Tanh()] if i == n - 1 else [nn.BatchNorm2d(ch[i + 1]), nn.ReLU()]
+        self.net = nn.Sequential(*blocks)
+        self.c0, self.side = ch[0], 4 * 2**n
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.net(self.fc(z).view(-1, self.c0, 4, 4))
+        top, left = (self.side - self.shape[1]) // 2, (self.side - self.shape[2]) // 2
+        return x[:, :, top : top + self.shape[1], left : left + self.shape[2]]
+
+
+def _conv_norm(kind: str, ch: int) -> list[nn.Module]:
+    if kind == "batch":
+        return [nn.BatchNorm2d(ch)]
+    if kind == "layer":
+        return [nn.GroupNorm(1, ch)]
+    if kind == "instance":
+        return [nn.InstanceNorm2d(ch, affine=True)]
+    return []
+
+
+class DCGANDiscriminator(nn.Module):
+    """Images (B, C, H, W), B divisible by pack -> scores (B // pack,). Packs stack on channels."""
+
+    def __init__(self, shape: tuple[int, int, int], base: int, norm: str, act: str, pack: int = 1):
+        super().__init__()
+        self.pack, self.shape = pack, shape
+        n = _levels(shape)
+        self.side = 4 * 2**n
+        ch = [shape[0] * pack] + [base * 2**i for i in range(n)]
+        sn = spectral_norm if norm == "spectral" else (lambda m: m)
+        blocks: list[nn.Module] = []
+        for i in range(n):
+            blocks.append(sn(nn.Conv2d(ch[i], ch[i + 1], 4, 2, 1)))
+            if i > 0:
+                blocks += _conv_norm(norm, ch[i + 1])
+            blocks.append(ACTIVATIONS[act]())
+        self.net = nn.Sequential(*blocks)
+        self.head = sn(nn.Linear(ch[-1] * 16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, h, w = self.shape
+        x = x.reshape(x.shape[0] // self.pack, c * self.pack, h, w)
+        if (h, w) != (self.side, self.side):
+            top, left = (self.side - h) // 2, (self.side - w) // 2
+            x = nn.functional.pad(x, (left, self.side - w - left, top, self.side - h - top), value=-1.0)
+        return self.head(self.net(x).flatten(1)).squeeze(1)

@@ -1,0 +1,98 @@
+"""Writing stage outputs safely, and the facts about a run that outputs carry (git commit, models).
+
+Outputs are written to a temporary sibling and renamed into place only when complete, so a failed
+stage never leaves a half-written file or folder for DVC to cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from pipeline.models import build_generator
+
+# default output locations; dvc.yaml passes them explicitly to each stage
+PREPARED = "data/prepared"
+MODELS = "models"
+TRAIN_METRICS = "metrics/train.json"
+EVAL_METRICS = "metrics/eval.json"
+PLOTS = "plots"
+EXPORT = "export"
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found ({what})")
+    return json.loads(path.read_text())
+
+
+def write_csv(path: Path, rows: list[dict[str, float]]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def git_commit(cwd: str | Path = ".") -> dict[str, Any]:
+    """HEAD commit and whether the tree has uncommitted changes; nulls outside a git repo."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def save_generator(G: torch.nn.Module, spec: dict[str, Any], path: Path, ema: bool) -> None:
+    torch.save({"spec": spec, "state_dict": G.state_dict(), "ema": ema}, path)
+
+
+def load_generator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the generator from its own file (no training config needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run the train stage first (dvc repro train)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    G = build_generator(blob["spec"])
+    G.load_state_dict(blob["state_dict"])
+    return G.eval(), blob["spec"]

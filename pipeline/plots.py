@@ -1,0 +1,61 @@
+"""Pictures for people: sample scatter over the true modes, image grids, loss curves (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def scatter_2d(samples: np.ndarray, real: np.ndarray, centers: np.ndarray | None, path: Path, title: str = "") -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.scatter(real[:, 0], real[:, 1], s=2, c="tab:blue", alpha=0.3, label="real")
+    ax.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:orange", alpha=0.5, label="generated")
+    if centers is not None:
+        ax.scatter(centers[:, 0], centers[:, 1], marker="x", c="k", s=30, label="modes")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=7, markerscale=3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def image_grid(images: np.ndarray, path: Path, nrow: int = 8) -> None:
+    """images (N, C, H, W) in [-1, 1] -> one PNG grid, N clipped to nrow**2."""
+    from PIL import Image
+
+    x = images[: nrow * nrow]
+    n, c, h, w = x.shape
+    rows = int(np.ceil(n / nrow))
+    grid = np.ones((c, rows * (h + 2) + 2, nrow * (w + 2) + 2), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = x[i]
+    img = ((np.clip(grid, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    img = img[0] if c == 1 else img.transpose(1, 2, 0)
+    Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(path)
+
+
+def curves(history: list[dict[str, float]], keys: list[str], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [h["step"] for h in history]
+    for k in keys:
+        if any(k in h for h in history):
+            ax.plot(steps, [h.get(k, np.nan) for h in history], label=k)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

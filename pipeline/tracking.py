@@ -1,0 +1,146 @@
+"""MLflow: the one module that talks to it.
+
+One MLflow run per training. The stage (driver) creates or finds the run and logs params and final
+artifacts; rank 0 of the workers logs per-step metrics into the same run through `MetricBuffer`,
+which sends one batched, asynchronous request per log tick so logging never blocks the loop.
+A rerun of an interrupted training finds its unfinished run by the `ganpipe.run_key` tag and
+continues it instead of opening a new one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+RUN_KEY_TAG = "ganpipe.run_key"
+_SECRET = re.compile(r"(secret|password|token|credential|access_key|key_id)", re.I)
+
+
+def resolve_uri(config_uri: str | None, env: dict[str, str] | None = None, cwd: str | Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI wins, then tracking.uri, then a local sqlite store in the working dir."""
+    env = os.environ if env is None else env
+    if env.get("MLFLOW_TRACKING_URI"):
+        return env["MLFLOW_TRACKING_URI"]
+    if config_uri:
+        return config_uri
+    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
+
+
+def redact(uri: str) -> str:
+    """A URI fit for logs: user:password@ removed."""
+    return re.sub(r"//[^/@]*@", "//***@", uri)
+
+
+def _client(uri: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the local store, not in the cwd of whoever runs
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str, tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """The id of the unfinished run tagged with run_key, or of a new one; and whether it was resumed."""
+    client = _client(uri)
+    exp_id = experiment_id(uri, experiment)
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}' and attributes.status != 'FINISHED'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id, True
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **(tags or {})})
+    return run.info.run_id, False
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Params (credentials dropped), once per run: a resumed run already has them."""
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    have = client.get_run(run_id).data.params
+    todo = [
+        Param(k, str(v)[:6000])
+        for k, v in params.items()
+        if k not in have and not _SECRET.search(k)
+    ]
+    for i in range(0, len(todo), 100):
+        client.log_batch(run_id, params=todo[i : i + 100])
+
+
+def log_dict(uri: str, run_id: str, data: dict[str, Any], name: str) -> None:
+    _client(uri).log_dict(run_id, data, name)
+
+
+def log_artifacts(uri: str, run_id: str, paths: list[str | Path], artifact_path: str | None = None) -> None:
+    client = _client(uri)
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            client.log_artifacts(run_id, str(p), artifact_path)
+        elif p.is_file():
+            client.log_artifact(run_id, str(p), artifact_path)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client = _client(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def log_summary_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+    if batch:
+        _client(uri).log_batch(run_id, metrics=batch)
+
+
+class MetricBuffer:
+    """Collects per-step metrics; `flush()` sends them in one asynchronous batch."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = _client(uri)
+        self.run_id = run_id
+        self.pending: list = []
+        self.futures: list = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+
+    def flush(self, wait: bool = False) -> None:
+        if self.pending:
+            batch, self.pending = self.pending, []
+            for i in range(0, len(batch), 1000):
+                self.futures.append(self.client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=False))
+        if wait:
+            for f in self.futures:
+                if f is not None:
+                    f.wait()
+            self.futures = []
+

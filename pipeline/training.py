@@ -1,0 +1,242 @@
+"""The GAN training loop, free of Ray and MLflow: they plug in through `Hooks`.
+
+Randomness is a pure function of (seed, step, phase): every step draws the *global* batch
+(data indices, latents, interpolation weights) from a generator seeded by those, and each worker
+takes its own slice. So N workers with batch B each see exactly what 1 worker with batch N*B sees,
+and a resumed run draws what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.losses import LOSSES, gradient_penalty, r1_penalty
+from pipeline.models import build_discriminator, build_generator, generator_spec
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or inf; the message names the step and the loss."""
+
+
+@dataclass
+class GAN:
+    G: torch.nn.Module
+    D: torch.nn.Module
+    G_ema: torch.nn.Module | None
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    spec: dict[str, Any]
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per log tick
+
+
+def build_gan(cfg: Config, sample_shape: list[int], device: torch.device | str = "cpu") -> GAN:
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    spec = generator_spec(cfg.model, sample_shape)
+    G = build_generator(spec).to(device)
+    D = build_discriminator(cfg.model, sample_shape).to(device)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if cfg.train.ema > 0 else None
+    t = cfg.train
+    opt_g = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=t.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=t.betas)
+    return GAN(G, D, G_ema, opt_g, opt_d, spec)
+
+
+def gan_state(gan: GAN) -> dict[str, Any]:
+    """Everything needed to continue exactly (RNG needs none: draws are keyed by step)."""
+    return {
+        "step": gan.step,
+        "spec": gan.spec,
+        "history": list(gan.history),
+        "G": gan.G.state_dict(),
+        "D": gan.D.state_dict(),
+        "G_ema": None if gan.G_ema is None else gan.G_ema.state_dict(),
+        "opt_g": gan.opt_g.state_dict(),
+        "opt_d": gan.opt_d.state_dict(),
+    }
+
+
+def load_gan_state(gan: GAN, state: dict[str, Any], cfg: Config) -> None:
+    gan.G.load_state_dict(state["G"])
+    gan.D.load_state_dict(state["D"])
+    if gan.G_ema is not None and state.get("G_ema") is not None:
+        gan.G_ema.load_state_dict(state["G_ema"])
+    gan.opt_g.load_state_dict(state["opt_g"])
+    gan.opt_d.load_state_dict(state["opt_d"])
+    # current hyperparameters win over the checkpoint's (a tuner may have changed them)
+    for opt, lr in ((gan.opt_g, cfg.train.lr_g), (gan.opt_d, cfg.train.lr_d)):
+        for group in opt.param_groups:
+            group["lr"], group["betas"] = lr, cfg.train.betas
+    gan.step = int(state["step"])
+    gan.history = list(state.get("history", []))
+
+
+def step_generator(seed: int, step: int, phase: int) -> torch.Generator:
+    # a bijective mix of (seed, step, phase) so that streams never coincide
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + phase)
+
+
+@dataclass
+class Shard:
+    """This worker's slice of the global batch."""
+
+    rank: int = 0
+    world: int = 1
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[0] // self.world
+        return t[self.rank * n : (self.rank + 1) * n]
+
+
+GradSync = Callable[[torch.nn.Module], None]
+
+
+def no_sync(_: torch.nn.Module) -> None:
+    return None
+
+
+@dataclass
+class Hooks:
+    """What the loop calls out to. Defaults do nothing (a bare loop, as in the benchmark)."""
+
+    sync_grads: GradSync = no_sync  # average .grad across workers
+    on_log: Callable[[int, dict[str, float]], None] = lambda step, stats: None
+    on_checkpoint: Callable[[GAN, bool], None] = lambda gan, final: None
+    reduce_stats: Callable[[dict[str, float]], dict[str, float]] = lambda s: s
+
+
+@dataclass
+class Batches:
+    """Draws global batches from in-memory training data, sliced to one worker."""
+
+    x: torch.Tensor
+    batch_size: int  # global
+    z_dim: int
+    seed: int
+    shard: Shard = field(default_factory=Shard)
+
+    def reals(self, step: int, phase: int) -> torch.Tensor:
+        g = step_generator(self.seed, step, phase)
+        idx = torch.randint(len(self.x), (self.batch_size,), generator=g)
+        return self.x[self.shard.take(idx)]
+
+    def latents(self, step: int, phase: int) -> torch.Tensor:
+        g = step_generator(self.seed, step, phase)
+        return self.shard.take(torch.randn(self.batch_size, self.z_dim, generator=g)).to(self.x.device)
+
+    def uniform(self, step: int, phase: int) -> torch.Tensor:
+        g = step_generator(self.seed, step, phase)
+        return self.shard.take(torch.rand(self.batch_size, generator=g)).to(self.x.device)
+
+
+def d_step(gan: GAN, cfg: Config, batches: Batches, step: int, k: int, sync: GradSync) -> dict[str, torch.Tensor]:
+    loss = LOSSES[cfg.loss.name]
+    base = 8 * k  # phases of the k-th critic step: 8k+0 reals, 8k+1 latents, 8k+2 interpolation
+    real = batches.reals(step, base)
+    with torch.no_grad():
+        fake = gan.G(batches.latents(step, base + 1))
+    d_real, d_fake = gan.D(real), gan.D(fake)
+    total = loss.d(d_real, d_fake)
+    stats = {"loss/D": total.detach()}
+    if cfg.loss.name == "wgan-gp":
+        gp = gradient_penalty(gan.D, real, fake, batches.uniform(step, base + 2))
+        total = total + cfg.loss.gp_weight * gp
+        stats["loss/gp"] = gp.detach()
+    if cfg.loss.r1_gamma > 0:
+        r1 = r1_penalty(gan.D, real)
+        total = total + 0.5 * cfg.loss.r1_gamma * r1
+        stats["loss/r1"] = r1.detach()
+    gan.opt_d.zero_grad(set_to_none=True)
+    total.backward()
+    sync(gan.D)
+    gan.opt_d.step()
+    if cfg.loss.name == "wgan":
+        with torch.no_grad():
+            for p in gan.D.parameters():
+                p.clamp_(-cfg.loss.clip, cfg.loss.clip)
+    prob = (lambda s: s.mean()) if loss.wasserstein else (lambda s: torch.sigmoid(s).mean())
+    stats["D/real"], stats["D/fake"] = prob(d_real.detach()), prob(d_fake.detach())
+    return stats
+
+
+def g_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -> dict[str, torch.Tensor]:
+    z = batches.latents(step, 63)
+    g_loss = LOSSES[cfg.loss.name].g(gan.D(gan.G(z)))
+    gan.opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    sync(gan.G)
+    gan.opt_g.step()
+    if gan.G_ema is not None:
+        _update_ema(gan.G_ema, gan.G, cfg.train.ema)
+    return {"loss/G": g_loss.detach()}
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def _check_finite(step: int, stats: dict[str, torch.Tensor]) -> None:
+    for name, v in stats.items():
+        if name.startswith("loss/") and not math.isfinite(float(v)):
+            raise NonFiniteLoss(f"step {step}: {name} is {float(v)}; stopping (last good checkpoint kept)")
+
+
+def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GAN:
+    """Run generator steps from `gan.step` to `cfg.train.steps`, calling the hooks.
+
+    Losses are checked for NaN/inf at every log tick and at every checkpoint, so a bad value never
+    reaches a checkpoint (checking every step would force a sync on GPUs).
+    """
+    t = cfg.train
+    sums: dict[str, torch.Tensor] = {}
+    count, tick = 0, time.perf_counter()
+    gan.G.train()
+    gan.D.train()
+    while gan.step < t.steps:
+        step = gan.step
+        stats: dict[str, torch.Tensor] = {}
+        for k in range(t.n_critic):
+            stats.update(d_step(gan, cfg, batches, step, k, hooks.sync_grads))
+        stats.update(g_step(gan, cfg, batches, step, hooks.sync_grads))
+        for name, v in stats.items():
+            sums[name] = sums.get(name, 0.0) + v
+        count += 1
+        gan.step = step + 1
+        last = gan.step == t.steps
+        if gan.step % t.log_every == 0 or gan.step % t.checkpoint_every == 0 or last:
+            means = {k: float(v) / count for k, v in sums.items()}
+            _check_finite(gan.step, {k: torch.tensor(v) for k, v in means.items()})
+            if gan.step % t.log_every == 0 or last:
+                now = time.perf_counter()
+                means["time/step_s"] = (now - tick) / count
+                means = hooks.reduce_stats(means)
+                gan.history.append({"step": gan.step, **means})
+                hooks.on_log(gan.step, means)
+                sums, count, tick = {}, 0, now
+        if gan.step % t.checkpoint_every == 0 or last:
+            hooks.on_checkpoint(gan, last)
+    return gan
+
+
+def sample(G: torch.nn.Module, n: int, z_dim: int, seed: int, batch: int = 1024) -> np.ndarray:
+    """n samples from G (eval mode) with latents drawn from N(0, I) under `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, z_dim, generator=g)
+    was_training = G.training
+    G.eval()
+    with torch.no_grad():
+        out = torch.cat([G(z[i : i + batch]) for i in range(0, n, batch)])
+    G.train(was_training)
+    return out.numpy()

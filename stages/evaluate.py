@@ -1,0 +1,67 @@
+"""evaluate: score the final (EMA) generator on held-out data; write metrics and plots."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline import data, metrics2d, outputs, plots, tracking, training
+from stages import common
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("ganpipe evaluate", __doc__)
+    p.add_argument("--data", default=outputs.PREPARED, help="prepared data folder (default: %(default)s)")
+    p.add_argument("--models", default=outputs.MODELS, help="trained models folder (default: %(default)s)")
+    p.add_argument("--train-metrics", default=outputs.TRAIN_METRICS, help="train stage metrics (default: %(default)s)")
+    p.add_argument("--metrics", default=outputs.EVAL_METRICS, help="output metrics file (default: %(default)s)")
+    p.add_argument("--plots", default=outputs.PLOTS, help="output plots folder (default: %(default)s)")
+    args = p.parse_args(argv)
+    return common.run(lambda: evaluate(args))
+
+
+def evaluate(args) -> None:
+    cfg = common.config(args)
+    prepared = data.load_prepared(args.data)
+    G, spec = outputs.load_generator(f"{args.models}/generator.pt")
+    train_info = outputs.read_json(args.train_metrics, "run the train stage first")
+    n = cfg.eval.n_samples
+    # latents for evaluation are drawn apart from any training draw: seed + 1
+    samples = training.sample(G, n, spec["z_dim"], cfg.seed + 1)
+    dataset = cfg.data.name
+    with outputs.atomic_dir(args.plots) as tmp:
+        history = outputs.read_csv(Path(args.models) / "history.csv")
+        outputs.write_csv(tmp / "losses.csv", history)
+        plots.curves(history, ["loss/D", "loss/G", "D/real", "D/fake"], tmp / "losses.png")
+        if prepared.is_image:
+            plots.image_grid(samples, tmp / "samples.png")
+            result = image_summary(samples, prepared.x_val)
+        else:
+            real = prepared.x_val[:n]
+            centers = data.mixture(dataset).centers if dataset in ("ring", "grid") else None
+            plots.scatter_2d(samples, real, centers, tmp / "samples.png", f"{n} generated samples")
+            result = {"w1": metrics2d.w1(samples, real)}
+            if dataset in ("ring", "grid"):
+                result.update(metrics2d.mode_metrics(samples, dataset))
+    result["n_samples"] = n
+    outputs.write_json(args.metrics, result)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    run_id = train_info["mlflow_run_id"]
+    tracking.log_summary_metrics(uri, run_id, {f"eval/{k}": v for k, v in result.items()})
+    tracking.log_artifacts(uri, run_id, [args.plots], "plots")
+    print("[evaluate] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    print(f"[evaluate] plots in {args.plots}/ (samples.png, losses.png); metrics in {args.metrics}")
+
+
+def image_summary(samples, real) -> dict:
+    """Pixel statistics until the image metrics land (FID/KID etc., issue #5)."""
+    return {
+        "pixel_mean": float(samples.mean()),
+        "pixel_std": float(samples.std()),
+        "real_pixel_mean": float(real.mean()),
+        "real_pixel_std": float(real.std()),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

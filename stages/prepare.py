@@ -1,0 +1,31 @@
+"""prepare: load the configured dataset, split it, write arrays and a manifest."""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline import data, outputs
+from stages import common
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("ganpipe prepare", __doc__)
+    p.add_argument("--out", default=outputs.PREPARED, help="output folder (default: %(default)s)")
+    args = p.parse_args(argv)
+
+    def body() -> None:
+        cfg = common.config(args)
+        prepared = data.prepare(cfg.data, cfg.seed)
+        with outputs.atomic_dir(args.out) as tmp:
+            data.save_prepared(prepared, tmp)
+        m = prepared.manifest
+        print(
+            f"[prepare] {m['dataset']}: {m['n_train']} train / {m['n_val']} val samples of shape "
+            f"{tuple(m['sample_shape'])}, hash {m['content_hash'][:12]} -> {args.out}"
+        )
+
+    return common.run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
