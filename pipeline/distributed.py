@@ -25,11 +25,11 @@ STATE_FILE = "state.pt"
 # Ray's own chatter (usage stats, V2 tips, per-run banners) is noise for our users.
 _QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_TRAIN_V2_ENABLED": "1",
-    "RAY_AIR_NEW_OUTPUT": "0",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-    "RAY_LOG_TO_STDERR": "0",
+    "RAY_AUTH_MODE": "disabled",  # no token warning, no ~/.ray/auth_token for a local run
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_DEDUP_LOGS_SKIP_REGEX": "State API may be temporarily unavailable|^Reporting training result|Checkpoint successfully created",
+    "RAY_DISABLE_WORKER_LOG_PREFIX": "1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints reach the terminal once, not twice
 }
 
 
@@ -42,7 +42,7 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> str:
     if ray.is_initialized():
         return "already running"
     address = address or os.environ.get("RAY_ADDRESS") or None
-    common: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": True}
+    common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         ray.init(address=address, **common)
         return f"joined Ray cluster at {address}"
@@ -97,7 +97,7 @@ def fit(cfg: Config, x_train, tracking_uri: str, run_id: str, name: str) -> tupl
     A run with the same storage root and name continues from its last checkpoint.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path, fs = storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
@@ -113,6 +113,7 @@ def fit(cfg: Config, x_train, tracking_uri: str, run_id: str, name: str) -> tupl
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()

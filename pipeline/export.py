@@ -72,3 +72,25 @@ def export_all(G: torch.nn.Module, z_dim: int, formats: list[str], out_dir: Path
     if bad:
         raise RuntimeError(f"export parity failed (max abs diff must be < {PARITY_TOL}): {bad}")
     return files, diffs
+
+
+def model_card(spec, manifest, cfg, train_info, eval_info, diffs, git, model_uri) -> dict:
+    """What a user of the exported files needs to know, and the lineage to reproduce them."""
+    image = manifest["kind"] == "images"
+    return {
+        "inputs": {"z": {"shape": ["N", spec["z_dim"]], "dtype": "float32", "distribution": "standard normal N(0, I)"}},
+        "outputs": {
+            "x": {
+                "shape": ["N", *spec["sample_shape"]],
+                "dtype": "float32",
+                "meaning": "images (N, C, H, W) in [-1, 1]" if image else "points in the data's own scale",
+            }
+        },
+        "architecture": spec,
+        "data": {"dataset": manifest["dataset"], "content_hash": manifest["content_hash"], "n_train": manifest["n_train"]},
+        "params": cfg.to_dict(),
+        "metrics": {"train": train_info, "eval": eval_info},
+        "parity_max_abs_diff": diffs,
+        "git": git,
+        "mlflow": {"run_id": train_info.get("mlflow_run_id"), "model_uri": model_uri},
+    }

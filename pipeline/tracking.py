@@ -3,7 +3,7 @@
 One MLflow run per training. The stage (driver) creates or finds the run and logs params and final
 artifacts; rank 0 of the workers logs per-step metrics into the same run through `MetricBuffer`,
 which sends one batched, asynchronous request per log tick so logging never blocks the loop.
-A rerun of an interrupted training finds its unfinished run by the `ganpipe.run_key` tag and
+A rerun of the same training (same params and data) finds its run by the `ganpipe.run_key` tag and
 continues it instead of opening a new one.
 """
 
@@ -54,12 +54,13 @@ def experiment_id(uri: str, name: str) -> str:
 
 
 def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str, tags: dict[str, str] | None = None) -> tuple[str, bool]:
-    """The id of the unfinished run tagged with run_key, or of a new one; and whether it was resumed."""
+    """The id of the latest run tagged with run_key (interrupted or finished), or of a new one;
+    and whether it was found. The training it records continues in the same run."""
     client = _client(uri)
     exp_id = experiment_id(uri, experiment)
     found = client.search_runs(
         [exp_id],
-        filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}' and attributes.status != 'FINISHED'",
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )
@@ -144,3 +145,19 @@ class MetricBuffer:
                     f.wait()
             self.futures = []
 
+
+
+def log_onnx_model(uri: str, run_id: str, onnx_path: str | Path, registered_name: str) -> str:
+    """Log the ONNX generator as an MLflow model in `run_id`, register it; returns models:/name/version."""
+    import mlflow
+    import onnx
+
+    _client(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name="generator",
+            registered_model_name=registered_name,
+            pip_requirements=["onnx", "onnxruntime"],  # skip MLflow's slow requirement inference
+        )
+    return f"models:/{registered_name}/{info.registered_model_version}"

@@ -1,0 +1,47 @@
+"""export: the generator as TorchScript and ONNX (parity-checked), a model card, logged to MLflow."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline import export, outputs, tracking
+from stages import common
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("ganpipe export", __doc__)
+    p.add_argument("--data", default=outputs.PREPARED, help="prepared data folder (default: %(default)s)")
+    p.add_argument("--models", default=outputs.MODELS, help="trained models folder (default: %(default)s)")
+    p.add_argument("--train-metrics", default=outputs.TRAIN_METRICS, help="train stage metrics (default: %(default)s)")
+    p.add_argument("--eval-metrics", default=outputs.EVAL_METRICS, help="evaluate stage metrics (default: %(default)s)")
+    p.add_argument("--out", default=outputs.EXPORT, help="output folder (default: %(default)s)")
+    args = p.parse_args(argv)
+    return common.run(lambda: run_export(args))
+
+
+def run_export(args) -> None:
+    cfg = common.config(args)
+    manifest = outputs.read_json(Path(args.data) / "manifest.json", "run the prepare stage first")
+    train_info = outputs.read_json(args.train_metrics, "run the train stage first")
+    eval_info = outputs.read_json(args.eval_metrics, "run the evaluate stage first")
+    G, spec = outputs.load_generator(Path(args.models) / "generator.pt")
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    run_id = train_info["mlflow_run_id"]
+    with outputs.atomic_dir(args.out) as tmp:
+        files, diffs = export.export_all(G, spec["z_dim"], list(cfg.export.formats), tmp)
+        model_uri = None
+        if "onnx" in files:
+            model_uri = tracking.log_onnx_model(uri, run_id, files["onnx"], cfg.export.model_name)
+        card = export.model_card(spec, manifest, cfg, train_info, eval_info, diffs, outputs.git_commit(), model_uri)
+        card["files"] = {fmt: f"{args.out}/{p.name}" for fmt, p in files.items()}
+        outputs.write_json(tmp / "model_card.json", card)
+        tracking.log_artifacts(uri, run_id, [tmp], "export")
+    shown = ", ".join(f"{k} max|diff|={v:.2e}" for k, v in diffs.items())
+    print(f"[export] {', '.join(card['files'].values())} ({shown}); model card {args.out}/model_card.json")
+    if model_uri:
+        print(f"[export] registered in MLflow as {model_uri}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
