@@ -214,6 +214,7 @@ def _describe(err: dict[str, Any]) -> str:
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
     if kind in _OPS:
         limit = next(iter(ctx.values()))
+        limit = f"{limit:g}" if isinstance(limit, float) else limit
         return f"{key}: must be {_OPS[kind]} {limit}, got {got!r}"
     if kind == "literal_error":
         return f"{key}: must be one of {ctx.get('expected', '')}, got {got!r}"

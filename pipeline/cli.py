@@ -1,0 +1,88 @@
+"""`ganpipe`: one command for the stages and the chores around them.
+
+    ganpipe prepare|train|evaluate|export [--params params.yaml] ...   run one stage (as dvc.yaml does)
+    ganpipe check [--params params.yaml]                                validate params, print the config
+    ganpipe preset NAME [--params params.yaml]                          merge presets/NAME.yaml into params
+    ganpipe presets                                                     list presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, build_config, deep_merge, load_config, read_yaml
+
+STAGES = {
+    "prepare": "load the dataset, split it, write data/prepared",
+    "train": "train the GAN on Ray Train, track in MLflow, write models/",
+    "evaluate": "score the generator, write metrics/eval.json and plots/",
+    "export": "write TorchScript + ONNX generator and the model card",
+}
+PRESETS_DIR = "presets"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in STAGES:
+        # the stage owns its arguments and --help
+        return importlib.import_module(f"stages.{argv[0]}").main(argv[1:])
+    p = argparse.ArgumentParser(prog="ganpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in STAGES.items():
+        sub.add_parser(name, help=text, add_help=False)
+    c = sub.add_parser("check", help="validate params and print the resolved config (a dry run)")
+    c.add_argument("--params", default="params.yaml")
+    s = sub.add_parser("preset", help="deep-merge presets/NAME.yaml into params.yaml")
+    s.add_argument("name")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--presets-dir", default=PRESETS_DIR)
+    ls = sub.add_parser("presets", help="list the presets")
+    ls.add_argument("--presets-dir", default=PRESETS_DIR)
+    args = p.parse_args(argv)
+    try:
+        if args.command == "check":
+            print(json.dumps(load_config(args.params).to_dict(), indent=2))
+        elif args.command == "preset":
+            apply_preset(args.name, args.params, args.presets_dir)
+        elif args.command == "presets":
+            for f in sorted(Path(args.presets_dir).glob("*.yaml")):
+                first = f.read_text().splitlines()[0].lstrip("# ") if f.stat().st_size else ""
+                print(f"{f.stem:20s} {first}")
+    except ConfigError as e:
+        print(f"error: invalid params:\n{e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def apply_preset(name: str, params_path: str, presets_dir: str = PRESETS_DIR) -> None:
+    """Merge a partial params file into params.yaml, keeping its comments; refuse invalid results."""
+    preset = Path(presets_dir) / f"{name}.yaml"
+    if not preset.is_file():
+        known = ", ".join(sorted(f.stem for f in Path(presets_dir).glob("*.yaml"))) or "none"
+        raise ConfigError(f"preset {name!r}: not found in {presets_dir}/ (known: {known})")
+    update = read_yaml(preset)
+    build_config(deep_merge(read_yaml(params_path), update))  # validate before touching the file
+    from ruamel.yaml import YAML  # ships with DVC; round-trips comments
+
+    yaml = YAML()
+    doc = yaml.load(Path(params_path).read_text())
+    _merge_into(doc, update)
+    with open(params_path, "w") as f:
+        yaml.dump(doc, f)
+    print(f"applied preset {name} to {params_path}; `git diff {params_path}` shows the change, `dvc repro` runs it")
+
+
+def _merge_into(doc, update: dict) -> None:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(doc.get(k), dict):
+            _merge_into(doc[k], v)
+        else:
+            doc[k] = v
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""A throwaway copy of the project in a temporary git + DVC repo, with tiny params."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "data": {"n_samples": 2000},
+    "model": {"hidden": 32},
+    "train": {"steps": 300, "checkpoint_every": 100, "log_every": 50, "batch_size": 64},
+    "eval": {"n_samples": 500},
+    "ray": {"num_cpus": 2},
+}
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e["GIT_AUTHOR_NAME"] = e["GIT_COMMITTER_NAME"] = "test"
+    e["GIT_AUTHOR_EMAIL"] = e["GIT_COMMITTER_EMAIL"] = "test@example.com"
+    return e
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def set_params(project: Path, update: dict) -> None:
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), update), sort_keys=False))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, proj / name)
+    for d in ("pipeline", "stages", "presets"):
+        shutil.copytree(ROOT / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
+    set_params(proj, TINY)
+    sh(proj, "git", "init", "-q")
+    sh(proj, "dvc", "init", "-q")
+    sh(proj, "git", "add", "-A")
+    sh(proj, "git", "commit", "-qm", "init")
+    return proj

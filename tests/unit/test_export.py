@@ -1,0 +1,100 @@
+"""pipeline.export: TorchScript and ONNX files match PyTorch and take any batch size."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.export import PARITY_TOL, export_all, parity
+from pipeline.models import build_generator, generator_spec
+
+CASES = {
+    "mlp": (ModelConfig(arch="mlp", z_dim=2, hidden=16, layers=2), [2]),
+    "dcgan": (ModelConfig(arch="dcgan", z_dim=8, hidden=8), [1, 16, 16]),
+}
+
+
+def _generator(kind):
+    torch.manual_seed(0)
+    m, shape = CASES[kind]
+    G = build_generator(generator_spec(m, shape))
+    if kind == "dcgan":
+        # non-trivial BatchNorm running statistics, so eval mode differs from train mode
+        G.train()
+        with torch.no_grad():
+            for _ in range(3):
+                G(torch.randn(16, m.z_dim) * 2 + 0.5)
+    return G, m.z_dim, shape
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def exported(request, tmp_path_factory):
+    G, z_dim, shape = _generator(request.param)
+    out = tmp_path_factory.mktemp(request.param)
+    files, diffs = export_all(G, z_dim, ["torchscript", "onnx"], out)
+    return G, z_dim, shape, files, diffs, out
+
+
+def test_files_written(exported):
+    _, _, _, files, _, out = exported
+    assert files == {"torchscript": out / "generator.pt", "onnx": out / "generator.onnx"}
+    for p in files.values():
+        assert p.is_file() and p.stat().st_size > 0
+
+
+def test_parity_reported(exported):
+    _, _, _, _, diffs, _ = exported
+    assert set(diffs) == {"torchscript", "onnx"}
+    assert all(0.0 <= d < PARITY_TOL for d in diffs.values())
+
+
+def _reference(G, z):
+    G.eval()
+    with torch.no_grad():
+        return G(torch.from_numpy(z)).numpy()
+
+
+@pytest.mark.parametrize("n", [1, 7, 33])
+def test_onnx_dynamic_batch(exported, n):
+    import onnxruntime as ort
+
+    G, z_dim, shape, files, _, _ = exported
+    sess = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["z"]
+    assert [o.name for o in sess.get_outputs()] == ["x"]
+    z = np.random.default_rng(n).standard_normal((n, z_dim)).astype(np.float32)
+    got = sess.run(None, {"z": z})[0]
+    assert got.shape == (n, *shape)
+    assert np.abs(got - _reference(G, z)).max() < PARITY_TOL
+
+
+def test_torchscript_other_batch(exported):
+    G, z_dim, shape, files, _, _ = exported
+    ts = torch.jit.load(str(files["torchscript"]))
+    z = np.random.default_rng(5).standard_normal((9, z_dim)).astype(np.float32)
+    with torch.no_grad():
+        got = ts(torch.from_numpy(z)).numpy()
+    assert got.shape == (9, *shape)
+    assert np.abs(got - _reference(G, z)).max() < PARITY_TOL
+
+
+def test_parity_detects_a_different_model(exported):
+    # the check is not vacuous: a generator with other weights does not match the files
+    G, z_dim, _, files, _, _ = exported
+    other = copy.deepcopy(G)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1)
+    diffs = parity(other, z_dim, files)
+    assert all(d > PARITY_TOL for d in diffs.values())
+
+
+def test_export_only_requested_format(tmp_path):
+    G, z_dim, _ = _generator("mlp")
+    files, diffs = export_all(G, z_dim, ["onnx"], tmp_path)
+    assert set(files) == set(diffs) == {"onnx"}
+    assert not (tmp_path / "generator.pt").exists()
