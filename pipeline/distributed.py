@@ -81,6 +81,13 @@ def storage_filesystem(root: str, endpoint_url: str | None):
     return root[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
 
 
+def run_address(root: str, name: str) -> str:
+    """Where Ray keeps a run: the identity of a training across reruns."""
+    if root.startswith("s3://"):
+        return f"{root.rstrip('/')}/{name}"
+    return str(Path(root).expanduser().resolve() / name)
+
+
 @dataclass(frozen=True)
 class TrainJob:
     """What the driver hands to every worker (plain data: it crosses process boundaries)."""
@@ -98,6 +105,7 @@ def fit(cfg: Config, x_train, tracking_uri: str, run_id: str, name: str) -> tupl
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     storage_path, fs = storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
@@ -116,12 +124,24 @@ def fit(cfg: Config, x_train, tracking_uri: str, run_id: str, name: str) -> tupl
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        raise RuntimeError(_worker_error(e)) from None
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
     return state, result.path
+
+
+def _worker_error(e: Exception) -> str:
+    """The first failing worker's own error, without Ray's wrapping."""
+    failures = getattr(e, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        err = failures[rank]
+        return f"rank {rank}: {type(err).__name__}: {err}"
+    cause = getattr(e, "controller_failure", None) or e
+    return f"{type(cause).__name__}: {cause}"
 
 
 # ---- inside a worker ------------------------------------------------------------------------

@@ -29,6 +29,27 @@ def resolve_uri(config_uri: str | None, env: dict[str, str] | None = None, cwd: 
     return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the server, when an http(s) tracking server does not answer its health check.
+
+    MLflow's own client retries for minutes before giving up; a user deserves one clear line.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):  # an auth-protected server is up; credentials are checked on use
+            raise ConnectionError(f"tracking.uri: MLflow server at {redact(uri)} answered HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(f"tracking.uri: cannot reach the MLflow server at {redact(uri)} ({reason})") from None
+
+
 def redact(uri: str) -> str:
     """A URI fit for logs: user:password@ removed."""
     return re.sub(r"//[^/@]*@", "//***@", uri)
@@ -78,7 +99,7 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     client = _client(uri)
     have = client.get_run(run_id).data.params
     todo = [
-        Param(k, str(v)[:6000])
+        Param(k, redact(str(v))[:6000])
         for k, v in params.items()
         if k not in have and not _SECRET.search(k)
     ]

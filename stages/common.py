@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Callable
 
+from pipeline import tracking
 from pipeline.config import Config, ConfigError, load_config
 
 
@@ -17,6 +18,13 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def config(args: argparse.Namespace) -> Config:
     return load_config(args.params)
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The MLflow tracking URI for this stage, checked to answer before any work starts."""
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    tracking.check_reachable(uri)
+    return uri
 
 
 def run(body: Callable[[], None]) -> int:

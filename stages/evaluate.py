@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate(args) -> None:
     cfg = common.config(args)
+    uri = common.tracking_uri(cfg)
     prepared = data.load_prepared(args.data)
     G, spec = outputs.load_generator(f"{args.models}/generator.pt")
     train_info = outputs.read_json(args.train_metrics, "run the train stage first")
@@ -45,7 +46,6 @@ def evaluate(args) -> None:
                 result.update(metrics2d.mode_metrics(samples, dataset))
     result["n_samples"] = n
     outputs.write_json(args.metrics, result)
-    uri = tracking.resolve_uri(cfg.tracking.uri)
     run_id = train_info["mlflow_run_id"]
     tracking.log_summary_metrics(uri, run_id, {f"eval/{k}": v for k, v in result.items()})
     tracking.log_artifacts(uri, run_id, [args.plots], "plots")

@@ -26,7 +26,7 @@ def run_export(args) -> None:
     train_info = outputs.read_json(args.train_metrics, "run the train stage first")
     eval_info = outputs.read_json(args.eval_metrics, "run the evaluate stage first")
     G, spec = outputs.load_generator(Path(args.models) / "generator.pt")
-    uri = tracking.resolve_uri(cfg.tracking.uri)
+    uri = common.tracking_uri(cfg)
     run_id = train_info["mlflow_run_id"]
     with outputs.atomic_dir(args.out) as tmp:
         files, diffs = export.export_all(G, spec["z_dim"], list(cfg.export.formats), tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 
@@ -24,11 +25,14 @@ def train(args) -> None:
     prepared = data.load_prepared(args.data)
     data_hash = prepared.manifest["content_hash"]
     # same params + same data -> same Ray run name and MLflow run: a rerun resumes, never restarts
-    run_key = f"{cfg.fingerprint('seed', 'model', 'loss', 'train')}-{data_hash[:12]}"
-    name = f"ganpipe-{cfg.data.name}-{run_key}"
-    uri = tracking.resolve_uri(cfg.tracking.uri)
+    key = f"{cfg.fingerprint('seed', 'model', 'loss', 'train')}-{data_hash[:12]}"
+    name = f"ganpipe-{cfg.data.name}-{key}"
+    uri = common.tracking_uri(cfg)
+    # the Ray run lives at storage root + name; its MLflow run is found by that same address
+    ray_run = distributed.run_address(cfg.storage.root, name)
     run_id, resumed = tracking.start_or_resume_run(
-        uri, cfg.tracking.experiment, run_key, name, {"data.content_hash": data_hash, **_git_tags()}
+        uri, cfg.tracking.experiment, hashlib.sha256(ray_run.encode()).hexdigest()[:16], name,
+        {"data.content_hash": data_hash, "ganpipe.ray_run": ray_run, **_git_tags()},
     )
     tracking.log_params(uri, run_id, {**cfg.flat(), "data.content_hash": data_hash})
     tracking.log_dict(uri, run_id, cfg.to_dict(), "config.json")
@@ -40,7 +44,7 @@ def train(args) -> None:
         state, result_path = distributed.fit(cfg, prepared.x_train, uri, run_id, name)
     except BaseException as e:
         tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise RuntimeError(f"training failed: {_root_message(e)}") from None
+        raise RuntimeError(f"training failed: {e}") from None
     wall = time.perf_counter() - t0
 
     use_ema = state["G_ema"] is not None
@@ -86,14 +90,6 @@ def _sample_plot(samples, prepared, dataset: str, path) -> None:
 def _git_tags() -> dict[str, str]:
     g = outputs.git_commit()
     return {"mlflow.source.git.commit": g["commit"]} if g["commit"] else {}
-
-
-def _root_message(e: BaseException) -> str:
-    """The innermost cause: Ray wraps worker errors in several layers."""
-    seen = e
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    return f"{type(seen).__name__}: {seen}"
 
 
 if __name__ == "__main__":
