@@ -205,6 +205,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, shard)
     metrics = MetricBuffer(job.tracking_uri, job.run_id) if rank == 0 else None
     progress = _Progress(cfg.train.steps, gan.step)
+    if rank == 0:
+        print(f"[train] {world} worker(s) on {device}, torch threads per worker {torch.get_num_threads()}", flush=True)
 
     def on_log(step: int, stats: dict[str, float]) -> None:
         if metrics is not None:

@@ -41,6 +41,21 @@ def run_export(args) -> None:
     print(f"[export] {', '.join(card['files'].values())} ({shown}); model card {args.out}/model_card.json")
     if model_uri:
         print(f"[export] registered in MLflow as {model_uri}")
+    _summary(eval_info, train_info, uri)
+
+
+def _summary(eval_info: dict, train_info: dict, uri: str) -> None:
+    """What a user wants to see when the pipeline ends."""
+    shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(eval_info.items()))
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else tracking.redact(uri)
+    print(
+        "\n== ganpipe summary ==\n"
+        f"metrics   {shown}\n"
+        f"training  {train_info['steps']} steps in {train_info['wall_time_s']}s, MLflow run {train_info['mlflow_run_id']}\n"
+        "plots     plots/samples.png, plots/losses.png   (dvc plots show: all of them as HTML)\n"
+        "model     export/generator.onnx, export/generator.pt, export/model_card.json\n"
+        f"MLflow UI {ui}"
+    )
 
 
 if __name__ == "__main__":

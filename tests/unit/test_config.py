@@ -47,8 +47,12 @@ BAD = [
         id="batch-not-divisible",
     ),
     pytest.param({"data": {"name": "npz"}}, "data.path:", ["required", "npz"], id="npz-without-path"),
-    pytest.param({"data": {"name": "grid"}, "model": {"arch": "dcgan"}}, "model.arch:", ["mlp", "dcgan"], id="dcgan-2d"),
-    pytest.param({"data": {"name": "digits"}, "model": {"arch": "mlp"}}, "model.arch:", ["dcgan", "mlp"], id="mlp-images"),
+    pytest.param(
+        {"data": {"name": "grid"}, "model": {"arch": "dcgan"}}, "model.arch:", ["mlp", "dcgan"], id="dcgan-2d"
+    ),
+    pytest.param(
+        {"data": {"name": "digits"}, "model": {"arch": "mlp"}}, "model.arch:", ["dcgan", "mlp"], id="mlp-images"
+    ),
     pytest.param(
         {"loss": {"name": "wgan-gp"}, "model": {"d_norm": "batch"}},
         "model.d_norm:",

@@ -58,7 +58,7 @@ def _params(module):
 
 
 def _equal(a, b):
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _losses(history):
@@ -124,7 +124,9 @@ def test_resume_state_is_a_snapshot(data):
     # the state captured at step 10 differs from the final weights: the comparison above is not vacuous
     cfg = tiny()
     saved = {}
-    full = _run(cfg, data, Hooks(on_checkpoint=lambda gan, final: saved.setdefault(gan.step, copy.deepcopy(gan_state(gan)))))
+    full = _run(
+        cfg, data, Hooks(on_checkpoint=lambda gan, final: saved.setdefault(gan.step, copy.deepcopy(gan_state(gan))))
+    )
     assert not _equal(list(saved[10]["G"].values()), _params(full.G))
     # and restarting from step 10 without the optimizer state would not reproduce the run
     fresh = build_gan(cfg, [2])
@@ -190,7 +192,7 @@ class _ThreadAllReduce:
             self.barrier.wait()
             avg = [sum(s[i] for s in self.slots) / self.world for i in range(len(params))]
             self.barrier.wait()
-            for p, g in zip(params, avg):
+            for p, g in zip(params, avg, strict=True):
                 p.grad.copy_(g)
 
         return sync
@@ -220,7 +222,7 @@ def test_two_workers_match_one_worker(data, loss):
         t.join()
     assert not errors, errors
     for g in gans:
-        for a, b in zip(_params(g.G), _params(single.G)):
+        for a, b in zip(_params(g.G), _params(single.G), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert _equal(_params(gans[0].G), _params(gans[1].G))  # replicas stay identical
 
