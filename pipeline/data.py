@@ -126,7 +126,9 @@ def load_npz(path: str | None) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _check_npz(path: str, x: np.ndarray, y: np.ndarray | None):
-    if x.size == 0 or len(x) == 0:
+    if x.ndim == 0:
+        raise DataError(f"{path}: 'x' must be (N, D) points or (N, [C,] H, W) images, got a scalar")
+    if x.size == 0:
         raise DataError(f"{path}: 'x' is empty")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise DataError(f"{path}: 'x' must be numeric, got dtype {x.dtype}")
@@ -139,8 +141,12 @@ def _check_npz(path: str, x: np.ndarray, y: np.ndarray | None):
         if c not in (1, 3) or not (8 <= h <= 64 and 8 <= w <= 64):
             raise DataError(f"{path}: images must have 1 or 3 channels and sides 8..64, got {x.shape[1:]}")
         if np.issubdtype(x.dtype, np.integer):
+            if x.min() < 0 or x.max() > 255:
+                raise DataError(f"{path}: integer images must lie in 0..255, got {x.min()}..{x.max()}")
             x = x.astype(np.float32) / 127.5 - 1.0
-        elif np.nanmin(x) < -1.0 - 1e-6 or np.nanmax(x) > 1.0 + 1e-6:
+        elif not np.isfinite(x).all():
+            raise DataError(f"{path}: 'x' contains NaN or inf")
+        elif x.min() < -1.0 - 1e-6 or x.max() > 1.0 + 1e-6:
             raise DataError(f"{path}: float images must lie in [-1, 1] (or give uint8 0..255)")
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
