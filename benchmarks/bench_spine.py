@@ -30,9 +30,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    cfg = load_config(args.params, {"train.steps": args.steps, "train.log_every": 200,
-                                    "train.checkpoint_every": args.steps, "storage.root": "/tmp/ganpipe-bench/ray",
-                                    "tracking.experiment": "ganpipe-bench"})
+    cfg = load_config(
+        args.params,
+        {
+            "train.steps": args.steps,
+            "train.log_every": 200,
+            "train.checkpoint_every": args.steps,
+            "storage.root": "/tmp/ganpipe-bench/ray",
+            "tracking.experiment": "ganpipe-bench",
+        },
+    )
     prepared = data.prepare(cfg.data, cfg.seed)
 
     t0 = time.perf_counter()
@@ -62,14 +69,20 @@ def main() -> None:
     dvc_noop = time.perf_counter() - t0
     up_to_date = "Running stage" not in noop.stdout
 
-    print(f"model {cfg.model.arch} hidden {cfg.model.hidden}, batch {cfg.train.batch_size}, {args.steps} steps, "
-          f"torch threads {threads}")
+    print(
+        f"model {cfg.model.arch} hidden {cfg.model.hidden}, batch {cfg.train.batch_size}, {args.steps} steps, "
+        f"torch threads {threads}"
+    )
     print(f"step time, bare PyTorch loop:      {bare_step * 1e3:.3f} ms")
     print(f"step time, inside Ray Train worker: {ray_step * 1e3:.3f} ms")
     print(f"ratio Ray / bare:                   {ray_step / bare_step:.3f}  (target <= 1.05)")
     print(f"Ray start-up (ray.init):            {ray_start:.2f} s")
-    print(f"Ray Train fit wall time:            {ray_fit_wall:.2f} s  (of which training {ray_step * args.steps:.2f} s)")
-    print(f"no-op dvc repro:                    {dvc_noop:.2f} s  (target < 2 s){'' if up_to_date else '  [pipeline was not up to date]'}")
+    print(
+        f"Ray Train fit wall time:            {ray_fit_wall:.2f} s  (of which training {ray_step * args.steps:.2f} s)"
+    )
+    print(
+        f"no-op dvc repro:                    {dvc_noop:.2f} s  (target < 2 s){'' if up_to_date else '  [pipeline was not up to date]'}"
+    )
 
 
 if __name__ == "__main__":

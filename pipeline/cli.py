@@ -1,9 +1,9 @@
 """`ganpipe`: one command for the stages and the chores around them.
 
-    ganpipe prepare|train|evaluate|export [--params params.yaml] ...   run one stage (as dvc.yaml does)
-    ganpipe check [--params params.yaml]                                validate params, print the config
-    ganpipe preset NAME [--params params.yaml]                          merge presets/NAME.yaml into params
-    ganpipe presets                                                     list presets
+ganpipe prepare|train|evaluate|export [--params params.yaml] ...   run one stage (as dvc.yaml does)
+ganpipe check [--params params.yaml]                                validate params, print the config
+ganpipe preset NAME [--params params.yaml]                          merge presets/NAME.yaml into params
+ganpipe presets                                                     list presets
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in STAGES:
         # the stage owns its arguments and --help
         return importlib.import_module(f"stages.{argv[0]}").main(argv[1:])
-    p = argparse.ArgumentParser(prog="ganpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ganpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in STAGES.items():
         sub.add_parser(name, help=text, add_help=False)

@@ -107,8 +107,7 @@ class TrainConfig(_Section):
     def _batch_divisible(self) -> "TrainConfig":
         if self.batch_size % self.num_workers:
             raise ValueError(
-                f"train.batch_size: must be divisible by train.num_workers ({self.num_workers}), "
-                f"got {self.batch_size}"
+                f"train.batch_size: must be divisible by train.num_workers ({self.num_workers}), got {self.batch_size}"
             )
         return self
 

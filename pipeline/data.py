@@ -197,7 +197,7 @@ def prepare(cfg: DataConfig, seed: int) -> Prepared:
         raise DataError(f"data.val_fraction: leaves no training samples out of {n}")
     perm = np.random.default_rng(seed).permutation(n)
     tr, va = perm[n_val:], perm[:n_val]
-    pick = (lambda a, i: None if a is None else a[i])
+    pick = lambda a, i: None if a is None else a[i]
     parts = (x[tr], pick(y, tr), x[va], pick(y, va))
     classes = None if y is None else int(y.max()) + 1
     manifest = {

@@ -78,7 +78,7 @@ def storage_filesystem(root: str, endpoint_url: str | None):
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     if region:
         kwargs["region"] = region
-    return root[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+    return root[len("s3://") :].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
 
 
 def run_address(root: str, name: str) -> str:
@@ -104,8 +104,7 @@ def fit(cfg: Config, x_train, tracking_uri: str, run_id: str, name: str) -> tupl
     A run with the same storage root and name continues from its last checkpoint.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train import TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     storage_path, fs = storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
@@ -246,4 +245,7 @@ class _Progress:
         eta = (self.total - step) / max(rate, 1e-9)
         keys = ("loss/D", "loss/G", "D/real", "D/fake")
         vals = " ".join(f"{k}={stats[k]:.3f}" for k in keys if k in stats)
-        print(f"[train] step {step}/{self.total} ({100 * step / self.total:.0f}%) {vals} {rate:.0f} steps/s eta {eta:.0f}s", flush=True)
+        print(
+            f"[train] step {step}/{self.total} ({100 * step / self.total:.0f}%) {vals} {rate:.0f} steps/s eta {eta:.0f}s",
+            flush=True,
+        )

@@ -60,7 +60,9 @@ def parity(G: torch.nn.Module, z_dim: int, files: dict[str, Path], n: int = 64, 
 EXPORTERS = {"torchscript": ("generator.pt", export_torchscript), "onnx": ("generator.onnx", export_onnx)}
 
 
-def export_all(G: torch.nn.Module, z_dim: int, formats: list[str], out_dir: Path) -> tuple[dict[str, Path], dict[str, float]]:
+def export_all(
+    G: torch.nn.Module, z_dim: int, formats: list[str], out_dir: Path
+) -> tuple[dict[str, Path], dict[str, float]]:
     """Write each format, check parity; raises if any format differs by PARITY_TOL or more."""
     files: dict[str, Path] = {}
     for fmt in formats:
@@ -87,7 +89,11 @@ def model_card(spec, manifest, cfg, train_info, eval_info, diffs, git, model_uri
             }
         },
         "architecture": spec,
-        "data": {"dataset": manifest["dataset"], "content_hash": manifest["content_hash"], "n_train": manifest["n_train"]},
+        "data": {
+            "dataset": manifest["dataset"],
+            "content_hash": manifest["content_hash"],
+            "n_train": manifest["n_train"],
+        },
         "params": cfg.to_dict(),
         "metrics": {"train": train_info, "eval": eval_info},
         "parity_max_abs_diff": diffs,

@@ -40,7 +40,9 @@ def build_generator(spec: dict[str, Any]) -> nn.Module:
 
 def build_discriminator(model: ModelConfig, sample_shape: list[int] | tuple[int, ...]) -> nn.Module:
     if model.arch == "mlp":
-        return MLPDiscriminator(sample_shape[0], model.hidden, model.layers, model.d_norm, model.d_activation, model.pack)
+        return MLPDiscriminator(
+            sample_shape[0], model.hidden, model.layers, model.d_norm, model.d_activation, model.pack
+        )
     return DCGANDiscriminator(tuple(sample_shape), model.hidden, model.d_norm, model.d_activation, model.pack)
 
 

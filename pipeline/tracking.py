@@ -70,11 +70,13 @@ def experiment_id(uri: str, name: str) -> str:
         return exp.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the local store, not in the cwd of whoever runs
-        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+        artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str, tags: dict[str, str] | None = None) -> tuple[str, bool]:
+def start_or_resume_run(
+    uri: str, experiment: str, run_key: str, run_name: str, tags: dict[str, str] | None = None
+) -> tuple[str, bool]:
     """The id of the latest run tagged with run_key (interrupted or finished), or of a new one;
     and whether it was found. The training it records continues in the same run."""
     client = _client(uri)
@@ -98,11 +100,7 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
 
     client = _client(uri)
     have = client.get_run(run_id).data.params
-    todo = [
-        Param(k, redact(str(v))[:6000])
-        for k, v in params.items()
-        if k not in have and not _SECRET.search(k)
-    ]
+    todo = [Param(k, redact(str(v))[:6000]) for k, v in params.items() if k not in have and not _SECRET.search(k)]
     for i in range(0, len(todo), 100):
         client.log_batch(run_id, params=todo[i : i + 100])
 
@@ -165,7 +163,6 @@ class MetricBuffer:
                 if f is not None:
                     f.wait()
             self.futures = []
-
 
 
 def log_onnx_model(uri: str, run_id: str, onnx_path: str | Path, registered_name: str) -> str:

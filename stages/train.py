@@ -31,7 +31,10 @@ def train(args) -> None:
     # the Ray run lives at storage root + name; its MLflow run is found by that same address
     ray_run = distributed.run_address(cfg.storage.root, name)
     run_id, resumed = tracking.start_or_resume_run(
-        uri, cfg.tracking.experiment, hashlib.sha256(ray_run.encode()).hexdigest()[:16], name,
+        uri,
+        cfg.tracking.experiment,
+        hashlib.sha256(ray_run.encode()).hexdigest()[:16],
+        name,
         {"data.content_hash": data_hash, "ganpipe.ray_run": ray_run, **_git_tags()},
     )
     tracking.log_params(uri, run_id, {**cfg.flat(), "data.content_hash": data_hash})

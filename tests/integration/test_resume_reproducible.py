@@ -21,22 +21,42 @@ STEPS = 2000
 
 
 def train(project: Path, tag: str) -> subprocess.CompletedProcess:
-    return sh(project, sys.executable, "stages/train.py", "--params", f"params-{tag}.yaml",
-              "--models", f"models-{tag}", "--metrics", f"metrics-{tag}/train.json")
+    return sh(
+        project,
+        sys.executable,
+        "stages/train.py",
+        "--params",
+        f"params-{tag}.yaml",
+        "--models",
+        f"models-{tag}",
+        "--metrics",
+        f"metrics-{tag}/train.json",
+    )
 
 
 def params_for(project: Path, tag: str) -> None:
-    set_params(project, {"storage": {"root": f".ganpipe/{tag}"},
-                         "train": {"steps": STEPS, "checkpoint_every": 200, "log_every": 100}})
+    set_params(
+        project,
+        {"storage": {"root": f".ganpipe/{tag}"}, "train": {"steps": STEPS, "checkpoint_every": 200, "log_every": 100}},
+    )
     (project / f"params-{tag}.yaml").write_text((project / "params.yaml").read_text())
 
 
 def kill_after_step(project: Path, tag: str, step: int) -> None:
     """Start the train stage and SIGKILL its whole process group once it has logged `step`."""
-    cmd = [sys.executable, "stages/train.py", "--params", f"params-{tag}.yaml",
-           "--models", f"models-{tag}", "--metrics", f"metrics-{tag}/train.json"]
-    p = subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "stages/train.py",
+        "--params",
+        f"params-{tag}.yaml",
+        "--models",
+        f"models-{tag}",
+        "--metrics",
+        f"metrics-{tag}/train.json",
+    ]
+    p = subprocess.Popen(
+        cmd, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         for line in p.stdout:
             if line.startswith("[train] step ") and int(line.split()[2].split("/")[0]) >= step:
@@ -49,10 +69,22 @@ def kill_after_step(project: Path, tag: str, step: int) -> None:
 
 
 def exported_outputs(project: Path, tag: str) -> np.ndarray:
-    for stage, extra in (("evaluate", ["--metrics", f"metrics-{tag}/eval.json", "--plots", f"plots-{tag}"]),
-                         ("export", ["--eval-metrics", f"metrics-{tag}/eval.json", "--out", f"export-{tag}"])):
-        sh(project, sys.executable, f"stages/{stage}.py", "--params", f"params-{tag}.yaml",
-           "--models", f"models-{tag}", "--train-metrics", f"metrics-{tag}/train.json", *extra)
+    for stage, extra in (
+        ("evaluate", ["--metrics", f"metrics-{tag}/eval.json", "--plots", f"plots-{tag}"]),
+        ("export", ["--eval-metrics", f"metrics-{tag}/eval.json", "--out", f"export-{tag}"]),
+    ):
+        sh(
+            project,
+            sys.executable,
+            f"stages/{stage}.py",
+            "--params",
+            f"params-{tag}.yaml",
+            "--models",
+            f"models-{tag}",
+            "--train-metrics",
+            f"metrics-{tag}/train.json",
+            *extra,
+        )
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(project / f"export-{tag}/generator.onnx"), providers=["CPUExecutionProvider"])
