@@ -87,6 +87,7 @@ class TrainConfig(_Section):
     lr_d: float = Field(1e-3, gt=0.0)
     betas: tuple[float, float] = (0.5, 0.999)
     n_critic: int = Field(1, ge=1)
+    update: Literal["alternating", "simultaneous"] = "alternating"
     ema: float = Field(0.0, ge=0.0, lt=1.0, description="generator EMA decay, 0 = off")
     ada: AdaConfig = AdaConfig()
     num_workers: int = Field(1, ge=1)
@@ -102,6 +103,12 @@ class TrainConfig(_Section):
         if not all(0.0 <= b < 1.0 for b in v):
             raise ValueError(f"must be two numbers in [0, 1), got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _simultaneous_single_critic(self) -> "TrainConfig":
+        if self.update == "simultaneous" and self.n_critic != 1:
+            raise ValueError(f"train.n_critic: simultaneous updates take one critic step, got {self.n_critic}")
+        return self
 
     @model_validator(mode="after")
     def _batch_divisible(self) -> "TrainConfig":

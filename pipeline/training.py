@@ -137,7 +137,8 @@ class Batches:
         return self.shard.take(torch.rand(self.batch_size, generator=g)).to(self.x.device)
 
 
-def d_step(gan: GAN, cfg: Config, batches: Batches, step: int, k: int, sync: GradSync) -> dict[str, torch.Tensor]:
+def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The critic's total loss (with penalties) for the k-th critic step of `step`, and its stats."""
     loss = LOSSES[cfg.loss.name]
     base = 8 * k  # phases of the k-th critic step: 8k+0 reals, 8k+1 latents, 8k+2 interpolation
     real = batches.reals(step, base)
@@ -154,29 +155,63 @@ def d_step(gan: GAN, cfg: Config, batches: Batches, step: int, k: int, sync: Gra
         r1 = r1_penalty(gan.D, real)
         total = total + 0.5 * cfg.loss.r1_gamma * r1
         stats["loss/r1"] = r1.detach()
-    gan.opt_d.zero_grad(set_to_none=True)
-    total.backward()
-    sync(gan.D)
-    gan.opt_d.step()
-    if cfg.loss.name == "wgan":
+    prob = (lambda s: s.mean()) if loss.wasserstein else (lambda s: torch.sigmoid(s).mean())
+    stats["D/real"], stats["D/fake"] = prob(d_real.detach()), prob(d_fake.detach())
+    return total, stats
+
+
+def g_loss(gan: GAN, cfg: Config, batches: Batches, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = LOSSES[cfg.loss.name].g(gan.D(gan.G(batches.latents(step, 63))))
+    return loss, {"loss/G": loss.detach()}
+
+
+def _apply(opt: torch.optim.Optimizer, module: torch.nn.Module, sync: GradSync) -> None:
+    sync(module)
+    opt.step()
+
+
+def _clip(gan: GAN, cfg: Config) -> None:
+    if cfg.loss.name == "wgan":  # weight clipping keeps the critic in a Lipschitz family
         with torch.no_grad():
             for p in gan.D.parameters():
                 p.clamp_(-cfg.loss.clip, cfg.loss.clip)
-    prob = (lambda s: s.mean()) if loss.wasserstein else (lambda s: torch.sigmoid(s).mean())
-    stats["D/real"], stats["D/fake"] = prob(d_real.detach()), prob(d_fake.detach())
+
+
+def d_step(gan: GAN, cfg: Config, batches: Batches, step: int, k: int, sync: GradSync) -> dict[str, torch.Tensor]:
+    total, stats = d_loss(gan, cfg, batches, step, k)
+    gan.opt_d.zero_grad(set_to_none=True)
+    total.backward()
+    _apply(gan.opt_d, gan.D, sync)
+    _clip(gan, cfg)
     return stats
 
 
 def g_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -> dict[str, torch.Tensor]:
-    z = batches.latents(step, 63)
-    g_loss = LOSSES[cfg.loss.name].g(gan.D(gan.G(z)))
+    total, stats = g_loss(gan, cfg, batches, step)
     gan.opt_g.zero_grad(set_to_none=True)
-    g_loss.backward()
-    sync(gan.G)
-    gan.opt_g.step()
+    total.backward()
+    _apply(gan.opt_g, gan.G, sync)
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, cfg.train.ema)
-    return {"loss/G": g_loss.detach()}
+    return stats
+
+
+def simultaneous_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -> dict[str, torch.Tensor]:
+    """Both players' gradients taken at the same point, then both step (gradient descent-ascent)."""
+    d_total, stats = d_loss(gan, cfg, batches, step, 0)
+    g_total, g_stats = g_loss(gan, cfg, batches, step)
+    for total, module, opt in ((d_total, gan.D, gan.opt_d), (g_total, gan.G, gan.opt_g)):
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+        opt.zero_grad(set_to_none=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+    _apply(gan.opt_d, gan.D, sync)
+    _apply(gan.opt_g, gan.G, sync)
+    _clip(gan, cfg)
+    if gan.G_ema is not None:
+        _update_ema(gan.G_ema, gan.G, cfg.train.ema)
+    return {**stats, **g_stats}
 
 
 @torch.no_grad()
@@ -206,10 +241,13 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
     gan.D.train()
     while gan.step < t.steps:
         step = gan.step
-        stats: dict[str, torch.Tensor] = {}
-        for k in range(t.n_critic):
-            stats.update(d_step(gan, cfg, batches, step, k, hooks.sync_grads))
-        stats.update(g_step(gan, cfg, batches, step, hooks.sync_grads))
+        if t.update == "simultaneous":
+            stats = simultaneous_step(gan, cfg, batches, step, hooks.sync_grads)
+        else:
+            stats = {}
+            for k in range(t.n_critic):
+                stats.update(d_step(gan, cfg, batches, step, k, hooks.sync_grads))
+            stats.update(g_step(gan, cfg, batches, step, hooks.sync_grads))
         for name, v in stats.items():
             sums[name] = sums.get(name, 0.0) + v
         count += 1
