@@ -1,0 +1,185 @@
+"""Adaptive discriminator augmentation (ADA, Karras et al. 2020). Pure torch: no I/O.
+
+`augment` is what D sees: apply it, with the same p, to reals and to fakes alike (asymmetric
+augmentation would bias D). It is differentiable with respect to its input, so G's gradient flows
+through it, and deterministic given the `torch.Generator`: every call draws the same amount of
+randomness for the same input shape, whatever p is. `ada_adjust` moves p from the overfitting
+signal `overfit_signal` (StyleGAN2-ADA's r_t heuristic).
+
+Unlike StyleGAN2-ADA, an applied augmentation is never the identity (a flip always flips, a
+rotation is by 90, 180 or 270 degrees, a shift is never (0, 0)), so "applied" means "changed". The
+identity stays the most likely outcome, which keeps the augmentations from leaking into G, only
+while p stays below about 0.75 (a rotation's identity has probability 1 - p, each other angle p/3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+
+import torch
+
+IMAGE_OPS = ("flip", "translate", "rot90", "brightness", "contrast", "saturation", "cutout")
+POINT_OPS = ("rotate", "jitter")
+
+BRIGHTNESS_STD = 0.2  # added to every pixel; images are in [-1, 1] (StyleGAN2-ADA's value)
+CONTRAST_STD = 0.5  # log2 of the factor multiplying every pixel (about 0, i.e. mid-grey)
+SATURATION_STD = 1.0  # log2 of the factor scaling each pixel's distance to its channel mean
+ROTATE_STD = math.radians(5.0)  # points: rotation about the origin (the 2D mixtures are centred)
+JITTER_STD = 0.01  # points: Gaussian noise in data units (the ring's mode std; a fifth of the grid's)
+
+
+def augment(
+    x: torch.Tensor, p: float, generator: torch.Generator, ops: Collection[str] | None = None
+) -> torch.Tensor:
+    """Augment a batch: each op is applied to each sample independently with probability p.
+
+    x: images (N, C, H, W) in [-1, 1] or points (N, D); returns a new tensor of the same shape,
+    dtype and device. `ops` picks a subset of IMAGE_OPS / POINT_OPS (default: all that apply;
+    "rot90" needs H == W, "saturation" C == 3, "rotate" D == 2), always run in the order listed.
+    Image ops: horizontal flip; integer translation by up to 1/8 of each side, edge-replicate
+    padding (no new values at the border); rotation by a multiple of 90 degrees; brightness
+    (+ N(0, 0.2^2)); contrast (x 2^N(0, 0.5^2)); saturation (distance to the channel mean
+    x 2^N(0, 1)); cutout (a square half the side, centre uniform in the image, clipped at the
+    border, set to 0). Point ops: rotation about the origin by N(0, (5 deg)^2); jitter
+    (+ N(0, 0.01^2) per coordinate).
+    p == 0 returns values equal to x, p == 1 applies every op to every sample. Randomness is drawn
+    on the generator's device; the draws depend only on x's shape and `ops`, not on p.
+    """
+    assert 0.0 <= p <= 1.0, f"p must be in [0, 1], got {p}"
+    if x.dim() == 4:
+        table, default = _IMAGE, [op for op in IMAGE_OPS if _image_op_fits(op, x.shape)]
+    elif x.dim() == 2:
+        table, default = _POINT, [op for op in POINT_OPS if op != "rotate" or x.shape[1] == 2]
+    else:
+        raise ValueError(f"augment: expected images (N, C, H, W) or points (N, D), got shape {tuple(x.shape)}")
+    chosen = default if ops is None else list(ops)
+    bad = [op for op in chosen if op not in default]
+    if bad:
+        raise ValueError(f"augment: ops {bad} do not apply to shape {tuple(x.shape)}; allowed: {default}")
+    for op in (op for op in table if op in chosen):
+        x = table[op](x, _coin(x, p, generator), generator)
+    return x
+
+
+def ada_adjust(p: float, r_t: float, target: float, batch_size: int, interval: int, speed_img: int) -> float:
+    """StyleGAN2-ADA's update, run every `interval` steps of `batch_size` images (the global batch).
+
+    p moves by sign(r_t - target) * batch_size * interval / speed_img, clipped to [0, 1]: at full
+    speed p crosses [0, 1] in `speed_img` images.
+    """
+    sign = (r_t > target) - (r_t < target)
+    return min(1.0, max(0.0, p + sign * batch_size * interval / speed_img))
+
+
+def overfit_signal(d_real_scores: torch.Tensor) -> torch.Tensor:
+    """r_t = E[sign(D(x))] over raw scores on reals (logits: 0 is D = 1/2), a 0-dim tensor, no grad.
+
+    0 means D cannot tell reals from fakes, 1 that it is sure of every real (it overfits). For
+    Wasserstein critics the score's offset is arbitrary, so the signal means little there.
+    """
+    return torch.sign(d_real_scores.detach()).float().mean()
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _coin(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """(N,) bool, each True with probability p; exact at p = 0 and 1 (rand is in [0, 1))."""
+    return (torch.rand(x.shape[0], generator=g, device=g.device) < p).to(x.device)
+
+
+def _normal(n: int, g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    return torch.randn(n, generator=g, device=g.device).to(device=like.device, dtype=like.dtype)
+
+
+def _where(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(m.view((-1,) + (1,) * (a.dim() - 1)), a, b)
+
+
+def _image_op_fits(op: str, shape: torch.Size) -> bool:
+    return (op != "rot90" or shape[2] == shape[3]) and (op != "saturation" or shape[1] == 3)
+
+
+# ---- image ops: (x, mask, generator) -> x ----------------------------------------------------
+
+
+def _flip(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return _where(m, x.flip(3), x)
+
+
+def _translate(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    n, c, h, w = x.shape
+    sh, sw = max(1, h // 8), max(1, w // 8)
+    # a uniform shift among the (2sh+1)(2sw+1) - 1 non-zero ones: skip the centre index
+    j = torch.randint((2 * sh + 1) * (2 * sw + 1) - 1, (n,), generator=g, device=g.device).to(x.device)
+    j = j + (j >= sh * (2 * sw + 1) + sw).long()
+    dy, dx = (j // (2 * sw + 1) - sh) * m, (j % (2 * sw + 1) - sw) * m
+    rows = (torch.arange(h, device=x.device) - dy[:, None]).clamp(0, h - 1)  # (n, h), edge padding
+    cols = (torch.arange(w, device=x.device) - dx[:, None]).clamp(0, w - 1)
+    x = x.gather(2, rows[:, None, :, None].expand(n, c, h, w))
+    return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+def _rot90(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    k = torch.randint(1, 4, (x.shape[0],), generator=g, device=g.device).to(x.device)
+    out = x
+    for i in (1, 2, 3):
+        out = _where(m & (k == i), torch.rot90(x, i, (2, 3)), out)
+    return out
+
+
+def _brightness(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    b = BRIGHTNESS_STD * _normal(x.shape[0], g, x)
+    return _where(m, x + b.view(-1, 1, 1, 1), x)
+
+
+def _contrast(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    c = torch.exp2(CONTRAST_STD * _normal(x.shape[0], g, x))
+    return _where(m, x * c.view(-1, 1, 1, 1), x)
+
+
+def _saturation(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    s = torch.exp2(SATURATION_STD * _normal(x.shape[0], g, x)).view(-1, 1, 1, 1)
+    grey = x.mean(1, keepdim=True)
+    return _where(m, grey + s * (x - grey), x)
+
+
+def _cutout(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    n, _, h, w = x.shape
+    centre = torch.rand(n, 2, generator=g, device=g.device).to(x.device)
+    ys = (torch.arange(h, device=x.device) + 0.5) / h  # pixel centres in [0, 1]
+    xs = (torch.arange(w, device=x.device) + 0.5) / w
+    inside_y = (ys[None, :] - centre[:, :1]).abs() < 0.25  # a square half the side
+    inside_x = (xs[None, :] - centre[:, 1:]).abs() < 0.25
+    hole = inside_y[:, :, None] & inside_x[:, None, :] & m[:, None, None]
+    return x.masked_fill(hole[:, None], 0.0)
+
+
+_IMAGE = {
+    "flip": _flip,
+    "translate": _translate,
+    "rot90": _rot90,
+    "brightness": _brightness,
+    "contrast": _contrast,
+    "saturation": _saturation,
+    "cutout": _cutout,
+}
+
+
+# ---- point ops ------------------------------------------------------------------------------
+
+
+def _rotate(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    a = ROTATE_STD * _normal(x.shape[0], g, x)
+    cos, sin = torch.cos(a), torch.sin(a)
+    rotated = torch.stack([cos * x[:, 0] - sin * x[:, 1], sin * x[:, 0] + cos * x[:, 1]], 1)
+    return _where(m, rotated, x)
+
+
+def _jitter(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    noise = JITTER_STD * torch.randn(x.shape, generator=g, device=g.device).to(device=x.device, dtype=x.dtype)
+    return _where(m, x + noise, x)
+
+
+_POINT = {"rotate": _rotate, "jitter": _jitter}
