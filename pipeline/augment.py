@@ -29,9 +29,7 @@ ROTATE_STD = math.radians(5.0)  # points: rotation about the origin (the 2D mixt
 JITTER_STD = 0.01  # points: Gaussian noise in data units (the ring's mode std; a fifth of the grid's)
 
 
-def augment(
-    x: torch.Tensor, p: float, generator: torch.Generator, ops: Collection[str] | None = None
-) -> torch.Tensor:
+def augment(x: torch.Tensor, p: float, generator: torch.Generator, ops: Collection[str] | None = None) -> torch.Tensor:
     """Augment a batch: each op is applied to each sample independently with probability p.
 
     x: images (N, C, H, W) in [-1, 1] or points (N, D); returns a new tensor of the same shape,

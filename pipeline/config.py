@@ -88,6 +88,8 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = (0.5, 0.999)
     n_critic: int = Field(1, ge=1)
     update: Literal["alternating", "simultaneous"] = "alternating"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
     ema: float = Field(0.0, ge=0.0, lt=1.0, description="generator EMA decay, 0 = off")
     ada: AdaConfig = AdaConfig()
     num_workers: int = Field(1, ge=1)
@@ -179,6 +181,12 @@ class Config(_Section):
             )
         if self.model.arch == "mlp" and self.model.d_norm == "instance":
             raise ValueError("model.d_norm: instance norm needs image data (arch dcgan), got instance")
+        if self.train.precision == "fp16" and (self.loss.name == "wgan-gp" or self.loss.r1_gamma > 0):
+            raise ValueError(
+                "train.precision: fp16 loss scaling does not cover gradient penalties (WGAN-GP, R1); use bf16 or fp32"
+            )
+        if self.train.precision == "fp16" and self.train.update == "simultaneous":
+            raise ValueError("train.precision: fp16 supports alternating updates only; use bf16 or fp32")
         if self.loss.name == "wgan-gp" and self.model.d_norm == "batch":
             raise ValueError(
                 "model.d_norm: batch norm makes the WGAN-GP penalty wrong (it couples samples "

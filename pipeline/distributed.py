@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ class TrainJob:
     data_ref: Any  # ray.ObjectRef of the training array
     tracking_uri: str
     run_id: str
+    fit_id: str  # one per fit() call: tells a Ray restart (same fit) from a rerun of the stage
 
 
 def fit(cfg: Config, x_train, tracking_uri: str, run_id: str, name: str) -> tuple[dict[str, Any], str]:
@@ -109,7 +111,7 @@ def fit(cfg: Config, x_train, tracking_uri: str, run_id: str, name: str) -> tupl
 
     storage_path, fs = storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
     t = cfg.train
-    job = TrainJob(cfg.to_dict(), ray.put(torch.from_numpy(x_train)), tracking_uri, run_id)
+    job = TrainJob(cfg.to_dict(), ray.put(torch.from_numpy(x_train)), tracking_uri, run_id, uuid.uuid4().hex)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": job},
@@ -176,6 +178,16 @@ def _reduce_stats(world: int):
     return reduce
 
 
+def _gather(value: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray
     import ray.train
@@ -193,19 +205,30 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     x = ray.get(job.data_ref).to(device)
 
     gan = training.build_gan(cfg, list(x.shape[1:]), device)
+    restarts = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            training.load_gan_state(gan, torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False), cfg)
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+        training.load_gan_state(gan, state, cfg)
+        # a checkpoint written by this same fit() means Ray restarted the workers after a failure
+        restarts = state.get("restarts", 0) + (state.get("fit_id") == job.fit_id)
         if rank == 0:
-            print(f"[train] resuming from checkpoint at step {gan.step}", flush=True)
+            print(f"[train] resuming from checkpoint at step {gan.step} (restarts so far: {restarts})", flush=True)
 
     shard = training.Shard(rank, world)
     batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, shard)
     metrics = MetricBuffer(job.tracking_uri, job.run_id) if rank == 0 else None
     progress = _Progress(cfg.train.steps, gan.step)
+    pids = _gather(os.getpid(), world)
     if rank == 0:
-        print(f"[train] {world} worker(s) on {device}, torch threads per worker {torch.get_num_threads()}", flush=True)
+        print(
+            f"[train] {world} worker(s) on {device} (pids {' '.join(map(str, pids))}), "
+            f"torch threads per worker {torch.get_num_threads()}, cluster {ray.get_runtime_context().gcs_address}",
+            flush=True,
+        )
+        if restarts:
+            metrics.add(gan.step, {"sys/restarts": restarts})
 
     def on_log(step: int, stats: dict[str, float]) -> None:
         if metrics is not None:
@@ -221,7 +244,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as d:
-            torch.save(training.gan_state(g), Path(d) / STATE_FILE)
+            torch.save({**training.gan_state(g), "fit_id": job.fit_id, "restarts": restarts}, Path(d) / STATE_FILE)
             ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
 
     hooks = training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint)

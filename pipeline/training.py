@@ -8,6 +8,7 @@ and a resumed run draws what the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -36,6 +37,8 @@ class GAN:
     spec: dict[str, Any]
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # one row per log tick
+    scaler_d: torch.amp.GradScaler | None = None  # fp16 loss scaling, one per player
+    scaler_g: torch.amp.GradScaler | None = None
 
 
 def build_gan(cfg: Config, sample_shape: list[int], device: torch.device | str = "cpu") -> GAN:
@@ -43,11 +46,26 @@ def build_gan(cfg: Config, sample_shape: list[int], device: torch.device | str =
     spec = generator_spec(cfg.model, sample_shape)
     G = build_generator(spec).to(device)
     D = build_discriminator(cfg.model, sample_shape).to(device)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if cfg.train.ema > 0 else None
     t = cfg.train
+    if t.channels_last and cfg.model.arch == "dcgan":
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if t.ema > 0 else None
     opt_g = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=t.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=t.betas)
-    return GAN(G, D, G_ema, opt_g, opt_d, spec)
+    gan = GAN(G, D, G_ema, opt_g, opt_d, spec)
+    if t.precision == "fp16":
+        if torch.device(device).type != "cuda":
+            raise ValueError("train.precision: fp16 needs a GPU; use bf16 on CPU")
+        gan.scaler_d, gan.scaler_g = torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cuda")
+    return gan
+
+
+def autocast(cfg: Config, device: torch.device):
+    """Mixed-precision context for forward passes (a no-op for fp32)."""
+    if cfg.train.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def gan_state(gan: GAN) -> dict[str, Any]:
@@ -61,6 +79,8 @@ def gan_state(gan: GAN) -> dict[str, Any]:
         "G_ema": None if gan.G_ema is None else gan.G_ema.state_dict(),
         "opt_g": gan.opt_g.state_dict(),
         "opt_d": gan.opt_d.state_dict(),
+        "scaler_d": None if gan.scaler_d is None else gan.scaler_d.state_dict(),
+        "scaler_g": None if gan.scaler_g is None else gan.scaler_g.state_dict(),
     }
 
 
@@ -71,6 +91,9 @@ def load_gan_state(gan: GAN, state: dict[str, Any], cfg: Config) -> None:
         gan.G_ema.load_state_dict(state["G_ema"])
     gan.opt_g.load_state_dict(state["opt_g"])
     gan.opt_d.load_state_dict(state["opt_d"])
+    for scaler, key in ((gan.scaler_d, "scaler_d"), (gan.scaler_g, "scaler_g")):
+        if scaler is not None and state.get(key):
+            scaler.load_state_dict(state[key])
     # current hyperparameters win over the checkpoint's (a tuner may have changed them)
     for opt, lr in ((gan.opt_g, cfg.train.lr_g), (gan.opt_d, cfg.train.lr_d)):
         for group in opt.param_groups:
@@ -142,9 +165,10 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
     loss = LOSSES[cfg.loss.name]
     base = 8 * k  # phases of the k-th critic step: 8k+0 reals, 8k+1 latents, 8k+2 interpolation
     real = batches.reals(step, base)
-    with torch.no_grad():
-        fake = gan.G(batches.latents(step, base + 1))
-    d_real, d_fake = gan.D(real), gan.D(fake)
+    with autocast(cfg, real.device):
+        with torch.no_grad():
+            fake = gan.G(batches.latents(step, base + 1))
+        d_real, d_fake = gan.D(real).float(), gan.D(fake).float()
     total = loss.d(d_real, d_fake)
     stats = {"loss/D": total.detach()}
     if cfg.loss.name == "wgan-gp":
@@ -161,8 +185,26 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
 
 
 def g_loss(gan: GAN, cfg: Config, batches: Batches, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss = LOSSES[cfg.loss.name].g(gan.D(gan.G(batches.latents(step, 63))))
+    z = batches.latents(step, 63)
+    with autocast(cfg, z.device):
+        scores = gan.D(gan.G(z)).float()
+    loss = LOSSES[cfg.loss.name].g(scores)
     return loss, {"loss/G": loss.detach()}
+
+
+def _backward_apply(
+    total: torch.Tensor, opt: torch.optim.Optimizer, module: torch.nn.Module, sync: GradSync, scaler
+) -> None:
+    """Backward, average gradients across workers, step (through the fp16 loss scaler if any)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        total.backward()
+        _apply(opt, module, sync)
+        return
+    scaler.scale(total).backward()
+    sync(module)  # scaled gradients average the same way; every worker then sees the same inf/NaN
+    scaler.step(opt)
+    scaler.update()
 
 
 def _apply(opt: torch.optim.Optimizer, module: torch.nn.Module, sync: GradSync) -> None:
@@ -179,18 +221,14 @@ def _clip(gan: GAN, cfg: Config) -> None:
 
 def d_step(gan: GAN, cfg: Config, batches: Batches, step: int, k: int, sync: GradSync) -> dict[str, torch.Tensor]:
     total, stats = d_loss(gan, cfg, batches, step, k)
-    gan.opt_d.zero_grad(set_to_none=True)
-    total.backward()
-    _apply(gan.opt_d, gan.D, sync)
+    _backward_apply(total, gan.opt_d, gan.D, sync, gan.scaler_d)
     _clip(gan, cfg)
     return stats
 
 
 def g_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -> dict[str, torch.Tensor]:
     total, stats = g_loss(gan, cfg, batches, step)
-    gan.opt_g.zero_grad(set_to_none=True)
-    total.backward()
-    _apply(gan.opt_g, gan.G, sync)
+    _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g)
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, cfg.train.ema)
     return stats

@@ -72,10 +72,13 @@ def train(args) -> None:
         "mlflow_run_id": run_id,
         "ray_result_path": result_path,
         "resumed": resumed,
+        "restarts": state.get("restarts", 0),
     }
     outputs.write_json(args.metrics, summary)
     tracking.log_artifacts(uri, run_id, [args.models], "models")
-    tracking.log_summary_metrics(uri, run_id, {"train/wall_time_s": wall}, state["step"])
+    tracking.log_summary_metrics(
+        uri, run_id, {"train/wall_time_s": wall, "sys/restarts": summary["restarts"]}, state["step"]
+    )
     tracking.end_run(uri, run_id)
     print(f"[train] done: {state['step']} steps in {wall:.1f}s -> {args.models}, {args.metrics}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_killed_run_resumes_to_identical_weights(project: Path):
     resumed = train(project, "b")
     lines = [ln for ln in resumed.stdout.splitlines() if "resuming from checkpoint at step" in ln]
     assert lines, resumed.stdout
-    assert 0 < int(lines[0].split()[-1]) < STEPS
+    assert 0 < int(re.search(r"at step (\d+)", lines[0]).group(1)) < STEPS
 
     a = torch.load(project / "models-a/generator.pt", weights_only=True)["state_dict"]
     b = torch.load(project / "models-b/generator.pt", weights_only=True)["state_dict"]

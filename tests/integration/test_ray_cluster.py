@@ -1,0 +1,32 @@
+"""The train stage joins an existing Ray cluster (`ray start --head` in its own process) via RAY_ADDRESS."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import BIN, env, free_port, sh, stop_group, wait_for_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_train_stage_runs_on_the_given_cluster(project: Path, tmp_path: Path):
+    port = free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={tmp_path / 'ray'}"],
+        env=env({"RAY_USAGE_STATS_ENABLED": "0"}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for_port(port)
+        sh(project, sys.executable, "stages/prepare.py")
+        p = sh(project, sys.executable, "stages/train.py", extra_env={"RAY_ADDRESS": f"127.0.0.1:{port}"})
+        assert f"joined Ray cluster at 127.0.0.1:{port}" in p.stdout, p.stdout
+        assert f"cluster 127.0.0.1:{port}" in p.stdout, p.stdout  # printed by the worker itself
+        assert (project / "models/generator.pt").is_file()
+    finally:
+        stop_group(head)
