@@ -29,7 +29,36 @@ ROTATE_STD = math.radians(5.0)  # points: rotation about the origin (the 2D mixt
 JITTER_STD = 0.01  # points: Gaussian noise in data units (the ring's mode std; a fifth of the grid's)
 
 
-def augment(x: torch.Tensor, p: float, generator: torch.Generator, ops: Collection[str] | None = None) -> torch.Tensor:
+class Draws:
+    """Random draws for one worker's slice of a global batch.
+
+    Every draw is made for all `world * n` samples of the global batch and sliced to rows
+    [rank * n, (rank + 1) * n), so N workers augment exactly as one worker with the whole batch.
+    """
+
+    def __init__(self, generator: torch.Generator, rank: int = 0, world: int = 1):
+        self.g, self.rank, self.world = generator, rank, world
+
+    def _rows(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        return t[self.rank * n : (self.rank + 1) * n]
+
+    def rand(self, n: int, *rest: int) -> torch.Tensor:
+        return self._rows(torch.rand(n * self.world, *rest, generator=self.g, device=self.g.device), n)
+
+    def randn(self, n: int, *rest: int) -> torch.Tensor:
+        return self._rows(torch.randn(n * self.world, *rest, generator=self.g, device=self.g.device), n)
+
+    def randint(self, low: int, high: int, n: int) -> torch.Tensor:
+        return self._rows(torch.randint(low, high, (n * self.world,), generator=self.g, device=self.g.device), n)
+
+
+def augment(
+    x: torch.Tensor,
+    p: float,
+    generator: torch.Generator,
+    ops: Collection[str] | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> torch.Tensor:
     """Augment a batch: each op is applied to each sample independently with probability p.
 
     x: images (N, C, H, W) in [-1, 1] or points (N, D); returns a new tensor of the same shape,
@@ -43,6 +72,8 @@ def augment(x: torch.Tensor, p: float, generator: torch.Generator, ops: Collecti
     (+ N(0, 0.01^2) per coordinate).
     p == 0 returns values equal to x, p == 1 applies every op to every sample. Randomness is drawn
     on the generator's device; the draws depend only on x's shape and `ops`, not on p.
+    `shard` = (rank, world): x is this worker's slice of a global batch of world * N samples (see
+    `Draws`).
     """
     assert 0.0 <= p <= 1.0, f"p must be in [0, 1], got {p}"
     if x.dim() == 4:
@@ -55,8 +86,9 @@ def augment(x: torch.Tensor, p: float, generator: torch.Generator, ops: Collecti
     bad = [op for op in chosen if op not in default]
     if bad:
         raise ValueError(f"augment: ops {bad} do not apply to shape {tuple(x.shape)}; allowed: {default}")
+    draws = Draws(generator, *shard)
     for op in (op for op in table if op in chosen):
-        x = table[op](x, _coin(x, p, generator), generator)
+        x = table[op](x, _coin(x, p, draws), draws)
     return x
 
 
@@ -82,13 +114,13 @@ def overfit_signal(d_real_scores: torch.Tensor) -> torch.Tensor:
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _coin(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+def _coin(x: torch.Tensor, p: float, g: Draws) -> torch.Tensor:
     """(N,) bool, each True with probability p; exact at p = 0 and 1 (rand is in [0, 1))."""
-    return (torch.rand(x.shape[0], generator=g, device=g.device) < p).to(x.device)
+    return (g.rand(x.shape[0]) < p).to(x.device)
 
 
-def _normal(n: int, g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    return torch.randn(n, generator=g, device=g.device).to(device=like.device, dtype=like.dtype)
+def _normal(n: int, g: Draws, like: torch.Tensor) -> torch.Tensor:
+    return g.randn(n).to(device=like.device, dtype=like.dtype)
 
 
 def _where(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -102,15 +134,15 @@ def _image_op_fits(op: str, shape: torch.Size) -> bool:
 # ---- image ops: (x, mask, generator) -> x ----------------------------------------------------
 
 
-def _flip(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _flip(x: torch.Tensor, m: torch.Tensor, g: Draws) -> torch.Tensor:
     return _where(m, x.flip(3), x)
 
 
-def _translate(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _translate(x: torch.Tensor, m: torch.Tensor, g: Draws) -> torch.Tensor:
     n, c, h, w = x.shape
     sh, sw = max(1, h // 8), max(1, w // 8)
     # a uniform shift among the (2sh+1)(2sw+1) - 1 non-zero ones: skip the centre index
-    j = torch.randint((2 * sh + 1) * (2 * sw + 1) - 1, (n,), generator=g, device=g.device).to(x.device)
+    j = g.randint(0, (2 * sh + 1) * (2 * sw + 1) - 1, n).to(x.device)
     j = j + (j >= sh * (2 * sw + 1) + sw).long()
     dy, dx = (j // (2 * sw + 1) - sh) * m, (j % (2 * sw + 1) - sw) * m
     rows = (torch.arange(h, device=x.device) - dy[:, None]).clamp(0, h - 1)  # (n, h), edge padding
@@ -119,33 +151,33 @@ def _translate(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Te
     return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
-def _rot90(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    k = torch.randint(1, 4, (x.shape[0],), generator=g, device=g.device).to(x.device)
+def _rot90(x: torch.Tensor, m: torch.Tensor, g: Draws) -> torch.Tensor:
+    k = g.randint(1, 4, x.shape[0]).to(x.device)
     out = x
     for i in (1, 2, 3):
         out = _where(m & (k == i), torch.rot90(x, i, (2, 3)), out)
     return out
 
 
-def _brightness(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _brightness(x: torch.Tensor, m: torch.Tensor, g: Draws) -> torch.Tensor:
     b = BRIGHTNESS_STD * _normal(x.shape[0], g, x)
     return _where(m, x + b.view(-1, 1, 1, 1), x)
 
 
-def _contrast(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _contrast(x: torch.Tensor, m: torch.Tensor, g: Draws) -> torch.Tensor:
     c = torch.exp2(CONTRAST_STD * _normal(x.shape[0], g, x))
     return _where(m, x * c.view(-1, 1, 1, 1), x)
 
 
-def _saturation(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _saturation(x: torch.Tensor, m: torch.Tensor, g: Draws) -> torch.Tensor:
     s = torch.exp2(SATURATION_STD * _normal(x.shape[0], g, x)).view(-1, 1, 1, 1)
     grey = x.mean(1, keepdim=True)
     return _where(m, grey + s * (x - grey), x)
 
 
-def _cutout(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _cutout(x: torch.Tensor, m: torch.Tensor, g: Draws) -> torch.Tensor:
     n, _, h, w = x.shape
-    centre = torch.rand(n, 2, generator=g, device=g.device).to(x.device)
+    centre = g.rand(n, 2).to(x.device)
     ys = (torch.arange(h, device=x.device) + 0.5) / h  # pixel centres in [0, 1]
     xs = (torch.arange(w, device=x.device) + 0.5) / w
     inside_y = (ys[None, :] - centre[:, :1]).abs() < 0.25  # a square half the side
@@ -168,15 +200,15 @@ _IMAGE = {
 # ---- point ops ------------------------------------------------------------------------------
 
 
-def _rotate(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _rotate(x: torch.Tensor, m: torch.Tensor, g: Draws) -> torch.Tensor:
     a = ROTATE_STD * _normal(x.shape[0], g, x)
     cos, sin = torch.cos(a), torch.sin(a)
     rotated = torch.stack([cos * x[:, 0] - sin * x[:, 1], sin * x[:, 0] + cos * x[:, 1]], 1)
     return _where(m, rotated, x)
 
 
-def _jitter(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    noise = JITTER_STD * torch.randn(x.shape, generator=g, device=g.device).to(device=x.device, dtype=x.dtype)
+def _jitter(x: torch.Tensor, m: torch.Tensor, g: Draws) -> torch.Tensor:
+    noise = JITTER_STD * g.randn(*x.shape).to(device=x.device, dtype=x.dtype)
     return _where(m, x + noise, x)
 
 

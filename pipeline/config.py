@@ -70,14 +70,8 @@ class AdaConfig(_Section):
     enabled: bool = False
     target: float = Field(0.6, gt=0.0, lt=1.0)
     interval: int = Field(4, gt=0)
-    speed_img: int = Field(500_000, gt=0)
-
-    @field_validator("enabled")
-    @classmethod
-    def _ada_not_yet(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("ADA is not implemented yet (issue #3); use false")
-        return v
+    speed_img: int = Field(500_000, gt=0, description="images for p to cross [0, 1] at full speed")
+    p_max: float = Field(0.7, gt=0.0, le=1.0, description="cap on p: above ~0.75 augmentations leak into G")
 
 
 class TrainConfig(_Section):

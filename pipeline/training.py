@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
+from pipeline.augment import ada_adjust, augment, overfit_signal
 from pipeline.losses import LOSSES, gradient_penalty, r1_penalty
 from pipeline.models import build_discriminator, build_generator, generator_spec
 
@@ -39,6 +40,8 @@ class GAN:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per log tick
     scaler_d: torch.amp.GradScaler | None = None  # fp16 loss scaling, one per player
     scaler_g: torch.amp.GradScaler | None = None
+    ada_p: float = 0.0  # ADA augmentation probability
+    ada_acc: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum and count of r_t since the last adjust
 
 
 def build_gan(cfg: Config, sample_shape: list[int], device: torch.device | str = "cpu") -> GAN:
@@ -81,6 +84,8 @@ def gan_state(gan: GAN) -> dict[str, Any]:
         "opt_d": gan.opt_d.state_dict(),
         "scaler_d": None if gan.scaler_d is None else gan.scaler_d.state_dict(),
         "scaler_g": None if gan.scaler_g is None else gan.scaler_g.state_dict(),
+        "ada_p": gan.ada_p,
+        "ada_acc": list(gan.ada_acc),
     }
 
 
@@ -99,6 +104,7 @@ def load_gan_state(gan: GAN, state: dict[str, Any], cfg: Config) -> None:
         for group in opt.param_groups:
             group["lr"], group["betas"] = lr, cfg.train.betas
     gan.step = int(state["step"])
+    gan.ada_p, gan.ada_acc = float(state.get("ada_p", 0.0)), list(state.get("ada_acc", [0.0, 0.0]))
     gan.history = list(state.get("history", []))
 
 
@@ -168,9 +174,13 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
     with autocast(cfg, real.device):
         with torch.no_grad():
             fake = gan.G(batches.latents(step, base + 1))
+        # ADA: reals and fakes alike see augmentations drawn with the same p
+        real, fake = _ada(gan, cfg, batches, real, step, base + 3), _ada(gan, cfg, batches, fake, step, base + 4)
         d_real, d_fake = gan.D(real).float(), gan.D(fake).float()
     total = loss.d(d_real, d_fake)
     stats = {"loss/D": total.detach()}
+    if cfg.train.ada.enabled:
+        stats["ada/r_t"] = overfit_signal(d_real)
     if cfg.loss.name == "wgan-gp":
         gp = gradient_penalty(gan.D, real, fake, batches.uniform(step, base + 2))
         total = total + cfg.loss.gp_weight * gp
@@ -187,9 +197,29 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
 def g_loss(gan: GAN, cfg: Config, batches: Batches, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     z = batches.latents(step, 63)
     with autocast(cfg, z.device):
-        scores = gan.D(gan.G(z)).float()
+        scores = gan.D(_ada(gan, cfg, batches, gan.G(z), step, 62)).float()
     loss = LOSSES[cfg.loss.name].g(scores)
     return loss, {"loss/G": loss.detach()}
+
+
+def _ada(gan: GAN, cfg: Config, batches: Batches, x: torch.Tensor, step: int, phase: int) -> torch.Tensor:
+    if not cfg.train.ada.enabled:
+        return x
+    g = step_generator(cfg.seed, step, phase)
+    return augment(x, gan.ada_p, g, shard=(batches.shard.rank, batches.shard.world))
+
+
+def _ada_tick(gan: GAN, cfg: Config, stats: dict[str, torch.Tensor], reduce: Callable) -> None:
+    """Accumulate r_t; every `interval` steps move p from the workers' mean r_t."""
+    ada = cfg.train.ada
+    gan.ada_acc[0] += float(stats["ada/r_t"])
+    gan.ada_acc[1] += 1
+    if gan.step % ada.interval == 0:
+        r_t = reduce({"ada/r_t": gan.ada_acc[0] / gan.ada_acc[1]})["ada/r_t"]
+        p = ada_adjust(gan.ada_p, r_t, ada.target, cfg.train.batch_size, ada.interval, ada.speed_img)
+        gan.ada_p = min(p, ada.p_max)
+        gan.ada_acc = [0.0, 0.0]
+    stats["ada/p"] = torch.tensor(gan.ada_p)
 
 
 def _backward_apply(
@@ -286,10 +316,12 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
             for k in range(t.n_critic):
                 stats.update(d_step(gan, cfg, batches, step, k, hooks.sync_grads))
             stats.update(g_step(gan, cfg, batches, step, hooks.sync_grads))
+        gan.step = step + 1
+        if cfg.train.ada.enabled:
+            _ada_tick(gan, cfg, stats, hooks.reduce_stats)
         for name, v in stats.items():
             sums[name] = sums.get(name, 0.0) + v
         count += 1
-        gan.step = step + 1
         last = gan.step == t.steps
         if gan.step % t.log_every == 0 or gan.step % t.checkpoint_every == 0 or last:
             means = {k: float(v) / count for k, v in sums.items()}

@@ -243,3 +243,11 @@ def test_overfit_signal_is_the_mean_sign_of_real_scores():
     assert float(r) == pytest.approx(0.5) and r.dim() == 0 and not r.requires_grad
     assert float(overfit_signal(torch.full((8,), 5.0))) == 1.0
     assert float(overfit_signal(torch.tensor([1.0, -1.0, 0.0, 0.0]))) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 16, 16), (8, 2)])
+def test_two_shards_augment_exactly_like_the_whole_batch(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    whole = augment(x, 0.5, torch.Generator().manual_seed(7))
+    halves = [augment(x[r * 4 : (r + 1) * 4], 0.5, torch.Generator().manual_seed(7), shard=(r, 2)) for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), whole)
