@@ -29,8 +29,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
-    base = {"train.steps": args.steps, "train.log_every": 200, "train.checkpoint_every": args.steps,
-            "storage.root": "/tmp/ganpipe-bench/ray", "tracking.experiment": "ganpipe-bench"}
+    base = {
+        "train.steps": args.steps,
+        "train.log_every": 200,
+        "train.checkpoint_every": args.steps,
+        "storage.root": "/tmp/ganpipe-bench/ray",
+        "tracking.experiment": "ganpipe-bench",
+    }
     distributed.ensure_ray(None, 2)
     uri = tracking.resolve_uri(None, env={}, cwd="/tmp/ganpipe-bench")
     per_step = {}
@@ -64,7 +69,9 @@ def main() -> None:
     print(f"model {cfg.model.arch} hidden {cfg.model.hidden}, global batch {cfg.train.batch_size}, {args.steps} steps")
     print(f"1 worker:  {1 / per_step[1]:8.1f} steps/s")
     print(f"2 workers: {1 / per_step[2]:8.1f} steps/s   (ratio 2w/1w {per_step[1] / per_step[2]:.2f})")
-    print(f"bare loop: {1 / bare:8.1f} steps/s   (Ray 1-worker overhead per step: {per_step[1] / bare:.3f}, target <= 1.05)")
+    print(
+        f"bare loop: {1 / bare:8.1f} steps/s   (Ray 1-worker overhead per step: {per_step[1] / bare:.3f}, target <= 1.05)"
+    )
     print(f"checkpoint state {buf.tell() / 1e6:.2f} MB: save {save * 1e3:.1f} ms, load {load * 1e3:.1f} ms")
 
 

@@ -181,10 +181,11 @@ class Config(_Section):
             )
         if self.train.precision == "fp16" and self.train.update == "simultaneous":
             raise ValueError("train.precision: fp16 supports alternating updates only; use bf16 or fp32")
-        if self.loss.name == "wgan-gp" and self.model.d_norm == "batch":
+        if self.loss.name in ("wgan", "wgan-gp") and self.model.d_norm == "batch":
             raise ValueError(
-                "model.d_norm: batch norm makes the WGAN-GP penalty wrong (it couples samples "
-                "in a batch); use none, layer or instance, got batch"
+                f"model.d_norm: batch norm couples the samples of a batch, but a {self.loss.name} critic must "
+                "score each sample alone (the Kantorovich dual; the WGAN-GP penalty is per sample); use none, "
+                "layer or instance, got batch"
             )
         return self
 

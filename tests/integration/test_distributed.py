@@ -44,12 +44,20 @@ def assert_close(a: dict, b: dict, atol: float) -> None:
 ADA = {"enabled": True, "target": 0.01, "interval": 4, "speed_img": 2000}
 
 
-@pytest.mark.parametrize("loss,ada", [("nonsaturating", False), ("wgan-gp", False), ("nonsaturating", True)],
-                         ids=["nonsaturating", "wgan-gp", "ada"])
+@pytest.mark.parametrize(
+    "loss,ada",
+    [("nonsaturating", False), ("wgan-gp", False), ("nonsaturating", True)],
+    ids=["nonsaturating", "wgan-gp", "ada"],
+)
 def test_two_workers_match_one_worker_with_twice_the_batch(ray_local, tmp_path, loss, ada):
     common = {"loss": {"name": loss}}
-    train = {"steps": 60, "checkpoint_every": 30, "log_every": 30, "batch_size": 64,
-             "ada": ADA if ada else {"enabled": False}}
+    train = {
+        "steps": 60,
+        "checkpoint_every": 30,
+        "log_every": 30,
+        "batch_size": 64,
+        "ada": ADA if ada else {"enabled": False},
+    }
     one = fit(tmp_path, f"one-{loss}-{ada}", **common, train={**train, "num_workers": 1})
     two = fit(tmp_path, f"two-{loss}-{ada}", **common, train={**train, "num_workers": 2})
     if ada:

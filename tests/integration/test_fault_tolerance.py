@@ -21,10 +21,19 @@ pytestmark = pytest.mark.integration
 def test_killed_worker_is_replaced_and_training_completes(project: Path):
     sh(project, sys.executable, "stages/prepare.py")
     steps = 2000
-    set_params(project, {"train": {"num_workers": 2, "max_failures": 2, "steps": steps,
-                                   "checkpoint_every": 200, "log_every": 100}})
-    p = subprocess.Popen([sys.executable, "stages/train.py"], cwd=project, env=env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    set_params(
+        project,
+        {"train": {"num_workers": 2, "max_failures": 2, "steps": steps, "checkpoint_every": 200, "log_every": 100}},
+    )
+    p = subprocess.Popen(
+        [sys.executable, "stages/train.py"],
+        cwd=project,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     out, victim, killed = [], None, False
     try:
         for line in p.stdout:

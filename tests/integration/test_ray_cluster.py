@@ -21,9 +21,20 @@ def test_train_stage_runs_on_the_given_cluster(project: Path):
     # Ray's unix sockets live under --temp-dir: keep it short (socket paths are limited to 107 bytes)
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}"],
-        env=env({"RAY_USAGE_STATS_ENABLED": "0"}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env({"RAY_USAGE_STATS_ENABLED": "0"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:

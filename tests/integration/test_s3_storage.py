@@ -18,8 +18,13 @@ AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret"
 @pytest.fixture
 def s3_endpoint():
     port = free_port()
-    p = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=env(AWS),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    p = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env=env(AWS),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for_port(port)
         yield f"http://127.0.0.1:{port}"
@@ -30,9 +35,15 @@ def s3_endpoint():
 def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(project: Path, s3_endpoint: str):
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, **{
-        "aws_access_key_id": AWS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": AWS["AWS_SECRET_ACCESS_KEY"],
-        "region_name": AWS["AWS_DEFAULT_REGION"]})
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        **{
+            "aws_access_key_id": AWS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": AWS["AWS_SECRET_ACCESS_KEY"],
+            "region_name": AWS["AWS_DEFAULT_REGION"],
+        },
+    )
     s3.create_bucket(Bucket="team")
     sh(project, sys.executable, "stages/prepare.py")
     set_params(project, {"storage": {"root": "s3://team/ganpipe/ray", "s3_endpoint_url": s3_endpoint}})

@@ -10,11 +10,13 @@ from pipeline.config import ConfigError, build_config
 
 
 def tiny(**train):
-    return build_config({
-        "data": {"name": "digits"},
-        "model": {"arch": "dcgan", "z_dim": 8, "hidden": 8},
-        "train": {"steps": 6, "batch_size": 16, "log_every": 3, "checkpoint_every": 6, **train},
-    })
+    return build_config(
+        {
+            "data": {"name": "digits"},
+            "model": {"arch": "dcgan", "z_dim": 8, "hidden": 8},
+            "train": {"steps": 6, "batch_size": 16, "log_every": 3, "checkpoint_every": 6, **train},
+        }
+    )
 
 
 def run(cfg):

@@ -275,17 +275,25 @@ def test_sample_deterministic_and_restores_mode(data):
 def test_ada_p_rises_while_d_overfits_and_is_kept_in_checkpoints():
     from pipeline import training
 
-    cfg = build_config({
-        "data": {"name": "grid", "n_samples": 2000},
-        "model": {"hidden": 16},
-        "train": {"steps": 40, "batch_size": 32, "log_every": 10, "checkpoint_every": 20,
-                  "ada": {"enabled": True, "target": 0.01, "interval": 4, "speed_img": 2000}},
-    })
+    cfg = build_config(
+        {
+            "data": {"name": "grid", "n_samples": 2000},
+            "model": {"hidden": 16},
+            "train": {
+                "steps": 40,
+                "batch_size": 32,
+                "log_every": 10,
+                "checkpoint_every": 20,
+                "ada": {"enabled": True, "target": 0.01, "interval": 4, "speed_img": 2000},
+            },
+        }
+    )
     p = prepare(cfg.data, cfg.seed)
     gan = training.build_gan(cfg, [2])
     logged, saved = [], []
-    hooks = training.Hooks(on_log=lambda s, st: logged.append(st),
-                           on_checkpoint=lambda g, final: saved.append(training.gan_state(g)))
+    hooks = training.Hooks(
+        on_log=lambda s, st: logged.append(st), on_checkpoint=lambda g, final: saved.append(training.gan_state(g))
+    )
     training.train(gan, cfg, training.Batches(torch.from_numpy(p.x_train), 32, 2, cfg.seed), hooks)
     # D separates reals quickly (r_t > 0.01 target): p climbs by 32 * 4 / 2000 per adjustment
     assert gan.ada_p > 0 and logged[-1]["ada/p"] > logged[0]["ada/p"]
