@@ -51,12 +51,11 @@ class ModelConfig(_Section):
     conditional: bool = False
     pack: int = Field(1, ge=1)
 
-    @field_validator("conditional")
-    @classmethod
-    def _conditional_not_yet(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("conditional GANs are not implemented yet (issue #3); use false")
-        return v
+    @model_validator(mode="after")
+    def _conditional_unpacked(self) -> "ModelConfig":
+        if self.conditional and self.pack > 1:
+            raise ValueError(f"model.pack: conditional models judge single samples, got pack {self.pack}")
+        return self
 
 
 class LossConfig(_Section):
@@ -172,6 +171,10 @@ class Config(_Section):
             raise ValueError(
                 f"model.pack: the per-worker batch ({self.train.batch_size // self.train.num_workers}) "
                 f"must be divisible by it, got {self.model.pack}"
+            )
+        if self.model.conditional and self.data.name in ("ring", "grid"):
+            raise ValueError(
+                f"model.conditional: {self.data.name} has no class labels; use digits, mnist5k or an npz with 'y'"
             )
         if self.model.arch == "mlp" and self.model.d_norm == "instance":
             raise ValueError("model.d_norm: instance norm needs image data (arch dcgan), got instance")

@@ -94,13 +94,15 @@ class TrainJob:
     """What the driver hands to every worker (plain data: it crosses process boundaries)."""
 
     cfg: dict[str, Any]
-    data_ref: Any  # ray.ObjectRef of the training array
+    data_ref: Any  # ray.ObjectRef of (x, y or None, number of classes or None)
     tracking_uri: str
     run_id: str
     fit_id: str  # one per fit() call: tells a Ray restart (same fit) from a rerun of the stage
 
 
-def fit(cfg: Config, x_train, tracking_uri: str, run_id: str, name: str) -> tuple[dict[str, Any], str]:
+def fit(
+    cfg: Config, x_train, tracking_uri: str, run_id: str, name: str, y_train=None, num_classes: int | None = None
+) -> tuple[dict[str, Any], str]:
     """Train under Ray Train; returns (final GAN state, Ray result path).
 
     A run with the same storage root and name continues from its last checkpoint.
@@ -111,7 +113,9 @@ def fit(cfg: Config, x_train, tracking_uri: str, run_id: str, name: str) -> tupl
 
     storage_path, fs = storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
     t = cfg.train
-    job = TrainJob(cfg.to_dict(), ray.put(torch.from_numpy(x_train)), tracking_uri, run_id, uuid.uuid4().hex)
+    y = None if y_train is None else torch.from_numpy(y_train)
+    data_ref = ray.put((torch.from_numpy(x_train), y, num_classes))
+    job = TrainJob(cfg.to_dict(), data_ref, tracking_uri, run_id, uuid.uuid4().hex)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": job},
@@ -202,9 +206,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    x = ray.get(job.data_ref).to(device)
+    x, y, num_classes = ray.get(job.data_ref)
+    x, y = x.to(device), None if y is None else y.to(device)
+    num_classes = num_classes if cfg.model.conditional else None
 
-    gan = training.build_gan(cfg, list(x.shape[1:]), device)
+    gan = training.build_gan(cfg, list(x.shape[1:]), device, num_classes)
     restarts = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -217,7 +223,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             print(f"[train] resuming from checkpoint at step {gan.step} (restarts so far: {restarts})", flush=True)
 
     shard = training.Shard(rank, world)
-    batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, shard)
+    batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, shard, y, num_classes or 0)
     metrics = MetricBuffer(job.tracking_uri, job.run_id) if rank == 0 else None
     progress = _Progress(cfg.train.steps, gan.step)
     pids = _gather(os.getpid(), world)

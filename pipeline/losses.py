@@ -46,7 +46,9 @@ LOSSES: dict[str, Loss] = {
 }
 
 
-def gradient_penalty(D: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def gradient_penalty(
+    D: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None
+) -> torch.Tensor:
     """WGAN-GP: E[(||grad D(x_hat)||_2 - 1)^2] at x_hat = eps * real + (1 - eps) * fake.
 
     `eps` has one value per sample, shape (B,). The graph is kept (create_graph) so the penalty's
@@ -54,12 +56,16 @@ def gradient_penalty(D: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor,
     """
     shape = (-1,) + (1,) * (real.dim() - 1)
     x_hat = (eps.view(shape) * real + (1 - eps.view(shape)) * fake.detach()).requires_grad_(True)
-    (grad,) = torch.autograd.grad(D(x_hat).sum(), x_hat, create_graph=True)
+    (grad,) = torch.autograd.grad(_score(D, x_hat, y).sum(), x_hat, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
-def r1_penalty(D: torch.nn.Module, real: torch.Tensor) -> torch.Tensor:
-    """R1: E[||grad D(x)||^2] on reals (multiply by gamma / 2)."""
+def r1_penalty(D: torch.nn.Module, real: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """R1: E[||grad D(x)||^2] on reals (multiply by gamma / 2). `y`: labels for a conditional D."""
     x = real.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+    (grad,) = torch.autograd.grad(_score(D, x, y).sum(), x, create_graph=True)
     return grad.flatten(1).pow(2).sum(1).mean()
+
+
+def _score(D: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    return D(x) if y is None else D(x, y)

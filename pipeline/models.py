@@ -22,45 +22,84 @@ ACTIVATIONS = {
 }
 
 
-def generator_spec(model: ModelConfig, sample_shape: list[int] | tuple[int, ...]) -> dict[str, Any]:
+def generator_spec(
+    model: ModelConfig, sample_shape: list[int] | tuple[int, ...], num_classes: int | None = None
+) -> dict[str, Any]:
+    """`num_classes` is set for conditional models (G(z, y)), None otherwise."""
     return {
         "arch": model.arch,
         "z_dim": model.z_dim,
         "hidden": model.hidden,
         "layers": model.layers,
         "sample_shape": list(sample_shape),
+        "num_classes": num_classes if model.conditional else None,
     }
 
 
 def build_generator(spec: dict[str, Any]) -> nn.Module:
+    k = spec.get("num_classes")
     if spec["arch"] == "mlp":
-        return MLPGenerator(spec["z_dim"], spec["hidden"], spec["layers"], spec["sample_shape"][0])
-    return DCGANGenerator(spec["z_dim"], spec["hidden"], tuple(spec["sample_shape"]))
+        return MLPGenerator(spec["z_dim"], spec["hidden"], spec["layers"], spec["sample_shape"][0], k)
+    return DCGANGenerator(spec["z_dim"], spec["hidden"], tuple(spec["sample_shape"]), k)
 
 
-def build_discriminator(model: ModelConfig, sample_shape: list[int] | tuple[int, ...]) -> nn.Module:
+def build_discriminator(
+    model: ModelConfig, sample_shape: list[int] | tuple[int, ...], num_classes: int | None = None
+) -> nn.Module:
+    k = num_classes if model.conditional else None
     if model.arch == "mlp":
         return MLPDiscriminator(
-            sample_shape[0], model.hidden, model.layers, model.d_norm, model.d_activation, model.pack
+            sample_shape[0], model.hidden, model.layers, model.d_norm, model.d_activation, model.pack, k
         )
-    return DCGANDiscriminator(tuple(sample_shape), model.hidden, model.d_norm, model.d_activation, model.pack)
+    return DCGANDiscriminator(tuple(sample_shape), model.hidden, model.d_norm, model.d_activation, model.pack, k)
 
 
 # ---- MLP (2D) -------------------------------------------------------------------------------
 
 
-class MLPGenerator(nn.Module):
-    def __init__(self, z_dim: int, hidden: int, layers: int, out_dim: int):
+class _LabelInput(nn.Module):
+    """Conditional input: z (N, z_dim) and labels y (N,) -> [z, embed(y)] (N, 2 * z_dim); z alone when
+    unconditional."""
+
+    def __init__(self, z_dim: int, num_classes: int | None):
         super().__init__()
-        dims = [z_dim] + [hidden] * layers
+        self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
+        self.width = z_dim * (2 if num_classes else 1)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.embed is None:
+            return z
+        assert y is not None, "a conditional generator needs labels y"
+        return torch.cat([z, self.embed(y)], 1)
+
+
+class _Projection(nn.Module):
+    """Projection discriminator head (Miyato & Koyama 2018): score = head(h) + <embed(y), h>."""
+
+    def __init__(self, features: int, num_classes: int | None, sn):
+        super().__init__()
+        self.embed = sn(nn.Embedding(num_classes, features)) if num_classes else None
+
+    def forward(self, h: torch.Tensor, score: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.embed is None:
+            return score
+        assert y is not None, "a conditional discriminator needs labels y"
+        return score + (self.embed(y) * h).sum(1)
+
+
+class MLPGenerator(nn.Module):
+    def __init__(self, z_dim: int, hidden: int, layers: int, out_dim: int, num_classes: int | None = None):
+        super().__init__()
+        self.cond = _LabelInput(z_dim, num_classes)
+        dims = [self.cond.width] + [hidden] * layers
         blocks: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             blocks += [nn.Linear(a, b), nn.ReLU()]
         self.net = nn.Sequential(*blocks, nn.Linear(dims[-1], out_dim))
         self.z_dim = z_dim
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(self.cond(z, y))
 
 
 def _mlp_norm(kind: str, width: int) -> list[nn.Module]:
@@ -76,23 +115,26 @@ def _mlp_norm(kind: str, width: int) -> list[nn.Module]:
 class MLPDiscriminator(nn.Module):
     """Scores packs of `pack` points: input (B, D) with B divisible by pack -> (B // pack,)."""
 
-    def __init__(self, in_dim: int, hidden: int, layers: int, norm: str, act: str, pack: int = 1):
+    def __init__(
+        self, in_dim: int, hidden: int, layers: int, norm: str, act: str, pack: int = 1, num_classes: int | None = None
+    ):
         super().__init__()
         self.pack = pack
+        sn = spectral_norm if norm == "spectral" else (lambda m: m)
         dims = [in_dim * pack] + [hidden] * layers
         blocks: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            lin = nn.Linear(a, b)
-            blocks.append(spectral_norm(lin) if norm == "spectral" else lin)
+            blocks.append(sn(nn.Linear(a, b)))
             if i > 0:  # no normalisation right on the input
                 blocks += _mlp_norm(norm, b)
             blocks.append(ACTIVATIONS[act]())
-        last = nn.Linear(dims[-1], 1)
-        blocks.append(spectral_norm(last) if norm == "spectral" else last)
         self.net = nn.Sequential(*blocks)
+        self.head = sn(nn.Linear(dims[-1], 1))
+        self.project = _Projection(dims[-1], num_classes, sn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.reshape(x.shape[0] // self.pack, -1)).squeeze(1)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.net(x.reshape(x.shape[0] // self.pack, -1))
+        return self.project(h, self.head(h).squeeze(1), y)
 
 
 # ---- DCGAN (images) -------------------------------------------------------------------------
@@ -107,12 +149,13 @@ def _levels(shape: tuple[int, ...]) -> int:
 class DCGANGenerator(nn.Module):
     """z (N, z_dim) -> images (N, C, H, W) in [-1, 1]; drawn at 4 * 2**levels, centre-cropped."""
 
-    def __init__(self, z_dim: int, base: int, shape: tuple[int, int, int]):
+    def __init__(self, z_dim: int, base: int, shape: tuple[int, int, int], num_classes: int | None = None):
         super().__init__()
         self.z_dim, self.shape = z_dim, shape
+        self.cond = _LabelInput(z_dim, num_classes)
         n = _levels(shape)
         ch = [base * 2 ** (n - 1 - i) for i in range(n)] + [shape[0]]
-        self.fc = nn.Sequential(nn.Linear(z_dim, ch[0] * 16), nn.BatchNorm1d(ch[0] * 16), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(self.cond.width, ch[0] * 16), nn.BatchNorm1d(ch[0] * 16), nn.ReLU())
         blocks: list[nn.Module] = []
         for i in range(n):
             blocks.append(nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=i == n - 1))
@@ -120,8 +163,8 @@ class DCGANGenerator(nn.Module):
         self.net = nn.Sequential(*blocks)
         self.c0, self.side = ch[0], 4 * 2**n
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.net(self.fc(z).view(-1, self.c0, 4, 4))
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.net(self.fc(self.cond(z, y)).view(-1, self.c0, 4, 4))
         top, left = (self.side - self.shape[1]) // 2, (self.side - self.shape[2]) // 2
         return x[:, :, top : top + self.shape[1], left : left + self.shape[2]]
 
@@ -139,7 +182,9 @@ def _conv_norm(kind: str, ch: int) -> list[nn.Module]:
 class DCGANDiscriminator(nn.Module):
     """Images (B, C, H, W), B divisible by pack -> scores (B // pack,). Packs stack on channels."""
 
-    def __init__(self, shape: tuple[int, int, int], base: int, norm: str, act: str, pack: int = 1):
+    def __init__(
+        self, shape: tuple[int, int, int], base: int, norm: str, act: str, pack: int = 1, num_classes: int | None = None
+    ):
         super().__init__()
         self.pack, self.shape = pack, shape
         n = _levels(shape)
@@ -154,11 +199,13 @@ class DCGANDiscriminator(nn.Module):
             blocks.append(ACTIVATIONS[act]())
         self.net = nn.Sequential(*blocks)
         self.head = sn(nn.Linear(ch[-1] * 16, 1))
+        self.project = _Projection(ch[-1] * 16, num_classes, sn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c, h, w = self.shape
         x = x.reshape(x.shape[0] // self.pack, c * self.pack, h, w)
         if (h, w) != (self.side, self.side):
             top, left = (self.side - h) // 2, (self.side - w) // 2
             x = nn.functional.pad(x, (left, self.side - w - left, top, self.side - h - top), value=-1.0)
-        return self.head(self.net(x).flatten(1)).squeeze(1)
+        h = self.net(x).flatten(1)
+        return self.project(h, self.head(h).squeeze(1), y)

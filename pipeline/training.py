@@ -18,8 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline.config import Config
 from pipeline.augment import ada_adjust, augment, overfit_signal
+from pipeline.config import Config
 from pipeline.losses import LOSSES, gradient_penalty, r1_penalty
 from pipeline.models import build_discriminator, build_generator, generator_spec
 
@@ -44,11 +44,16 @@ class GAN:
     ada_acc: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum and count of r_t since the last adjust
 
 
-def build_gan(cfg: Config, sample_shape: list[int], device: torch.device | str = "cpu") -> GAN:
+def build_gan(
+    cfg: Config, sample_shape: list[int], device: torch.device | str = "cpu", num_classes: int | None = None
+) -> GAN:
+    """G, D, EMA and optimizers; `num_classes` is required when model.conditional is on."""
+    if cfg.model.conditional and not num_classes:
+        raise ValueError("model.conditional: needs labelled data (digits, mnist5k, or an npz with 'y')")
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    spec = generator_spec(cfg.model, sample_shape)
+    spec = generator_spec(cfg.model, sample_shape, num_classes)
     G = build_generator(spec).to(device)
-    D = build_discriminator(cfg.model, sample_shape).to(device)
+    D = build_discriminator(cfg.model, sample_shape, num_classes).to(device)
     t = cfg.train
     if t.channels_last and cfg.model.arch == "dcgan":
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
@@ -151,11 +156,26 @@ class Batches:
     z_dim: int
     seed: int
     shard: Shard = field(default_factory=Shard)
+    y: torch.Tensor | None = None  # labels of x, for conditional models
+    num_classes: int = 0
+
+    def _index(self, step: int, phase: int) -> torch.Tensor:
+        g = step_generator(self.seed, step, phase)
+        return self.shard.take(torch.randint(len(self.x), (self.batch_size,), generator=g))
 
     def reals(self, step: int, phase: int) -> torch.Tensor:
+        return self.x[self._index(step, phase)]
+
+    def real_labels(self, step: int, phase: int) -> torch.Tensor | None:
+        """The labels of `reals(step, phase)` (None when unlabelled)."""
+        return None if self.y is None else self.y[self._index(step, phase)]
+
+    def random_labels(self, step: int, phase: int) -> torch.Tensor | None:
+        """Labels uniform over the classes, for the generator step (None when unconditional)."""
+        if not self.num_classes:
+            return None
         g = step_generator(self.seed, step, phase)
-        idx = torch.randint(len(self.x), (self.batch_size,), generator=g)
-        return self.x[self.shard.take(idx)]
+        return self.shard.take(torch.randint(self.num_classes, (self.batch_size,), generator=g)).to(self.x.device)
 
     def latents(self, step: int, phase: int) -> torch.Tensor:
         g = step_generator(self.seed, step, phase)
@@ -171,22 +191,24 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
     loss = LOSSES[cfg.loss.name]
     base = 8 * k  # phases of the k-th critic step: 8k+0 reals, 8k+1 latents, 8k+2 interpolation
     real = batches.reals(step, base)
+    # conditional: fakes are drawn for the reals' labels, so the penalties see one label per pair
+    y = batches.real_labels(step, base) if batches.num_classes else None
     with autocast(cfg, real.device):
         with torch.no_grad():
-            fake = gan.G(batches.latents(step, base + 1))
+            fake = gan.G(batches.latents(step, base + 1), *_y(y))
         # ADA: reals and fakes alike see augmentations drawn with the same p
         real, fake = _ada(gan, cfg, batches, real, step, base + 3), _ada(gan, cfg, batches, fake, step, base + 4)
-        d_real, d_fake = gan.D(real).float(), gan.D(fake).float()
+        d_real, d_fake = gan.D(real, *_y(y)).float(), gan.D(fake, *_y(y)).float()
     total = loss.d(d_real, d_fake)
     stats = {"loss/D": total.detach()}
     if cfg.train.ada.enabled:
         stats["ada/r_t"] = overfit_signal(d_real)
     if cfg.loss.name == "wgan-gp":
-        gp = gradient_penalty(gan.D, real, fake, batches.uniform(step, base + 2))
+        gp = gradient_penalty(gan.D, real, fake, batches.uniform(step, base + 2), y)
         total = total + cfg.loss.gp_weight * gp
         stats["loss/gp"] = gp.detach()
     if cfg.loss.r1_gamma > 0:
-        r1 = r1_penalty(gan.D, real)
+        r1 = r1_penalty(gan.D, real, y)
         total = total + 0.5 * cfg.loss.r1_gamma * r1
         stats["loss/r1"] = r1.detach()
     prob = (lambda s: s.mean()) if loss.wasserstein else (lambda s: torch.sigmoid(s).mean())
@@ -195,11 +217,16 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
 
 
 def g_loss(gan: GAN, cfg: Config, batches: Batches, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    z = batches.latents(step, 63)
+    z, y = batches.latents(step, 63), batches.random_labels(step, 61)
     with autocast(cfg, z.device):
-        scores = gan.D(_ada(gan, cfg, batches, gan.G(z), step, 62)).float()
+        scores = gan.D(_ada(gan, cfg, batches, gan.G(z, *_y(y)), step, 62), *_y(y)).float()
     loss = LOSSES[cfg.loss.name].g(scores)
     return loss, {"loss/G": loss.detach()}
+
+
+def _y(y: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Extra positional model inputs: (y,) for conditional models, () otherwise."""
+    return () if y is None else (y,)
 
 
 def _ada(gan: GAN, cfg: Config, batches: Batches, x: torch.Tensor, step: int, phase: int) -> torch.Tensor:
@@ -338,13 +365,23 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
     return gan
 
 
-def sample(G: torch.nn.Module, n: int, z_dim: int, seed: int, batch: int = 1024) -> np.ndarray:
-    """n samples from G (eval mode) with latents drawn from N(0, I) under `seed`."""
+def sample(
+    G: torch.nn.Module, n: int, z_dim: int, seed: int, batch: int = 1024, num_classes: int | None = None
+) -> np.ndarray:
+    """n samples from G (eval mode) with latents drawn from N(0, I) under `seed`.
+
+    Conditional generators get balanced labels `arange(n) % num_classes` (see `sample_labels`).
+    """
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, z_dim, generator=g)
+    y = sample_labels(n, num_classes)
     was_training = G.training
     G.eval()
     with torch.no_grad():
-        out = torch.cat([G(z[i : i + batch]) for i in range(0, n, batch)])
+        out = torch.cat([G(z[i : i + batch], *_y(None if y is None else y[i : i + batch])) for i in range(0, n, batch)])
     G.train(was_training)
     return out.numpy()
+
+
+def sample_labels(n: int, num_classes: int | None) -> torch.Tensor | None:
+    return None if not num_classes else torch.arange(n) % num_classes

@@ -28,7 +28,7 @@ def evaluate(args) -> None:
     train_info = outputs.read_json(args.train_metrics, "run the train stage first")
     n = cfg.eval.n_samples
     # latents for evaluation are drawn apart from any training draw: seed + 1
-    samples = training.sample(G, n, spec["z_dim"], cfg.seed + 1)
+    samples = training.sample(G, n, spec["z_dim"], cfg.seed + 1, num_classes=spec.get("num_classes"))
     dataset = cfg.data.name
     with outputs.atomic_dir(args.plots) as tmp:
         history = outputs.read_csv(Path(args.models) / "history.csv")

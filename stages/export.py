@@ -29,7 +29,7 @@ def run_export(args) -> None:
     uri = common.tracking_uri(cfg)
     run_id = train_info["mlflow_run_id"]
     with outputs.atomic_dir(args.out) as tmp:
-        files, diffs = export.export_all(G, spec["z_dim"], list(cfg.export.formats), tmp)
+        files, diffs = export.export_all(G, spec["z_dim"], list(cfg.export.formats), tmp, spec.get("num_classes"))
         model_uri = None
         if "onnx" in files:
             model_uri = tracking.log_onnx_model(uri, run_id, files["onnx"], cfg.export.model_name)

@@ -24,6 +24,8 @@ def train(args) -> None:
     cfg = common.config(args)
     prepared = data.load_prepared(args.data)
     data_hash = prepared.manifest["content_hash"]
+    if cfg.model.conditional and prepared.y_train is None:
+        raise ValueError("model.conditional: the prepared data has no labels (an npz needs a 'y' array)")
     # same params + same data -> same Ray run name and MLflow run: a rerun resumes, never restarts
     key = f"{cfg.fingerprint('seed', 'model', 'loss', 'train')}-{data_hash[:12]}"
     name = f"ganpipe-{cfg.data.name}-{key}"
@@ -44,7 +46,9 @@ def train(args) -> None:
 
     t0 = time.perf_counter()
     try:
-        state, result_path = distributed.fit(cfg, prepared.x_train, uri, run_id, name)
+        state, result_path = distributed.fit(
+            cfg, prepared.x_train, uri, run_id, name, prepared.y_train, prepared.manifest["classes"]
+        )
     except BaseException as e:
         tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise RuntimeError(f"training failed: {e}") from None
@@ -59,7 +63,9 @@ def train(args) -> None:
 
         torch.save({"state_dict": state["D"]}, tmp / "discriminator.pt")
         outputs.write_csv(tmp / "history.csv", state["history"])
-        samples = training.sample(G, 1000 if not prepared.is_image else 64, state["spec"]["z_dim"], cfg.seed)
+        spec = state["spec"]
+        n = 64 if prepared.is_image else 1000
+        samples = training.sample(G, n, spec["z_dim"], cfg.seed, num_classes=spec.get("num_classes"))
         _sample_plot(samples, prepared, cfg.data.name, tmp / "samples.png")
     final = state["history"][-1] if state["history"] else {}
     summary = {

@@ -60,7 +60,7 @@ BAD = [
         id="batchnorm-wgan-gp",
     ),
     pytest.param({"model": {"arch": "mlp", "d_norm": "instance"}}, "model.d_norm:", ["instance"], id="instance-mlp"),
-    pytest.param({"model": {"conditional": True}}, "model.conditional:", ["not implemented"], id="conditional"),
+    pytest.param({"model": {"conditional": True}}, "model.conditional:", ["has no class labels"], id="conditional"),
     pytest.param({"train": {"ada": {"target": 1.5}}}, "train.ada.target:", ["must be < 1"], id="ada"),
     pytest.param({"data": {"val_fraction": 1.0}}, "data.val_fraction:", ["must be <", "1.0"], id="val_fraction-1"),
     pytest.param({"model": {"pack": 3}}, "model.pack:", ["divisible", "3"], id="pack-not-dividing"),

@@ -33,7 +33,14 @@ def _seed():
 def test_mlp_generator_shape(z_dim, out_dim, layers):
     m = ModelConfig(arch="mlp", z_dim=z_dim, hidden=16, layers=layers)
     spec = generator_spec(m, [out_dim])
-    assert spec == {"arch": "mlp", "z_dim": z_dim, "hidden": 16, "layers": layers, "sample_shape": [out_dim]}
+    assert spec == {
+        "arch": "mlp",
+        "z_dim": z_dim,
+        "hidden": 16,
+        "layers": layers,
+        "sample_shape": [out_dim],
+        "num_classes": None,
+    }
     G = build_generator(spec)
     x = G(torch.randn(7, z_dim))
     assert x.shape == (7, out_dim)
