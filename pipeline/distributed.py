@@ -152,22 +152,36 @@ def _worker_error(e: Exception) -> str:
 # ---- inside a worker ------------------------------------------------------------------------
 
 
-def _allreduce_mean(world: int):
+def _mean_in_place(tensors: list[torch.Tensor], world: int) -> None:
+    """Replace each tensor by its mean over the workers: one all-reduce for the lot."""
     import torch.distributed as dist
 
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _allreduce_mean(world: int):
     def sync(module: torch.nn.Module) -> None:
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        _mean_in_place([p.grad for p in module.parameters() if p.grad is not None], world)
 
     return sync
+
+
+def _average_buffers(module: torch.nn.Module | None, world: int) -> None:
+    """Average floating-point buffers (batch-norm running mean/var) across workers.
+
+    On CPU (gloo) batch norm normalises with each worker's own slice of the batch (torch's
+    SyncBatchNorm needs GPUs); its running statistics are averaged here so that workers agree.
+    """
+    if module is not None:
+        _mean_in_place([b for b in module.buffers() if b.is_floating_point()], world)
 
 
 def _reduce_stats(world: int):
@@ -211,6 +225,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     num_classes = num_classes if cfg.model.conditional else None
 
     gan = training.build_gan(cfg, list(x.shape[1:]), device, num_classes)
+    if world > 1 and device.type == "cuda":  # batch statistics over the global batch (NCCL)
+        gan.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.G)  # keeps the same parameter objects
+        gan.D = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.D)
     restarts = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -243,6 +260,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             progress.show(step, stats)
 
     def on_checkpoint(g: training.GAN, final: bool) -> None:
+        if world > 1:  # every worker holds (and rank 0 saves) the same batch-norm running statistics
+            for module in (g.G, g.D, g.G_ema):
+                _average_buffers(module, world)
         report = {"step": g.step}
         if metrics is not None:
             metrics.flush(wait=final)
