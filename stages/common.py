@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from typing import Callable
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, load_config
 
-
-logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter in the terminal
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter in the terminal
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
