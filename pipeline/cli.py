@@ -14,13 +14,14 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, build_config, deep_merge, load_config, read_yaml
+from pipeline.config import ConfigError, build_config, deep_merge, flatten, load_config, read_yaml, unflatten
 
 STAGES = {
     "prepare": "load the dataset, split it, write data/prepared",
     "train": "train the GAN on Ray Train, track in MLflow, write models/",
     "evaluate": "score the generator, write metrics/eval.json and plots/",
     "export": "write TorchScript + ONNX generator and the model card",
+    "tune": "hyperparameter search on Ray Tune, write tune/best_params.yaml and tune/trials.csv",
 }
 PRESETS_DIR = "presets"
 
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("name")
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--presets-dir", default=PRESETS_DIR)
+    ab = sub.add_parser("apply-best", help="merge the best trial's searched values into params.yaml")
+    ab.add_argument("--best", default="tune/best_params.yaml")
+    ab.add_argument("--params", default="params.yaml")
     ls = sub.add_parser("presets", help="list the presets")
     ls.add_argument("--presets-dir", default=PRESETS_DIR)
     args = p.parse_args(argv)
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(load_config(args.params).to_dict(), indent=2))
         elif args.command == "preset":
             apply_preset(args.name, args.params, args.presets_dir)
+        elif args.command == "apply-best":
+            apply_best(args.best, args.params)
         elif args.command == "presets":
             for f in sorted(Path(args.presets_dir).glob("*.yaml")):
                 first = f.read_text().splitlines()[0].lstrip("# ") if f.stat().st_size else ""
@@ -66,7 +72,22 @@ def apply_preset(name: str, params_path: str, presets_dir: str = PRESETS_DIR) ->
     if not preset.is_file():
         known = ", ".join(sorted(f.stem for f in Path(presets_dir).glob("*.yaml"))) or "none"
         raise ConfigError(f"preset {name!r}: not found in {presets_dir}/ (known: {known})")
-    update = read_yaml(preset)
+    merge_into_params(params_path, read_yaml(preset))
+    print(f"applied preset {name} to {params_path}; `git diff {params_path}` shows the change, `dvc repro` runs it")
+
+
+def apply_best(best_path: str, params_path: str) -> None:
+    """Merge the searched keys' best values (only those) into params.yaml."""
+    best = read_yaml(best_path)
+    keys = list((best.get("tune") or {}).get("search_space") or {})
+    values = {k: v for k, v in flatten(best).items() if k in keys}
+    merge_into_params(params_path, unflatten(values))
+    shown = ", ".join(f"{k}={v}" for k, v in values.items())
+    print(f"applied {shown} to {params_path}; `dvc repro` trains with them")
+
+
+def merge_into_params(params_path: str, update: dict) -> None:
+    """Deep-merge `update` into the params file, keeping its comments; refuse an invalid result."""
     build_config(deep_merge(read_yaml(params_path), update))  # validate before touching the file
     from ruamel.yaml import YAML  # ships with DVC; round-trips comments
 
@@ -75,7 +96,6 @@ def apply_preset(name: str, params_path: str, presets_dir: str = PRESETS_DIR) ->
     _merge_into(doc, update)
     with open(params_path, "w") as f:
         yaml.dump(doc, f)
-    print(f"applied preset {name} to {params_path}; `git diff {params_path}` shows the change, `dvc repro` runs it")
 
 
 def _merge_into(doc, update: dict) -> None:

@@ -27,6 +27,7 @@ TRAIN_METRICS = "metrics/train.json"
 EVAL_METRICS = "metrics/eval.json"
 PLOTS = "plots"
 EXPORT = "export"
+TUNE = "tune"
 
 
 @contextlib.contextmanager
@@ -45,10 +46,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_csv_atomic(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_csv(tmp, rows)
     os.replace(tmp, path)
 
 

@@ -59,3 +59,24 @@ def curves(history: list[dict[str, float]], keys: list[str], path: Path) -> None
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def scatter_metric(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
+    """One panel per numeric hyperparameter: the trials' final `metric` against its value."""
+    plt = _plt()
+    numeric = [k for k in keys if all(isinstance(r.get(k), (int, float)) for r in rows)] or keys[:1]
+    fig, axes = plt.subplots(1, len(numeric), figsize=(4 * len(numeric), 3.2), dpi=100, squeeze=False)
+    colours = {"finished": "tab:blue", "stopped_early": "tab:orange", "failed": "tab:red"}
+    for ax, k in zip(axes[0], numeric):
+        for status, c in colours.items():
+            pts = [(r[k], r[metric]) for r in rows if r["status"] == status and isinstance(r.get(metric), (int, float))]
+            if pts and all(isinstance(p[0], (int, float)) for p in pts):
+                ax.scatter(*zip(*pts), c=c, s=18, label=status)
+        if all(isinstance(r.get(k), (int, float)) and r[k] > 0 for r in rows) and k.split(".")[-1].startswith("lr"):
+            ax.set_xscale("log")
+        ax.set_xlabel(k)
+        ax.set_ylabel(metric)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -179,3 +179,29 @@ def log_onnx_model(uri: str, run_id: str, onnx_path: str | Path, registered_name
             pip_requirements=["onnx", "onnxruntime"],  # skip MLflow's slow requirement inference
         )
     return f"models:/{registered_name}/{info.registered_model_version}"
+
+
+def nested_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str, name: str, params: dict) -> str:
+    """The MLflow run of one sweep trial, nested under the sweep's run; created (with its sampled
+    params) on the trial's first start, found again after a restore or a PBT exploit."""
+    client = _client(uri)
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`ganpipe.trial_id` = '{trial_id}'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id, "ganpipe.trial_id": trial_id}
+    )
+    log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """trial id -> run id for the nested runs of a sweep."""
+    client = _client(uri)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              max_results=10_000)
+    return {r.data.tags.get("ganpipe.trial_id", r.info.run_id): r.info.run_id for r in runs}

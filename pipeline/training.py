@@ -287,7 +287,7 @@ def g_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -
     total, stats = g_loss(gan, cfg, batches, step)
     _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g)
     if gan.G_ema is not None:
-        _update_ema(gan.G_ema, gan.G, cfg.train.ema)
+        _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
     return stats
 
 
@@ -305,8 +305,14 @@ def simultaneous_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: 
     _apply(gan.opt_g, gan.G, sync)
     _clip(gan, cfg)
     if gan.G_ema is not None:
-        _update_ema(gan.G_ema, gan.G, cfg.train.ema)
+        _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
     return {**stats, **g_stats}
+
+
+def ema_decay(decay: float, step: int) -> float:
+    """EMA decay with a warm-up: min(decay, (1 + step) / (10 + step)), so the average forgets the random
+    initial weights within the first steps instead of over ~1 / (1 - decay) steps."""
+    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 @torch.no_grad()

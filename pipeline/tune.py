@@ -1,0 +1,294 @@
+"""Hyperparameter search on Ray Tune, tracked as one MLflow sweep (a parent run, a nested run per trial).
+
+The search space (`tune.search_space`) maps dotted params keys to one distribution each:
+
+    tune:
+      search_space:
+        train.lr_g: {loguniform: [0.0001, 0.01]}
+        train.lr_d: {uniform: [0.0001, 0.002]}
+        model.hidden: {choice: [64, 128, 256]}
+        train.n_critic: {randint: [1, 5]}      # low inclusive, high exclusive
+        loss.name: {grid: [nonsaturating, hinge]}   # every value, times num_samples
+
+It is checked before anything starts: every key must be a params key, every range non-empty, and
+every value it can produce must give a valid config. Trials run the training loop directly in the
+trial (single-worker: the cheap path), report the 2D metrics at every checkpoint tick, and save a
+checkpoint there; ASHA stops poor trials early, PBT copies a donor's checkpoint and mutates the
+continuous keys (the optimizers take the new learning rates after the restore).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
+CONTINUOUS = ("uniform", "loguniform")
+STATE_FILE = "state.pt"
+TRIAL_TAG = "ganpipe.trial_id"
+STATUS_TAG = "ganpipe.trial_status"
+
+
+# ---- the search space: parsed and validated, pure ---------------------------------------------
+
+
+def parse_space(space: dict[str, Any], base_raw: dict[str, Any]) -> dict[str, tuple[str, list]]:
+    """{key: (distribution, args)}; raises ConfigError naming every bad key at once."""
+    if not space:
+        raise ConfigError("tune.search_space: empty; give at least one key, e.g. train.lr_g: {loguniform: [1e-4, 1e-2]}")
+    known = flatten(build_config(base_raw).to_dict())
+    parsed, errors = {}, []
+    for key, spec in space.items():
+        where = f"tune.search_space.{key}"
+        if key not in known:
+            errors.append(f"{where}: unknown params key")
+            continue
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+            errors.append(f"{where}: must be one of {{{' | '.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
+            continue
+        dist, args = next(iter(spec.items()))
+        problem = _check_args(dist, args)
+        if problem is None:
+            problem = _check_values(key, _extremes(dist, args), base_raw)
+        if problem:
+            errors.append(f"{where}: {problem}")
+        else:
+            parsed[key] = (dist, list(args))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return parsed
+
+
+def _check_args(dist: str, args: Any) -> str | None:
+    if not isinstance(args, list) or not args:
+        return f"{dist} needs a non-empty list, got {args!r}"
+    if dist in ("choice", "grid"):
+        return None
+    if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        return f"{dist} needs [low, high] numbers, got {args!r}"
+    low, high = args
+    if not low < high:
+        return f"{dist} range is empty: low {low} must be < high {high}"
+    if dist == "loguniform" and low <= 0:
+        return f"loguniform needs low > 0, got {low}"
+    if dist == "randint" and not all(isinstance(a, int) for a in args):
+        return f"randint needs integers, got {args!r}"
+    return None
+
+
+def _extremes(dist: str, args: list) -> list:
+    if dist in ("choice", "grid"):
+        return list(args)
+    if dist == "randint":
+        return [args[0], args[1] - 1]
+    return [float(args[0]), float(args[1])]
+
+
+def _check_values(key: str, values: list, base_raw: dict[str, Any]) -> str | None:
+    for v in values:
+        try:
+            build_config(deep_merge(base_raw, unflatten({key: v})))
+        except ConfigError as e:
+            return f"value {v!r} gives an invalid config ({str(e).splitlines()[0]})"
+    return None
+
+
+def ray_space(parsed: dict[str, tuple[str, list]]) -> dict[str, Any]:
+    from ray import tune
+
+    make = {
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+        "choice": lambda a: tune.choice(a),
+        "grid": lambda a: tune.grid_search(a),
+    }
+    return {key: make[dist](args) for key, (dist, args) in parsed.items()}
+
+
+# ---- one trial --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """What every trial needs (plain data, shipped once through Ray's object store)."""
+
+    base_raw: dict[str, Any]
+    keys: list[str]
+    x_train: np.ndarray
+    x_val: np.ndarray
+    dataset: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def trial_metrics(G: torch.nn.Module, cfg: Config, x_val: np.ndarray, dataset: str, n: int = 1000) -> dict[str, float]:
+    """The cheap in-training evaluation reported to Tune: 2D mode metrics and W1 on n samples."""
+    from pipeline import metrics2d, training
+
+    samples = training.sample(G, n, cfg.model.z_dim, cfg.seed + 1)
+    out = {"w1": metrics2d.w1(samples, x_val[:n])}
+    if dataset in ("ring", "grid"):
+        out.update(metrics2d.mode_metrics(samples, dataset))
+    return out
+
+
+def run_trial(config: dict[str, Any], job: SweepJob) -> None:
+    """The Tune trainable: build, restore (own or PBT donor's checkpoint), train, report per tick."""
+    from ray import tune
+
+    from pipeline import training, tracking
+
+    torch.set_num_threads(1)
+    overrides = {k: config[k] for k in job.keys}
+    cfg = build_config(deep_merge(job.base_raw, unflatten(overrides)))
+    x = torch.tensor(job.x_train)  # a copy: arrays from the object store are read-only
+    gan = training.build_gan(cfg, list(x.shape[1:]))
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            training.load_gan_state(gan, torch.load(Path(d) / STATE_FILE, weights_only=False), cfg)
+    trial_id = tune.get_context().get_trial_id()
+    run_id = tracking.nested_run(job.tracking_uri, job.experiment_id, job.parent_run_id, trial_id,
+                                 tune.get_context().get_trial_name(), overrides)
+    hp = {f"hp/{k}": float(v) for k, v in overrides.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    last: dict[str, float] = {}
+
+    def on_log(step: int, stats: dict[str, float]) -> None:
+        last.update(stats)
+
+    def on_checkpoint(g: training.GAN, final: bool) -> None:
+        G = g.G_ema if g.G_ema is not None else g.G
+        metrics = {"step": g.step, **{k: v for k, v in last.items() if k.startswith("loss/")}}
+        # the learning rates the optimizers really use (after a PBT exploit: the mutated ones)
+        metrics["opt/lr_g"], metrics["opt/lr_d"] = g.opt_g.param_groups[0]["lr"], g.opt_d.param_groups[0]["lr"]
+        metrics.update(trial_metrics(G, cfg, job.x_val, job.dataset))
+        tracking.log_summary_metrics(job.tracking_uri, run_id, {**metrics, **hp}, g.step)
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(training.gan_state(g), Path(d) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed)
+    training.train(gan, cfg, batches, training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint))
+
+
+# ---- the sweep --------------------------------------------------------------------------------
+
+
+def scheduler(cfg: Config, parsed: dict[str, tuple[str, list]]):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    t = cfg.train
+    if cfg.tune.scheduler == "asha":
+        grace = max(t.checkpoint_every, t.steps // 4)
+        return ASHAScheduler(time_attr="step", max_t=t.steps, grace_period=grace, reduction_factor=2)
+    if cfg.tune.scheduler == "pbt":
+        from ray import tune
+
+        mutations = {k: (tune.loguniform if d == "loguniform" else tune.uniform)(*a) for k, (d, a) in parsed.items()
+                     if d in CONTINUOUS}
+        if not mutations:
+            raise ConfigError("tune.scheduler: pbt needs at least one uniform or loguniform key to mutate")
+        return PopulationBasedTraining(time_attr="step", perturbation_interval=t.checkpoint_every,
+                                       hyperparam_mutations=mutations, seed=cfg.seed)
+    return FIFOScheduler()
+
+
+def search_alg(cfg: Config, parsed: dict[str, tuple[str, list]]):
+    if cfg.tune.search_alg == "random":
+        return None  # Tune's default: random sampling (and every grid value)
+    if any(d == "grid" for d, _ in parsed.values()):
+        raise ConfigError("tune.search_alg: optuna does not take grid keys; use choice instead of grid")
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=cfg.seed)
+
+
+def trial_status(result, steps: int) -> tuple[str, str | None]:
+    """(finished | stopped_early | failed, error) for a Tune result."""
+    if result.error is not None:
+        err = result.error
+        cause = getattr(err, "cause", None) or err
+        return "failed", f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}"
+    reached = (result.metrics or {}).get("step", 0)
+    return ("finished" if reached >= steps else "stopped_early"), None
+
+
+def check_tunable(cfg: Config) -> None:
+    if cfg.train.num_workers != 1:
+        raise ConfigError(
+            "train.num_workers: tune runs single-worker trials (the training loop inside the trial); "
+            f"multi-worker trials are not supported yet, got {cfg.train.num_workers}"
+        )
+    if cfg.tune.metric not in ("w1", "modes", "hq_fraction", "reverse_kl", "loss/D", "loss/G"):
+        raise ConfigError(
+            f"tune.metric: must be one the trials report (w1, modes, hq_fraction, reverse_kl, loss/D, loss/G), "
+            f"got {cfg.tune.metric!r}"
+        )
+
+
+def sweep_name(cfg: Config, data_hash: str) -> str:
+    return f"ganpipe-tune-{cfg.data.name}-{cfg.fingerprint('seed', 'model', 'loss', 'train', 'tune')}-{data_hash[:12]}"
+
+
+def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: str):
+    """Fit the sweep (or resume it, finishing only what was left); returns Tune's ResultGrid."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": 1})
+    path = os.path.join(storage_path, name)
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"[tune] resuming the sweep at {path}: finished trials are kept", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=ray_space(parsed),
+            tune_config=tune.TuneConfig(
+                metric=cfg.tune.metric,
+                mode=cfg.tune.mode,
+                scheduler=scheduler(cfg, parsed),
+                search_alg=search_alg(cfg, parsed),
+                num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=cfg.tune.max_concurrent,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs, verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        )
+    return tuner.fit()
+
+
+def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:
+    """One row per trial: id, status, sampled values, final metrics, error."""
+    rows = []
+    for r in results:
+        status, error = trial_status(r, cfg.train.steps)
+        m = r.metrics or {}
+        row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": status}
+        row.update({k: r.config.get(k) for k in keys})
+        row.update({k: m.get(k) for k in ("step", "w1", "modes", "hq_fraction", "reverse_kl", "loss/D", "loss/G")})
+        row["error"] = error
+        rows.append(row)
+    return rows
+
+
+def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The best trial by its last reported `metric`: among finished trials if any, else stopped ones."""
+    scored = [r for r in rows if r["status"] != "failed" and isinstance(r.get(metric), (int, float))
+              and math.isfinite(r[metric])]
+    finished = [r for r in scored if r["status"] == "finished"]
+    scored = finished or scored
+    if not scored:
+        return None
+    return (min if mode == "min" else max)(scored, key=lambda r: r[metric])

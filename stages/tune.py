@@ -1,0 +1,93 @@
+"""tune: a hyperparameter search on Ray Tune over `tune.search_space`, one MLflow sweep; writes the
+trials table and the full params with the best trial's values merged in."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline import data, distributed, outputs, tracking, tune
+from pipeline.config import deep_merge, read_yaml, unflatten
+from stages import common
+
+STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("ganpipe tune", __doc__)
+    p.add_argument("--data", default=outputs.PREPARED, help="prepared data folder (default: %(default)s)")
+    p.add_argument("--out", default=outputs.TUNE, help="output folder (default: %(default)s)")
+    args = p.parse_args(argv)
+    return common.run(lambda: run(args))
+
+
+def run(args) -> None:
+    cfg = common.config(args)
+    raw = read_yaml(args.params)
+    tune.check_tunable(cfg)
+    parsed = tune.parse_space(cfg.tune.search_space, raw)  # refuses a bad space before anything starts
+    prepared = data.load_prepared(args.data)
+    uri = common.tracking_uri(cfg)
+    name = tune.sweep_name(cfg, prepared.manifest["content_hash"])
+    storage_path, fs = distributed.storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
+    sweep_key = hashlib.sha256(distributed.run_address(cfg.storage.root, name).encode()).hexdigest()[:16]
+    parent, resumed = tracking.start_or_resume_run(uri, cfg.tracking.experiment, sweep_key, name,
+                                                   {"ganpipe.kind": "sweep"})
+    tracking.log_params(uri, parent, {**cfg.flat(), "data.content_hash": prepared.manifest["content_hash"]})
+    exp_id = tracking.experiment_id(uri, cfg.tracking.experiment)
+    print(f"[tune] sweep {name}: {cfg.tune.num_samples} sample(s) over {', '.join(parsed)}; "
+          f"scheduler {cfg.tune.scheduler}, search {cfg.tune.search_alg}; MLflow run {parent}"
+          f"{' (resumed)' if resumed else ''}")
+    print(f"[tune] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}")
+
+    job = tune.SweepJob(raw, list(parsed), prepared.x_train, prepared.x_val, cfg.data.name, uri, exp_id, parent)
+    try:
+        results = tune.run_sweep(cfg, parsed, job, storage_path, fs, name)
+    except BaseException as e:
+        tracking.end_run(uri, parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise RuntimeError(f"sweep failed: {e}") from None
+
+    rows = tune.summarise(results, list(parsed), cfg)
+    runs = tracking.child_runs(uri, exp_id, parent)
+    for row in rows:
+        row["mlflow_run_id"] = runs.get(row["trial_id"])
+        if row["mlflow_run_id"]:
+            tags = {tune.STATUS_TAG: row["status"], **({"ganpipe.trial_error": row["error"]} if row["error"] else {})}
+            tracking.set_tags(uri, row["mlflow_run_id"], tags)
+            tracking.end_run(uri, row["mlflow_run_id"], STATUS[row["status"]])
+    best = tune.best_row(rows, cfg.tune.metric, cfg.tune.mode)
+    if best is None:
+        tracking.end_run(uri, parent, "FAILED")
+        raise RuntimeError(f"no trial reported a finite {cfg.tune.metric}; see the MLflow sweep run {parent}")
+
+    out = Path(args.out)
+    best_raw = deep_merge(raw, unflatten({k: best[k] for k in parsed}))
+    best_yaml = yaml.safe_dump(best_raw, sort_keys=False)
+    outputs.write_text(out / "best_params.yaml", "# the full params with the best trial's values merged in; "
+                       "apply with `ganpipe apply-best`\n" + best_yaml)
+    outputs.write_csv_atomic(out / "trials.csv", rows)
+    _plot(rows, list(parsed), cfg.tune.metric, out / "results.png")
+    tracking.log_summary_metrics(uri, parent, {f"best/{cfg.tune.metric}": best[cfg.tune.metric]})
+    tracking.set_tags(uri, parent, {"ganpipe.best_trial": best["trial_id"]})
+    tracking.log_artifacts(uri, parent, [out / "best_params.yaml", out / "trials.csv", out / "results.png"], "tune")
+    tracking.end_run(uri, parent)
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUS}
+    print(f"[tune] {len(rows)} trials: {counts['finished']} finished, {counts['stopped_early']} stopped early, "
+          f"{counts['failed']} failed")
+    print(f"[tune] best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4g} with "
+          + ", ".join(f"{k}={best[k]}" for k in parsed))
+    print(f"[tune] wrote {out}/best_params.yaml, {out}/trials.csv, {out}/results.png; "
+          "`ganpipe apply-best` puts the best values into params.yaml")
+
+
+def _plot(rows, keys, metric, path) -> None:
+    from pipeline.plots import scatter_metric
+
+    scatter_metric(rows, keys, metric, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
