@@ -36,6 +36,7 @@ CONTINUOUS = ("uniform", "loguniform")
 STATE_FILE = "state.pt"
 TRIAL_TAG = "ganpipe.trial_id"
 STATUS_TAG = "ganpipe.trial_status"
+REPORTED = ("step", "w1", "modes", "hq_fraction", "reverse_kl", "loss/D", "loss/G", "opt/lr_g", "opt/lr_d")
 
 
 # ---- the search space: parsed and validated, pure ---------------------------------------------
@@ -200,7 +201,7 @@ def scheduler(cfg: Config, parsed: dict[str, tuple[str, list]]):
         if not mutations:
             raise ConfigError("tune.scheduler: pbt needs at least one uniform or loguniform key to mutate")
         return PopulationBasedTraining(time_attr="step", perturbation_interval=t.checkpoint_every,
-                                       hyperparam_mutations=mutations, seed=cfg.seed)
+                                       hyperparam_mutations=mutations)
     return FIFOScheduler()
 
 
@@ -277,7 +278,7 @@ def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:
         m = r.metrics or {}
         row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": status}
         row.update({k: r.config.get(k) for k in keys})
-        row.update({k: m.get(k) for k in ("step", "w1", "modes", "hq_fraction", "reverse_kl", "loss/D", "loss/G")})
+        row.update({k: m.get(k) for k in REPORTED})
         row["error"] = error
         rows.append(row)
     return rows

@@ -1,0 +1,656 @@
+"""A local "team stack" on loopback: moto's S3 server + an MLflow tracking server (artifacts on that S3).
+
+For trying team mode on one machine and for tests. Everything listens on 127.0.0.1 only; the S3
+credentials are the local stack's own fake ones. Each server runs in its own session (process group),
+logs to a file in the work directory, and is stopped by signalling only that group.
+
+    with start_stack(Path("stack")) as stack:      # or: ganpipe stack [--dir D] [--postgres] [--auth]
+        os.environ.update(stack.env())
+        ...
+
+`start_postgres(workdir)` starts a throwaway PostgreSQL 15 cluster to back the MLflow server, as a
+team would run it; MLflow then needs a PostgreSQL driver (psycopg2 or psycopg) in this environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import importlib.util
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+DEFAULT_BUCKET = "ganpipe"
+ADMIN_USERNAME = "admin"
+# The local stack's own fake S3 credentials (moto accepts any).
+LOCAL_AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Inherited settings that could point a child at another server, store or account.
+_STRIP_PREFIXES = ("MLFLOW_", "AWS_")
+
+
+class StackError(RuntimeError):
+    """A process of the local stack died or did not come up."""
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    # the state follows the command name, which is in parentheses and may contain spaces
+    return stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids whose process group is `pgid`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        # fields: state ppid pgrp ...
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            out.append(int(d.name))
+    return out
+
+
+@dataclass
+class ManagedProcess:
+    """A server started in its own session; `pid` is also its process group id."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def pids(self) -> list[int]:
+        """The leader and every live process still in its group."""
+        members = set(group_members(self.pid))
+        if self.running():
+            members.add(self.pid)
+        return sorted(members)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def _signal_group(self, sig: int) -> None:
+        pgid = self.pid
+        # Signal the group only while it is provably ours: the leader is not reaped yet (its pid
+        # cannot be reused), or processes still carry that group id (Linux does not hand out a pid
+        # that is in use as a process group id).
+        if pgid <= 1:
+            return
+        if self.running() or group_members(pgid):
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _wait_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.popen.poll() is not None and not group_members(self.pid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM to the group, SIGKILL after `timeout`; returns when the whole group is gone."""
+        self._signal_group(signal.SIGTERM)
+        if not self._wait_gone(timeout):
+            self._signal_group(signal.SIGKILL)
+            self._wait_gone(10.0)
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_STRIP_PREFIXES)}
+    env.update(extra)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _spawn(name: str, cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> ManagedProcess:
+    with open(log, "ab") as fh:
+        p = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return ManagedProcess(name, p, log)
+
+
+def _wait_until(proc: ManagedProcess, ready: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if not proc.running():
+            raise StackError(
+                f"{proc.name} (pid {proc.pid}) exited with code {proc.popen.returncode} before it answered; "
+                f"see its log {proc.log}:\n{proc.log_tail()}"
+            )
+        try:
+            if ready():
+                return
+        except Exception as e:  # noqa: BLE001 - not ready yet
+            last = e
+        time.sleep(0.2)
+    raise StackError(
+        f"{proc.name} (pid {proc.pid}) did not answer within {timeout:.0f}s (last error: {last!r}); "
+        f"see its log {proc.log}:\n{proc.log_tail()}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the stack
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    host: str
+    s3_endpoint_url: str
+    tracking_uri: str
+    bucket: str
+    artifacts_destination: str
+    backend_store_uri: str
+    auth: bool = False
+    admin_username: str | None = None
+    admin_password: str | None = field(default=None, repr=False)
+    processes: list[ManagedProcess] = field(default_factory=list, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def storage_root(self) -> str:
+        """Where Ray checkpoints go (params `storage.root`)."""
+        return f"s3://{self.bucket}/ray"
+
+    def env(self) -> dict[str, str]:
+        """The environment variables a user of this stack exports."""
+        e = {
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint_url,
+            **LOCAL_AWS,
+        }
+        if self.auth:
+            e["MLFLOW_TRACKING_USERNAME"] = self.admin_username or ADMIN_USERNAME
+            e["MLFLOW_TRACKING_PASSWORD"] = self.admin_password or ""
+        return e
+
+    def params(self) -> dict[str, dict[str, str]]:
+        """The params.yaml settings that send Ray checkpoints to this stack's S3."""
+        return {"storage": {"root": self.storage_root, "s3_endpoint_url": self.s3_endpoint_url}}
+
+    def s3_client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint_url,
+            aws_access_key_id=LOCAL_AWS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=LOCAL_AWS["AWS_SECRET_ACCESS_KEY"],
+            region_name=LOCAL_AWS["AWS_DEFAULT_REGION"],
+        )
+
+    def pids(self) -> list[int]:
+        """Every live process of the stack (server leaders and their children)."""
+        return sorted({pid for p in self.processes for pid in p.pids()})
+
+    def check(self) -> None:
+        """Raise StackError if a server of the stack has exited."""
+        if self._stopped:
+            return
+        for p in self.processes:
+            if not p.running():
+                raise StackError(
+                    f"{p.name} (pid {p.pid}) exited with code {p.popen.returncode}; see its log {p.log}:\n"
+                    f"{p.log_tail()}"
+                )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the stack's own process groups (MLflow first, then S3). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for p in reversed(self.processes):
+            p.stop(timeout)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _s3_ready(endpoint: str) -> Callable[[], bool]:
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=LOCAL_AWS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=LOCAL_AWS["AWS_SECRET_ACCESS_KEY"],
+        region_name=LOCAL_AWS["AWS_DEFAULT_REGION"],
+        config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}),
+    )
+    return lambda: isinstance(client.list_buckets().get("Buckets"), list)
+
+
+def _http_ok(url: str) -> Callable[[], bool]:
+    def ready() -> bool:
+        with urllib.request.urlopen(url, timeout=3) as r:  # noqa: S310 - loopback URL we built
+            return r.status == 200
+
+    return ready
+
+
+def _write_auth_config(workdir: Path) -> tuple[Path, str]:
+    """workdir/basic_auth.ini with a sqlite auth store in workdir and a generated admin password.
+
+    MLflow creates the admin from `admin_password` only when the auth store has no admin yet, so a
+    password already written for this workdir is kept (a second start on the same dir still works).
+    """
+    ini = workdir / "basic_auth.ini"
+    password = None
+    if ini.exists() and (workdir / "basic_auth.db").exists():
+        cp = configparser.ConfigParser()
+        cp.read(ini)
+        password = cp.get("mlflow", "admin_password", fallback=None)
+    password = password or secrets.token_urlsafe(18)  # MLflow wants >= 12 characters
+    text = (
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{(workdir / 'basic_auth.db').resolve()}\n"
+        f"admin_username = {ADMIN_USERNAME}\n"
+        f"admin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(ini, 0o600)
+    return ini, password
+
+
+def start_stack(
+    workdir: Path,
+    *,
+    postgres_uri: str | None = None,
+    auth: bool = False,
+    host: str = "127.0.0.1",
+    bucket: str = DEFAULT_BUCKET,
+    workers: int = 1,
+    timeout: float = 120.0,
+) -> Stack:
+    """Start moto's S3 server and an MLflow server (artifacts proxied to s3://<bucket>/mlflow) on `host`.
+
+    The MLflow backend store is `postgres_uri` if given, else sqlite in workdir/mlflow.db. With
+    `auth`, MLflow runs with `--app-name basic-auth`; its admin (see Stack.env()) gets a generated
+    password written to workdir/basic_auth.ini (mode 0600), the auth store is workdir/basic_auth.db.
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    procs: list[ManagedProcess] = []
+    try:
+        s3_port = free_port(host)
+        s3_url = f"http://{host}:{s3_port}"
+        moto = _spawn(
+            "moto S3 server",
+            [str(BIN / "moto_server"), "-H", host, "-p", str(s3_port)],
+            workdir / "moto.log",
+            _child_env(LOCAL_AWS),
+            workdir,
+        )
+        procs.append(moto)
+        _wait_until(moto, _s3_ready(s3_url), timeout)
+        s3 = _s3_ready_client(s3_url)
+        if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+            s3.create_bucket(Bucket=bucket)
+
+        backend = postgres_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+        artifacts = f"s3://{bucket}/mlflow"
+        mlflow_port = free_port(host)
+        tracking_uri = f"http://{host}:{mlflow_port}"
+        env = _child_env({**LOCAL_AWS, "MLFLOW_S3_ENDPOINT_URL": s3_url})
+        cmd = [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            artifacts,
+            "--host",
+            host,
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            str(workers),
+        ]
+        admin_password = None
+        if auth:
+            ini, admin_password = _write_auth_config(workdir)
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+            cmd += ["--app-name", "basic-auth"]
+        server = _spawn("MLflow server", cmd, workdir / "mlflow.log", env, workdir)
+        procs.append(server)
+        _wait_until(server, _http_ok(f"{tracking_uri}/health"), timeout)
+    except BaseException:
+        for p in reversed(procs):
+            p.stop()
+        raise
+    return Stack(
+        workdir=workdir,
+        host=host,
+        s3_endpoint_url=s3_url,
+        tracking_uri=tracking_uri,
+        bucket=bucket,
+        artifacts_destination=artifacts,
+        backend_store_uri=backend,
+        auth=auth,
+        admin_username=ADMIN_USERNAME if auth else None,
+        admin_password=admin_password,
+        processes=procs,
+    )
+
+
+def _s3_ready_client(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=LOCAL_AWS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=LOCAL_AWS["AWS_SECRET_ACCESS_KEY"],
+        region_name=LOCAL_AWS["AWS_DEFAULT_REGION"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+def postgres_driver() -> str | None:
+    """The SQLAlchemy dialect suffix for the PostgreSQL driver importable here, or None."""
+    if importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql"
+    if importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg"
+    return None
+
+
+def postgres_unavailable(require_driver: bool = True) -> str | None:
+    """Why start_postgres cannot work here (None if it can)."""
+    for tool in ("initdb", "pg_ctl", "psql", "postgres"):
+        if not (PG_BIN / tool).exists():
+            return f"PostgreSQL 15 server binaries not found ({PG_BIN / tool} is missing)"
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            return "running as root and `runuser` is missing (PostgreSQL refuses to run as root)"
+        try:
+            import pwd
+
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and there is no `postgres` system user (PostgreSQL refuses to run as root)"
+    if require_driver and postgres_driver() is None:
+        return (
+            "no PostgreSQL driver for MLflow/SQLAlchemy in this Python environment "
+            f"({sys.executable}): install `psycopg2-binary` (or `psycopg[binary]`)"
+        )
+    return None
+
+
+def _as_pg_user(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _pg_user_can_use(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return True
+    r = subprocess.run(_as_pg_user(["test", "-w", str(path), "-a", "-x", str(path)]), capture_output=True)
+    return r.returncode == 0
+
+
+def _run_pg(cmd: list[str], what: str, log: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(_as_pg_user(cmd), capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        extra = ""
+        if log is not None and log.exists():
+            try:
+                extra = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            except OSError:
+                pass
+        raise StackError(f"PostgreSQL: {what} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}{extra}")
+    return r
+
+
+def start_postgres(
+    workdir: Path, *, database: str = "mlflow", require_driver: bool = True
+) -> tuple[str, Callable[[], None]]:
+    """Start a throwaway PostgreSQL 15 cluster; return (SQLAlchemy URI, stop function).
+
+    The cluster lives in workdir/postgres (owned by the `postgres` user when running as root; if
+    that user cannot reach workdir, e.g. under a 0700 pytest temp dir, or the socket path would be
+    too long, a private directory under the system temp dir is used and removed on stop). It listens
+    on 127.0.0.1 and a free port only, with its unix socket inside the cluster directory. A role
+    `mlflow` with a generated password owns the database `database`; host connections need that
+    password (scram-sha-256). The stop function is idempotent.
+    """
+    why = postgres_unavailable(require_driver)
+    if why:
+        raise RuntimeError(f"cannot start PostgreSQL: {why}")
+    dialect = postgres_driver() or "postgresql"
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port("127.0.0.1")
+
+    base = workdir / "postgres"
+    owned_tmp = None
+    if not _pg_user_can_use(workdir) or len(str(base / "run" / f".s.PGSQL.{port}")) > 100:
+        owned_tmp = Path(tempfile.mkdtemp(prefix="ganpipe-pg-"))
+        base = owned_tmp
+        (workdir / "postgres.location").write_text(f"{base}\n")
+    base.mkdir(parents=True, exist_ok=True)
+    data, run, log = base / "data", base / "run", base / "postgres.log"
+    run.mkdir(exist_ok=True)
+    pwfile = base / "superuser.pw"
+    pwfile.write_text(secrets.token_urlsafe(18) + "\n")
+    os.chmod(pwfile, 0o600)
+    os.chmod(base, 0o700)
+    if os.geteuid() == 0:
+        import pwd
+
+        pw = pwd.getpwnam("postgres")
+        for p in (base, run, pwfile):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+
+    started = False
+
+    def stop() -> None:
+        nonlocal started
+        if started:
+            started = False
+            r = subprocess.run(
+                _as_pg_user([str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w", "-t", "30"]),
+                capture_output=True,
+            )
+            if r.returncode != 0:
+                subprocess.run(
+                    _as_pg_user([str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w"]),
+                    capture_output=True,
+                )
+        if owned_tmp is not None and owned_tmp.exists():
+            shutil.rmtree(owned_tmp, ignore_errors=True)
+
+    try:
+        _run_pg(
+            [
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                f"--pwfile={pwfile}",
+                "--auth-local=peer",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+            ],
+            "initdb",
+        )
+        pwfile.unlink()
+        opts = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={run} -c unix_socket_permissions=0700"
+        started = True
+        _run_pg(
+            [str(PG_BIN / "pg_ctl"), "start", "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60"],
+            "pg_ctl start",
+            log=log,
+            start_new_session=True,
+        )
+        password = secrets.token_urlsafe(18)
+        psql = [str(PG_BIN / "psql"), "-h", str(run), "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]
+        _run_pg(
+            [*psql, "-d", "postgres", "-c", f"CREATE ROLE mlflow LOGIN PASSWORD '{password}'"],
+            "create role",
+        )
+        _run_pg([*psql, "-d", "postgres", "-c", f'CREATE DATABASE "{database}" OWNER mlflow'], "create database")
+    except BaseException:
+        stop()
+        raise
+    return f"{dialect}://mlflow:{password}@127.0.0.1:{port}/{database}", stop
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def describe(stack: Stack) -> str:
+    lines = ["# environment for this stack:"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in stack.env().items()]
+    lines += [
+        "",
+        "# params (Ray checkpoints on this stack's S3):",
+        f"dvc exp run -S storage.root={stack.storage_root} -S storage.s3_endpoint_url={stack.s3_endpoint_url}",
+        "# or in params.yaml:",
+        "#   storage:",
+        f"#     root: {stack.storage_root}",
+        f"#     s3_endpoint_url: {stack.s3_endpoint_url}",
+        "",
+        f"# MLflow UI: {stack.tracking_uri}    logs and stores: {stack.workdir}",
+    ]
+    if stack.auth:
+        lines.append(f"# admin password is also in {stack.workdir / 'basic_auth.ini'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="ganpipe stack",
+        description="Start a local team stack on loopback: moto S3 + an MLflow server with artifacts on it.",
+    )
+    ap.add_argument("--dir", type=Path, default=None, help="work directory (logs, stores); default: a new temp dir")
+    ap.add_argument("--postgres", action="store_true", help="back MLflow with a throwaway PostgreSQL 15 cluster")
+    ap.add_argument("--auth", action="store_true", help="MLflow basic auth (users, per-experiment permissions)")
+    ap.add_argument("--bucket", default=DEFAULT_BUCKET)
+    args = ap.parse_args(argv)
+
+    workdir = (args.dir or Path(tempfile.mkdtemp(prefix="ganpipe-stack-"))).resolve()
+    stop_requested = False
+
+    def on_term(signum, frame):
+        nonlocal stop_requested
+        stop_requested = True
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    stop_pg: Callable[[], None] | None = None
+    stack: Stack | None = None
+    rc = 0
+    try:
+        pg_uri = None
+        if args.postgres:
+            try:
+                pg_uri, stop_pg = start_postgres(workdir)
+            except RuntimeError as e:
+                print(f"ganpipe stack: {e}", file=sys.stderr)
+                return 2
+        stack = start_stack(workdir, postgres_uri=pg_uri, auth=args.auth, bucket=args.bucket)
+        print(describe(stack), flush=True)
+        print("\n# running; Ctrl-C (or SIGTERM) stops it", flush=True)
+        while True:
+            stack.check()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    except StackError as e:
+        print(f"ganpipe stack: {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish stopping even if signalled again
+        try:
+            if stack is not None:
+                stack.stop()
+            if stop_pg is not None:
+                stop_pg()
+        finally:
+            signal.signal(signal.SIGTERM, old)
+    print("ganpipe stack: stopped", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The tune stage: real Ray Tune sweeps on the 2D grid, tracked as one MLflow parent run with nested
+trial runs; NaN trials recorded as failed, PBT's mutated learning rates really used, resume."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import set_params, sh
+
+pytestmark = pytest.mark.integration
+
+
+def sweep(project: Path, tune: dict, train: dict | None = None):
+    set_params(project, {"tune": tune, "train": {"steps": 300, "checkpoint_every": 100, "log_every": 50,
+                                                 "ema": 0.0, **(train or {})}})
+    return sh(project, sys.executable, "stages/tune.py")
+
+
+def trials(project: Path) -> list[dict]:
+    with open(project / "tune/trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def mlflow_children(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ganpipe").experiment_id
+    runs = client.search_runs([exp])
+    parents = [r for r in runs if r.data.tags.get("ganpipe.kind") == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_asha_sweep_writes_outputs_tracks_nested_runs_and_resumes(project: Path):
+    sh(project, sys.executable, "stages/prepare.py")
+    space = {"train.lr_g": {"loguniform": [1e-4, 1e-2]}, "train.lr_d": {"loguniform": [1e-4, 1e-2]}}
+    first = sweep(project, {"num_samples": 4, "scheduler": "asha", "max_concurrent": 2, "search_space": space})
+    rows = trials(project)
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"finished", "stopped_early"}
+    assert any(r["status"] == "finished" for r in rows)
+    best = yaml.safe_load((project / "tune/best_params.yaml").read_text())
+    winner = min((r for r in rows if r["status"] == "finished"), key=lambda r: float(r["w1"]))
+    assert best["train"]["lr_g"] == pytest.approx(float(winner["train.lr_g"]))
+    assert (project / "tune/results.png").stat().st_size > 0
+
+    client, parents, children = mlflow_children(project)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4 and all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    expected = {"finished": "FINISHED", "stopped_early": "KILLED"}
+    by_id = {c.info.run_id: c for c in children}
+    for r in rows:
+        run = by_id[r["mlflow_run_id"]]
+        assert run.info.status == expected[r["status"]] and run.data.tags["ganpipe.trial_status"] == r["status"]
+        assert run.data.params["train.lr_g"]  # sampled values logged once as params
+    history = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "w1")) for c in children}
+
+    # a rerun resumes the finished sweep: no trial runs again
+    second = sh(project, sys.executable, "stages/tune.py")
+    assert "resuming the sweep" in second.stdout, first.stdout + second.stdout
+    _, _, again = mlflow_children(project)
+    assert len(again) == 4
+    assert {c.info.run_id: len(client.get_metric_history(c.info.run_id, "w1")) for c in again} == history
+
+    # the documented way to train with the winner
+    sh(project, sys.executable, "-m", "pipeline.cli", "apply-best")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["train"]["lr_g"] == pytest.approx(float(winner["train.lr_g"]))
+
+
+def test_a_nan_trial_is_recorded_as_failed_and_the_sweep_goes_on(project: Path):
+    sh(project, sys.executable, "stages/prepare.py")
+    space = {"train.lr_d": {"grid": [0.001, 1.0e30]}}
+    sweep(project, {"num_samples": 1, "scheduler": "none", "search_space": space})
+    rows = {float(r["train.lr_d"]): r for r in trials(project)}
+    assert rows[0.001]["status"] == "finished"
+    assert rows[1.0e30]["status"] == "failed" and "NonFiniteLoss" in rows[1.0e30]["error"]
+    _, _, children = mlflow_children(project)
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert len(failed) == 1 and "NonFiniteLoss" in failed[0].data.tags["ganpipe.trial_error"]
+
+
+def test_pbt_mutates_learning_rates_and_the_optimizer_uses_them(project: Path):
+    sh(project, sys.executable, "stages/prepare.py")
+    space = {"train.lr_g": {"loguniform": [1e-4, 1e-2]}}
+    sweep(project, {"num_samples": 2, "scheduler": "pbt", "max_concurrent": 2, "metric": "w1", "search_space": space},
+          {"steps": 600})
+    rows = trials(project)
+    # every trial's optimizer ran with the learning rate of its final (possibly mutated) config
+    for r in rows:
+        assert float(r["opt/lr_g"]) == pytest.approx(float(r["train.lr_g"]))
+    _, _, children = mlflow_children(project)
+    initial = {c.data.tags["ganpipe.trial_id"]: float(c.data.params["train.lr_g"]) for c in children}
+    assert any(float(r["train.lr_g"]) != pytest.approx(initial[r["trial_id"]]) for r in rows)
