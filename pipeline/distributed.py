@@ -32,7 +32,6 @@ _QUIET_ENV = {
     "RAY_DISABLE_WORKER_LOG_PREFIX": "1",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints reach the terminal once, not twice
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune: no experiment banner or tables (verbose=0 is honoured)
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no TensorBoard/CSV/JSON result files: MLflow keeps records
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
 

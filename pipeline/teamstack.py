@@ -234,15 +234,8 @@ class Stack:
         return {"storage": {"root": self.storage_root, "s3_endpoint_url": self.s3_endpoint_url}}
 
     def s3_client(self):
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.s3_endpoint_url,
-            aws_access_key_id=LOCAL_AWS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=LOCAL_AWS["AWS_SECRET_ACCESS_KEY"],
-            region_name=LOCAL_AWS["AWS_DEFAULT_REGION"],
-        )
+        """A boto3 S3 client for this stack's S3."""
+        return s3_client(self.s3_endpoint_url)
 
     def pids(self) -> list[int]:
         """Every live process of the stack (server leaders and their children)."""
@@ -274,18 +267,24 @@ class Stack:
         self.stop()
 
 
-def _s3_ready(endpoint: str) -> Callable[[], bool]:
+def s3_client(endpoint: str, **kwargs):
+    """A boto3 S3 client for the local stack's endpoint and fake credentials."""
     import boto3
-    from botocore.config import Config
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id=LOCAL_AWS["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=LOCAL_AWS["AWS_SECRET_ACCESS_KEY"],
         region_name=LOCAL_AWS["AWS_DEFAULT_REGION"],
-        config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}),
+        **kwargs,
     )
+
+
+def _s3_ready(endpoint: str) -> Callable[[], bool]:
+    from botocore.config import Config
+
+    client = s3_client(endpoint, config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
     return lambda: isinstance(client.list_buckets().get("Buckets"), list)
 
 
@@ -295,6 +294,47 @@ def _http_ok(url: str) -> Callable[[], bool]:
             return r.status == 200
 
     return ready
+
+
+def auth_unavailable() -> str | None:
+    """Why MLflow's basic-auth app cannot start in this environment (None if it can)."""
+    if importlib.util.find_spec("flask_wtf") is None:
+        return (
+            "MLflow's basic-auth app needs Flask-WTF, which is not installed in this Python environment "
+            f"({sys.executable}): install `mlflow[auth]` (or `Flask-WTF`)"
+        )
+    return None
+
+
+def _driver_missing_for(uri: str) -> str | None:
+    scheme = uri.split("://", 1)[0]
+    if scheme == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        scheme = f"postgresql+{postgresql.dialect.driver}"
+    module = {"postgresql+psycopg2": "psycopg2", "postgresql+psycopg": "psycopg"}.get(scheme)
+    if module and importlib.util.find_spec(module) is None:
+        package = "psycopg2-binary" if module == "psycopg2" else "psycopg[binary]"
+        return (
+            f"its driver `{module}` is not installed in this Python environment ({sys.executable}): install `{package}`"
+        )
+    return None
+
+
+def _private_write(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+
+
+def _secret_file(path: Path) -> str:
+    """A random secret kept in `path` (mode 0600), made on first use."""
+    if path.exists() and (value := path.read_text().strip()):
+        return value
+    value = secrets.token_urlsafe(32)
+    _private_write(path, value + "\n")
+    return value
 
 
 def _write_auth_config(workdir: Path) -> tuple[Path, str]:
@@ -318,10 +358,7 @@ def _write_auth_config(workdir: Path) -> tuple[Path, str]:
         f"admin_password = {password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(ini, 0o600)
+    _private_write(ini, text)
     return ini, password
 
 
@@ -333,6 +370,7 @@ def start_stack(
     host: str = "127.0.0.1",
     bucket: str = DEFAULT_BUCKET,
     workers: int = 1,
+    jobs: bool = False,
     timeout: float = 120.0,
 ) -> Stack:
     """Start moto's S3 server and an MLflow server (artifacts proxied to s3://<bucket>/mlflow) on `host`.
@@ -341,6 +379,10 @@ def start_stack(
     `auth`, MLflow runs with `--app-name basic-auth`; its admin (see Stack.env()) gets a generated
     password written to workdir/basic_auth.ini (mode 0600), the auth store is workdir/basic_auth.db.
     """
+    if auth and (why := auth_unavailable()):
+        raise RuntimeError(f"cannot start MLflow with basic auth: {why}")
+    if postgres_uri and (why := _driver_missing_for(postgres_uri)):
+        raise RuntimeError(f"cannot use {postgres_uri.split('://')[0]}:// as MLflow's backend store: {why}")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     procs: list[ManagedProcess] = []
@@ -355,16 +397,17 @@ def start_stack(
             workdir,
         )
         procs.append(moto)
-        _wait_until(moto, _s3_ready(s3_url), timeout)
-        s3 = _s3_ready_client(s3_url)
-        if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
-            s3.create_bucket(Bucket=bucket)
 
         backend = postgres_uri or f"sqlite:///{workdir / 'mlflow.db'}"
         artifacts = f"s3://{bucket}/mlflow"
         mlflow_port = free_port(host)
+        while mlflow_port == s3_port:  # moto may not have bound its port yet
+            mlflow_port = free_port(host)
         tracking_uri = f"http://{host}:{mlflow_port}"
         env = _child_env({**LOCAL_AWS, "MLFLOW_S3_ENDPOINT_URL": s3_url})
+        # MLflow's background job runner (GenAI scorers, periodic tasks) adds several processes and
+        # seconds of start-up; a GAN pipeline does not use it.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "true" if jobs else "false"
         cmd = [
             str(BIN / "mlflow"),
             "server",
@@ -383,9 +426,17 @@ def start_stack(
         if auth:
             ini, admin_password = _write_auth_config(workdir)
             env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+            # the auth app's CSRF protection needs a static key; kept per workdir like the password
+            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = _secret_file(workdir / "flask_secret_key")
             cmd += ["--app-name", "basic-auth"]
         server = _spawn("MLflow server", cmd, workdir / "mlflow.log", env, workdir)
         procs.append(server)
+        # both start at once (MLflow needs S3 only when artifacts move); the bucket exists before
+        # MLflow answers, so before anyone can log an artifact
+        _wait_until(moto, _s3_ready(s3_url), timeout)
+        s3 = s3_client(s3_url)
+        if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+            s3.create_bucket(Bucket=bucket)
         _wait_until(server, _http_ok(f"{tracking_uri}/health"), timeout)
     except BaseException:
         for p in reversed(procs):
@@ -406,28 +457,20 @@ def start_stack(
     )
 
 
-def _s3_ready_client(endpoint: str):
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=LOCAL_AWS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=LOCAL_AWS["AWS_SECRET_ACCESS_KEY"],
-        region_name=LOCAL_AWS["AWS_DEFAULT_REGION"],
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL
 
 
 def postgres_driver() -> str | None:
-    """The SQLAlchemy dialect suffix for the PostgreSQL driver importable here, or None."""
-    if importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql"
+    """The explicit SQLAlchemy scheme for the PostgreSQL driver importable here, or None.
+
+    Explicit because the driver behind a bare `postgresql://` depends on the SQLAlchemy version
+    (psycopg2 before 2.1, psycopg 3 from 2.1 on).
+    """
     if importlib.util.find_spec("psycopg") is not None:
         return "postgresql+psycopg"
+    if importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2"
     return None
 
 
@@ -448,7 +491,7 @@ def postgres_unavailable(require_driver: bool = True) -> str | None:
     if require_driver and postgres_driver() is None:
         return (
             "no PostgreSQL driver for MLflow/SQLAlchemy in this Python environment "
-            f"({sys.executable}): install `psycopg2-binary` (or `psycopg[binary]`)"
+            f"({sys.executable}): install `psycopg[binary]` (or `psycopg2-binary`)"
         )
     return None
 
@@ -460,11 +503,12 @@ def _as_pg_user(cmd: list[str]) -> list[str]:
 def _pg_user_can_use(path: Path) -> bool:
     if os.geteuid() != 0:
         return True
-    r = subprocess.run(_as_pg_user(["test", "-w", str(path), "-a", "-x", str(path)]), capture_output=True)
+    r = subprocess.run(_as_pg_user(["test", "-w", str(path), "-a", "-x", str(path)]), capture_output=True, cwd="/")
     return r.returncode == 0
 
 
 def _run_pg(cmd: list[str], what: str, log: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("cwd", "/")
     r = subprocess.run(_as_pg_user(cmd), capture_output=True, text=True, **kw)
     if r.returncode != 0:
         extra = ""
@@ -492,7 +536,7 @@ def start_postgres(
     why = postgres_unavailable(require_driver)
     if why:
         raise RuntimeError(f"cannot start PostgreSQL: {why}")
-    dialect = postgres_driver() or "postgresql"
+    dialect = postgres_driver() or "postgresql"  # only without a driver (require_driver=False)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port("127.0.0.1")
@@ -526,11 +570,13 @@ def start_postgres(
             r = subprocess.run(
                 _as_pg_user([str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w", "-t", "30"]),
                 capture_output=True,
+                cwd="/",
             )
             if r.returncode != 0:
                 subprocess.run(
                     _as_pg_user([str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w"]),
                     capture_output=True,
+                    cwd="/",
                 )
         if owned_tmp is not None and owned_tmp.exists():
             shutil.rmtree(owned_tmp, ignore_errors=True)
@@ -553,7 +599,10 @@ def start_postgres(
             "initdb",
         )
         pwfile.unlink()
-        opts = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={run} -c unix_socket_permissions=0700"
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {port} "
+            f"-c unix_socket_directories={shlex.quote(str(run))} -c unix_socket_permissions=0700"
+        )
         started = True
         _run_pg(
             [str(PG_BIN / "pg_ctl"), "start", "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60"],
@@ -609,11 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     workdir = (args.dir or Path(tempfile.mkdtemp(prefix="ganpipe-stack-"))).resolve()
-    stop_requested = False
 
     def on_term(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, on_term)

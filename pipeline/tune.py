@@ -264,8 +264,11 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs, verbose=0,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, storage_filesystem=fs, verbose=0,
+                # PBT copies a donor's checkpoint a tick later: keep a few, not just the newest
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
+            ),
         )
     return tuner.fit()
 

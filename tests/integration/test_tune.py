@@ -91,6 +91,7 @@ def test_pbt_mutates_learning_rates_and_the_optimizer_uses_them(project: Path):
     sweep(project, {"num_samples": 2, "scheduler": "pbt", "max_concurrent": 2, "metric": "w1", "search_space": space},
           {"steps": 600})
     rows = trials(project)
+    assert all(r["status"] == "finished" for r in rows), rows
     # every trial's optimizer ran with the learning rate of its final (possibly mutated) config
     for r in rows:
         assert float(r["opt/lr_g"]) == pytest.approx(float(r["train.lr_g"]))
