@@ -118,5 +118,9 @@ def model_card(spec, manifest, cfg, train_info, eval_info, diffs, git, model_uri
         "metrics": {"train": train_info, "eval": eval_info},
         "parity_max_abs_diff": diffs,
         "git": git,
-        "mlflow": {"run_id": train_info.get("mlflow_run_id"), "model_uri": model_uri},
+        "mlflow": {
+            "run_id": train_info.get("mlflow_run_id"),
+            "tracking_uri": train_info.get("mlflow_tracking_uri"),
+            "model_uri": model_uri,
+        },
     }

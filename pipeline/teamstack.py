@@ -357,6 +357,9 @@ def _write_auth_config(workdir: Path) -> tuple[Path, str]:
         f"admin_username = {ADMIN_USERNAME}\n"
         f"admin_password = {password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # cache verified credentials briefly (each check is a deliberately slow password hash); with
+        # one worker, password and user changes made through the API take effect at once
+        "auth_cache_ttl_seconds = 30\n"
     )
     _private_write(ini, text)
     return ini, password

@@ -94,6 +94,21 @@ def start_or_resume_run(
     return run.info.run_id, False
 
 
+def lineage_tags(git: dict, data_hash: str, params_hash: str, stage: str, ray_run: str) -> dict[str, str]:
+    """Tags that lead from an MLflow run back to everything needed to reproduce it."""
+    tags = {
+        "ganpipe.data_hash": data_hash,
+        "data.content_hash": data_hash,
+        "ganpipe.params_hash": params_hash,
+        "ganpipe.dvc_stage": stage,
+        "ganpipe.ray_run": ray_run,
+    }
+    if git.get("commit"):
+        tags["mlflow.source.git.commit"] = git["commit"]
+        tags["ganpipe.git_dirty"] = str(bool(git["dirty"])).lower()
+    return tags
+
+
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     """Params (credentials dropped), once per run: a resumed run already has them."""
     from mlflow.entities import Param
@@ -166,7 +181,8 @@ class MetricBuffer:
 
 
 def log_onnx_model(uri: str, run_id: str, onnx_path: str | Path, registered_name: str) -> str:
-    """Log the ONNX generator as an MLflow model in `run_id`, register it; returns models:/name/version."""
+    """Log the ONNX generator as an MLflow model in `run_id`, register it with the alias `candidate`;
+    returns models:/name/version."""
     import mlflow
     import onnx
 
@@ -178,7 +194,9 @@ def log_onnx_model(uri: str, run_id: str, onnx_path: str | Path, registered_name
             registered_model_name=registered_name,
             pip_requirements=["onnx", "onnxruntime"],  # skip MLflow's slow requirement inference
         )
-    return f"models:/{registered_name}/{info.registered_model_version}"
+    version = info.registered_model_version
+    _client(uri).set_registered_model_alias(registered_name, "candidate", version)
+    return f"models:/{registered_name}/{version}"
 
 
 def nested_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str, name: str, params: dict) -> str:

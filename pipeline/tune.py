@@ -148,7 +148,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     """The Tune trainable: build, restore (own or PBT donor's checkpoint), train, report per tick."""
     from ray import tune
 
-    from pipeline import training, tracking
+    from pipeline import tracking, training
 
     torch.set_num_threads(1)
     overrides = {k: config[k] for k in job.keys}

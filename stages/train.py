@@ -37,7 +37,7 @@ def train(args) -> None:
         cfg.tracking.experiment,
         hashlib.sha256(ray_run.encode()).hexdigest()[:16],
         name,
-        {"data.content_hash": data_hash, "ganpipe.ray_run": ray_run, **_git_tags()},
+        tracking.lineage_tags(outputs.git_commit(), data_hash, cfg.fingerprint(), "train", ray_run),
     )
     tracking.log_params(uri, run_id, {**cfg.flat(), "data.content_hash": data_hash})
     tracking.log_dict(uri, run_id, cfg.to_dict(), "config.json")
@@ -76,6 +76,7 @@ def train(args) -> None:
         "D_real": final.get("D/real"),
         "D_fake": final.get("D/fake"),
         "mlflow_run_id": run_id,
+        "mlflow_tracking_uri": tracking.redact(uri),
         "ray_result_path": result_path,
         "resumed": resumed,
         "restarts": state.get("restarts", 0),
@@ -97,11 +98,6 @@ def _sample_plot(samples, prepared, dataset: str, path) -> None:
     else:
         centers = data.mixture(dataset).centers if dataset in ("ring", "grid") else None
         plots.scatter_2d(samples, prepared.x_val[:2000], centers, path, "generated vs real")
-
-
-def _git_tags() -> dict[str, str]:
-    g = outputs.git_commit()
-    return {"mlflow.source.git.commit": g["commit"]} if g["commit"] else {}
 
 
 if __name__ == "__main__":

@@ -51,7 +51,11 @@ def test_repro_runs_every_stage_then_only_what_changed(project: Path):
     assert run.data.params["train.lr_d"] == "0.001"
     assert len(client.get_metric_history(run.info.run_id, "loss/D")) == 300 // 50
     assert "eval/w1" in run.data.metrics
-    assert client.search_model_versions("name='ganpipe-generator'")
+    assert client.get_model_version_by_alias("ganpipe-generator", "candidate").run_id == run.info.run_id
+    tags = run.data.tags  # lineage: from the run back to code, data, params and the Ray run
+    assert tags["mlflow.source.git.commit"] == card["git"]["commit"] and tags["ganpipe.git_dirty"] in ("true", "false")
+    assert tags["ganpipe.data_hash"] == manifest["content_hash"] and tags["ganpipe.dvc_stage"] == "train"
+    assert len(tags["ganpipe.params_hash"]) == 12 and tags["ganpipe.ray_run"].endswith(train["ray_result_path"].split("/")[-1])
 
     second = sh(project, "dvc", "repro")
     assert ran_stages(second.stdout) == []
