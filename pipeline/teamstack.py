@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,7 +204,7 @@ class Stack:
     tracking_uri: str
     bucket: str
     artifacts_destination: str
-    backend_store_uri: str
+    backend_store_uri: str = field(repr=False)  # may hold a database password
     auth: bool = False
     admin_username: str | None = None
     admin_password: str | None = field(default=None, repr=False)
@@ -294,6 +293,15 @@ def _http_ok(url: str) -> Callable[[], bool]:
             return r.status == 200
 
     return ready
+
+
+def _url_host(host: str) -> str:
+    """The host part of a URL that reaches a server bound to `host`."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def auth_unavailable() -> str | None:
@@ -391,7 +399,7 @@ def start_stack(
     procs: list[ManagedProcess] = []
     try:
         s3_port = free_port(host)
-        s3_url = f"http://{host}:{s3_port}"
+        s3_url = f"http://{_url_host(host)}:{s3_port}"
         moto = _spawn(
             "moto S3 server",
             [str(BIN / "moto_server"), "-H", host, "-p", str(s3_port)],
@@ -406,16 +414,17 @@ def start_stack(
         mlflow_port = free_port(host)
         while mlflow_port == s3_port:  # moto may not have bound its port yet
             mlflow_port = free_port(host)
-        tracking_uri = f"http://{host}:{mlflow_port}"
+        tracking_uri = f"http://{_url_host(host)}:{mlflow_port}"
         env = _child_env({**LOCAL_AWS, "MLFLOW_S3_ENDPOINT_URL": s3_url})
         # MLflow's background job runner (GenAI scorers, periodic tasks) adds several processes and
         # seconds of start-up; a GAN pipeline does not use it.
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "true" if jobs else "false"
+        # the backend store URI through the environment (the same as --backend-store-uri), so a
+        # database password does not show in `ps`
+        env["MLFLOW_BACKEND_STORE_URI"] = backend
         cmd = [
             str(BIN / "mlflow"),
             "server",
-            "--backend-store-uri",
-            backend,
             "--artifacts-destination",
             artifacts,
             "--host",
@@ -506,7 +515,7 @@ def _as_pg_user(cmd: list[str]) -> list[str]:
 def _pg_user_can_use(path: Path) -> bool:
     if os.geteuid() != 0:
         return True
-    r = subprocess.run(_as_pg_user(["test", "-w", str(path), "-a", "-x", str(path)]), capture_output=True, cwd="/")
+    r = subprocess.run(_as_pg_user(["test", "-x", str(path)]), capture_output=True, cwd="/")
     return r.returncode == 0
 
 
@@ -529,17 +538,19 @@ def start_postgres(
 ) -> tuple[str, Callable[[], None]]:
     """Start a throwaway PostgreSQL 15 cluster; return (SQLAlchemy URI, stop function).
 
-    The cluster lives in workdir/postgres (owned by the `postgres` user when running as root; if
-    that user cannot reach workdir, e.g. under a 0700 pytest temp dir, or the socket path would be
-    too long, a private directory under the system temp dir is used and removed on stop). It listens
-    on 127.0.0.1 and a free port only, with its unix socket inside the cluster directory. A role
-    `mlflow` with a generated password owns the database `database`; host connections need that
-    password (scram-sha-256). The stop function is idempotent.
+    The cluster lives in workdir/postgres (owned by the `postgres` user when running as root, since
+    PostgreSQL refuses to run as root). If that user cannot reach workdir (e.g. under pytest's 0700
+    temp dir) or the socket path would be too long, a private directory under the system temp dir is
+    used instead (named in workdir/postgres.location) and removed on stop. The server listens on
+    127.0.0.1 and a free port only; its unix socket lies inside the cluster directory (mode 0700).
+    A role `mlflow` with a generated password owns the database `database`; host connections need
+    that password (scram-sha-256). A cluster left in workdir/postgres by an earlier call is started
+    again, with its data. The stop function (pg_ctl stop -m fast, then immediate) is idempotent.
     """
     why = postgres_unavailable(require_driver)
     if why:
         raise RuntimeError(f"cannot start PostgreSQL: {why}")
-    dialect = postgres_driver() or "postgresql"  # only without a driver (require_driver=False)
+    dialect = postgres_driver() or "postgresql"  # no driver only with require_driver=False
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port("127.0.0.1")
@@ -550,58 +561,63 @@ def start_postgres(
         owned_tmp = Path(tempfile.mkdtemp(prefix="ganpipe-pg-"))
         base = owned_tmp
         (workdir / "postgres.location").write_text(f"{base}\n")
-    base.mkdir(parents=True, exist_ok=True)
     data, run, log = base / "data", base / "run", base / "postgres.log"
+    role_pw = base / "mlflow.pw"  # the mlflow role's password, for a restart of this cluster
+    reuse = (data / "PG_VERSION").exists() and role_pw.exists()
+    if data.exists() and not reuse:
+        raise StackError(f"{data} holds an unusable PostgreSQL cluster (no {role_pw.name}): remove {base}")
+    base.mkdir(parents=True, exist_ok=True)
     run.mkdir(exist_ok=True)
-    pwfile = base / "superuser.pw"
-    pwfile.write_text(secrets.token_urlsafe(18) + "\n")
-    os.chmod(pwfile, 0o600)
     os.chmod(base, 0o700)
+    pg_ids = None
     if os.geteuid() == 0:
         import pwd
 
         pw = pwd.getpwnam("postgres")
-        for p in (base, run, pwfile):
-            os.chown(p, pw.pw_uid, pw.pw_gid)
+        pg_ids = (pw.pw_uid, pw.pw_gid)
+        for path in (base, run):
+            os.chown(path, *pg_ids)
 
     started = False
+
+    def pg_ctl_stop(mode: str) -> int:
+        cmd = _as_pg_user([str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", mode, "-w", "-t", "30"])
+        return subprocess.run(cmd, capture_output=True, cwd="/").returncode
 
     def stop() -> None:
         nonlocal started
         if started:
             started = False
-            r = subprocess.run(
-                _as_pg_user([str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w", "-t", "30"]),
-                capture_output=True,
-                cwd="/",
-            )
-            if r.returncode != 0:
-                subprocess.run(
-                    _as_pg_user([str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w"]),
-                    capture_output=True,
-                    cwd="/",
-                )
+            if pg_ctl_stop("fast") != 0:
+                pg_ctl_stop("immediate")
         if owned_tmp is not None and owned_tmp.exists():
             shutil.rmtree(owned_tmp, ignore_errors=True)
 
     try:
-        _run_pg(
-            [
-                str(PG_BIN / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                "postgres",
-                f"--pwfile={pwfile}",
-                "--auth-local=peer",
-                "--auth-host=scram-sha-256",
-                "-E",
-                "UTF8",
-                "--no-instructions",
-            ],
-            "initdb",
-        )
-        pwfile.unlink()
+        if not reuse:
+            su_pw = base / "superuser.pw"  # initdb needs one for password auth; nobody needs it after
+            _private_write(su_pw, secrets.token_urlsafe(18) + "\n")
+            if pg_ids:
+                os.chown(su_pw, *pg_ids)
+            try:
+                _run_pg(
+                    [
+                        str(PG_BIN / "initdb"),
+                        "-D",
+                        str(data),
+                        "-U",
+                        "postgres",
+                        f"--pwfile={su_pw}",
+                        "--auth-local=peer",
+                        "--auth-host=scram-sha-256",
+                        "-E",
+                        "UTF8",
+                        "--no-instructions",
+                    ],
+                    "initdb",
+                )
+            finally:
+                su_pw.unlink(missing_ok=True)
         opts = (
             f"-c listen_addresses=127.0.0.1 -p {port} "
             f"-c unix_socket_directories={shlex.quote(str(run))} -c unix_socket_permissions=0700"
@@ -613,13 +629,14 @@ def start_postgres(
             log=log,
             start_new_session=True,
         )
-        password = secrets.token_urlsafe(18)
-        psql = [str(PG_BIN / "psql"), "-h", str(run), "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]
-        _run_pg(
-            [*psql, "-d", "postgres", "-c", f"CREATE ROLE mlflow LOGIN PASSWORD '{password}'"],
-            "create role",
-        )
-        _run_pg([*psql, "-d", "postgres", "-c", f'CREATE DATABASE "{database}" OWNER mlflow'], "create database")
+        if reuse:
+            password = role_pw.read_text().strip()
+        else:
+            password = secrets.token_urlsafe(18)
+            psql = [str(PG_BIN / "psql"), "-h", str(run), "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
+            _run_pg([*psql, "-qd", "postgres", "-c", f"CREATE ROLE mlflow LOGIN PASSWORD '{password}'"], "create role")
+            _run_pg([*psql, "-qd", "postgres", "-c", f'CREATE DATABASE "{database}" OWNER mlflow'], "create database")
+            _private_write(role_pw, password + "\n")
     except BaseException:
         stop()
         raise
@@ -641,6 +658,10 @@ def describe(stack: Stack) -> str:
         "#   storage:",
         f"#     root: {stack.storage_root}",
         f"#     s3_endpoint_url: {stack.s3_endpoint_url}",
+        "",
+        "# a DVC remote on this stack's S3 (credentials from the AWS_* variables above):",
+        f"#   dvc remote add --local -d team s3://{stack.bucket}/dvc",
+        f"#   dvc remote modify --local team endpointurl {stack.s3_endpoint_url}",
         "",
         f"# MLflow UI: {stack.tracking_uri}    logs and stores: {stack.workdir}",
     ]

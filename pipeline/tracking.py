@@ -220,6 +220,7 @@ def nested_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str, 
 def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
     """trial id -> run id for the nested runs of a sweep."""
     client = _client(uri)
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                              max_results=10_000)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10_000
+    )
     return {r.data.tags.get("ganpipe.trial_id", r.info.run_id): r.info.run_id for r in runs}

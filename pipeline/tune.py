@@ -45,7 +45,9 @@ REPORTED = ("step", "w1", "modes", "hq_fraction", "reverse_kl", "loss/D", "loss/
 def parse_space(space: dict[str, Any], base_raw: dict[str, Any]) -> dict[str, tuple[str, list]]:
     """{key: (distribution, args)}; raises ConfigError naming every bad key at once."""
     if not space:
-        raise ConfigError("tune.search_space: empty; give at least one key, e.g. train.lr_g: {loguniform: [1e-4, 1e-2]}")
+        raise ConfigError(
+            "tune.search_space: empty; give at least one key, e.g. train.lr_g: {loguniform: [1e-4, 1e-2]}"
+        )
     known = flatten(build_config(base_raw).to_dict())
     parsed, errors = {}, []
     for key, spec in space.items():
@@ -160,8 +162,9 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         with ckpt.as_directory() as d:
             training.load_gan_state(gan, torch.load(Path(d) / STATE_FILE, weights_only=False), cfg)
     trial_id = tune.get_context().get_trial_id()
-    run_id = tracking.nested_run(job.tracking_uri, job.experiment_id, job.parent_run_id, trial_id,
-                                 tune.get_context().get_trial_name(), overrides)
+    run_id = tracking.nested_run(
+        job.tracking_uri, job.experiment_id, job.parent_run_id, trial_id, tune.get_context().get_trial_name(), overrides
+    )
     hp = {f"hp/{k}": float(v) for k, v in overrides.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     last: dict[str, float] = {}
 
@@ -196,18 +199,25 @@ def scheduler(cfg: Config, parsed: dict[str, tuple[str, list]]):
     if cfg.tune.scheduler == "pbt":
         from ray import tune
 
-        mutations = {k: (tune.loguniform if d == "loguniform" else tune.uniform)(*a) for k, (d, a) in parsed.items()
-                     if d in CONTINUOUS}
+        mutations = {
+            k: (tune.loguniform if d == "loguniform" else tune.uniform)(*a)
+            for k, (d, a) in parsed.items()
+            if d in CONTINUOUS
+        }
         if not mutations:
             raise ConfigError("tune.scheduler: pbt needs at least one uniform or loguniform key to mutate")
-        return PopulationBasedTraining(time_attr="step", perturbation_interval=t.checkpoint_every,
-                                       hyperparam_mutations=mutations)
+        return PopulationBasedTraining(
+            time_attr="step", perturbation_interval=t.checkpoint_every, hyperparam_mutations=mutations
+        )
     return FIFOScheduler()
 
 
 def search_alg(cfg: Config, parsed: dict[str, tuple[str, list]]):
     if cfg.tune.search_alg == "random":
-        return None  # Tune's default: random sampling (and every grid value)
+        from ray.tune.search import BasicVariantGenerator
+
+        # random sampling (and every grid value), seeded: the same params draw the same trials
+        return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.tune.max_concurrent)
     if any(d == "grid" for d, _ in parsed.values()):
         raise ConfigError("tune.search_alg: optuna does not take grid keys; use choice instead of grid")
     from ray.tune.search.optuna import OptunaSearch
@@ -250,8 +260,14 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
     path = os.path.join(storage_path, name)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[tune] resuming the sweep at {path}: finished trials are kept", flush=True)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False, storage_filesystem=fs)
+        tuner = tune.Tuner.restore(
+            path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+            storage_filesystem=fs,
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -265,7 +281,10 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 max_concurrent_trials=cfg.tune.max_concurrent,
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage_path, storage_filesystem=fs, verbose=0,
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=fs,
+                verbose=0,
                 # PBT copies a donor's checkpoint a tick later: keep a few, not just the newest
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
             ),
@@ -289,8 +308,11 @@ def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
     """The best trial by its last reported `metric`: among finished trials if any, else stopped ones."""
-    scored = [r for r in rows if r["status"] != "failed" and isinstance(r.get(metric), (int, float))
-              and math.isfinite(r[metric])]
+    scored = [
+        r
+        for r in rows
+        if r["status"] != "failed" and isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])
+    ]
     finished = [r for r in scored if r["status"] == "finished"]
     scored = finished or scored
     if not scored:
