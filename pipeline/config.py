@@ -86,6 +86,7 @@ class TrainConfig(_Section):
     ema: float = Field(0.0, ge=0.0, lt=1.0, description="generator EMA decay, 0 = off")
     ada: AdaConfig = AdaConfig()
     num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs each Ray worker holds; torch uses as many threads")
     use_gpu: Literal["auto", True, False] = "auto"
     checkpoint_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(2, ge=1)

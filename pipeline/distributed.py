@@ -121,7 +121,11 @@ def fit(
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=resolve_use_gpu(t.use_gpu)),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=resolve_use_gpu(t.use_gpu),
+            resources_per_worker={"CPU": t.cpus_per_worker},
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
@@ -219,6 +223,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     job: TrainJob = loop_config["job"]
     cfg = build_config(job.cfg)
+    torch.set_num_threads(cfg.train.cpus_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
