@@ -28,6 +28,10 @@ PRESETS_DIR = "presets"
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "stack":
+        from pipeline import teamstack
+
+        return teamstack.main(argv[1:])
     if argv and argv[0] in STAGES:
         # the stage owns its arguments and --help
         return importlib.import_module(f"stages.{argv[0]}").main(argv[1:])
@@ -37,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in STAGES.items():
         sub.add_parser(name, help=text, add_help=False)
+    sub.add_parser("stack", help="start a local team stack (S3 + MLflow server) and print its settings", add_help=False)
     c = sub.add_parser("check", help="validate params and print the resolved config (a dry run)")
     c.add_argument("--params", default="params.yaml")
     s = sub.add_parser("preset", help="deep-merge presets/NAME.yaml into params.yaml")
