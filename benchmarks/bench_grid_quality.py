@@ -36,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--recipes", default="plain GAN,grid-best", help="comma-separated subset to run")
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = deep_merge(read_yaml("params.yaml"), read_yaml("presets/grid-best.yaml"))
@@ -44,6 +45,8 @@ def main() -> None:
     rows = {"plain GAN": deep_merge(base, PLAIN), "grid-best": base}
     print(f"{'recipe':12s} {'modes':>6s} {'hq %':>6s} {'rev KL':>7s} {'s/run':>6s}   (mean over {args.seeds} seeds)")
     for name, raw in rows.items():
+        if name not in args.recipes.split(","):
+            continue
         res = [run(raw, s) for s in range(args.seeds)]
         mean = {k: float(np.mean([r[k] for r in res])) for k in res[0]}
         print(
