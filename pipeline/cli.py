@@ -18,6 +18,7 @@ from pipeline.config import ConfigError, build_config, deep_merge, flatten, load
 
 STAGES = {
     "prepare": "load the dataset, split it, write data/prepared",
+    "features": "train the evaluation feature extractor on the real images, write data/features",
     "train": "train the GAN on Ray Train, track in MLflow, write models/",
     "evaluate": "score the generator, write metrics/eval.json and plots/",
     "export": "write TorchScript + ONNX generator and the model card",

@@ -28,6 +28,8 @@ EVAL_METRICS = "metrics/eval.json"
 PLOTS = "plots"
 EXPORT = "export"
 TUNE = "tune"
+FEATURES = "data/features"
+FEATURE_METRICS = "metrics/features.json"
 
 
 @contextlib.contextmanager

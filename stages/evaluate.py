@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser("ganpipe evaluate", __doc__)
     p.add_argument("--data", default=outputs.PREPARED, help="prepared data folder (default: %(default)s)")
     p.add_argument("--models", default=outputs.MODELS, help="trained models folder (default: %(default)s)")
+    p.add_argument("--features", default=outputs.FEATURES, help="feature extractor folder (default: %(default)s)")
     p.add_argument("--train-metrics", default=outputs.TRAIN_METRICS, help="train stage metrics (default: %(default)s)")
     p.add_argument("--metrics", default=outputs.EVAL_METRICS, help="output metrics file (default: %(default)s)")
     p.add_argument("--plots", default=outputs.PLOTS, help="output plots folder (default: %(default)s)")
@@ -36,7 +37,7 @@ def evaluate(args) -> None:
         plots.curves(history, ["loss/D", "loss/G", "D/real", "D/fake"], tmp / "losses.png")
         if prepared.is_image:
             plots.image_grid(samples, tmp / "samples.png")
-            result = image_summary(samples, prepared.x_val)
+            result = image_scores(samples, prepared, spec, Path(args.features), cfg)
         else:
             real = prepared.x_val[:n]
             centers = data.mixture(dataset).centers if dataset in ("ring", "grid") else None
@@ -53,14 +54,21 @@ def evaluate(args) -> None:
     print(f"[evaluate] plots in {args.plots}/ (samples.png, losses.png); metrics in {args.metrics}")
 
 
-def image_summary(samples, real) -> dict:
-    """Pixel statistics until the image metrics land (FID/KID etc., issue #5)."""
-    return {
-        "pixel_mean": float(samples.mean()),
-        "pixel_std": float(samples.std()),
-        "real_pixel_mean": float(real.mean()),
-        "real_pixel_std": float(real.std()),
-    }
+def image_scores(samples, prepared, spec, features_dir: Path, cfg) -> dict:
+    """FID, KID, precision/recall, density/coverage, class modes and class KL in the feature space of
+    the pipeline's own extractor (named in the result: numbers from different extractors never mix)."""
+    from pipeline import features, metrics_image
+
+    extractor, info = features.load_extractor(features_dir / "extractor.pt")
+    real_f, real_p = features.embed(extractor, prepared.x_val)
+    fake_f, fake_p = features.embed(extractor, samples)
+    k = prepared.manifest["classes"] or extractor.num_classes
+    result = metrics_image.image_metrics(real_f, real_p, fake_f, fake_p, k, cfg.seed)
+    result["extractor"] = info["extractor"]
+    labels = training.sample_labels(len(samples), spec.get("num_classes"))
+    if labels is not None and info["extractor"] == "classifier":
+        result["label_accuracy"] = metrics_image.label_accuracy(fake_p, labels.numpy())
+    return result
 
 
 if __name__ == "__main__":

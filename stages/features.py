@@ -1,0 +1,45 @@
+"""features: train the evaluation feature extractor (a small CNN classifier) on the real training
+images; its penultimate layer is the space FID/KID/precision/recall are measured in. 2D data needs
+none; unlabelled images get a clearly named random-init extractor."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline import data, features, outputs
+from stages import common
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("ganpipe features", __doc__)
+    p.add_argument("--data", default=outputs.PREPARED, help="prepared data folder (default: %(default)s)")
+    p.add_argument("--out", default=outputs.FEATURES, help="output folder (default: %(default)s)")
+    p.add_argument("--metrics", default=outputs.FEATURE_METRICS, help="output metrics (default: %(default)s)")
+    args = p.parse_args(argv)
+    return common.run(lambda: run(args))
+
+
+def run(args) -> None:
+    cfg = common.config(args)
+    prepared = data.load_prepared(args.data)
+    classes = prepared.manifest["classes"]
+    with outputs.atomic_dir(args.out) as tmp:
+        if not prepared.is_image:
+            info = {"extractor": "none", "reason": "2D data is scored by mode coverage and W1"}
+        elif prepared.y_train is None:
+            model, info = features.random_extractor(prepared.x_train.shape[1:], cfg.seed)
+            features.save_extractor(model, info, tmp / "extractor.pt")
+        else:
+            model, info = features.train_extractor(
+                prepared.x_train, prepared.y_train, classes, cfg.seed, x_val=prepared.x_val, y_val=prepared.y_val
+            )
+            features.save_extractor(model, info, tmp / "extractor.pt")
+        outputs.write_json(tmp / "info.json", info)
+    shown = {k: info.get(k) for k in ("extractor", "val_accuracy", "seconds") if info.get(k) is not None}
+    outputs.write_json(args.metrics, shown)
+    print(f"[features] {', '.join(f'{k}={v}' for k, v in shown.items())} -> {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
