@@ -5,7 +5,6 @@ none; unlabelled images get a clearly named random-init extractor."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from pipeline import data, features, outputs
 from stages import common

@@ -34,13 +34,16 @@ def run(args) -> None:
     name = tune.sweep_name(cfg, prepared.manifest["content_hash"])
     storage_path, fs = distributed.storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
     sweep_key = hashlib.sha256(distributed.run_address(cfg.storage.root, name).encode()).hexdigest()[:16]
-    parent, resumed = tracking.start_or_resume_run(uri, cfg.tracking.experiment, sweep_key, name,
-                                                   {"ganpipe.kind": "sweep"})
+    parent, resumed = tracking.start_or_resume_run(
+        uri, cfg.tracking.experiment, sweep_key, name, {"ganpipe.kind": "sweep"}
+    )
     tracking.log_params(uri, parent, {**cfg.flat(), "data.content_hash": prepared.manifest["content_hash"]})
     exp_id = tracking.experiment_id(uri, cfg.tracking.experiment)
-    print(f"[tune] sweep {name}: {cfg.tune.num_samples} sample(s) over {', '.join(parsed)}; "
-          f"scheduler {cfg.tune.scheduler}, search {cfg.tune.search_alg}; MLflow run {parent}"
-          f"{' (resumed)' if resumed else ''}")
+    print(
+        f"[tune] sweep {name}: {cfg.tune.num_samples} sample(s) over {', '.join(parsed)}; "
+        f"scheduler {cfg.tune.scheduler}, search {cfg.tune.search_alg}; MLflow run {parent}"
+        f"{' (resumed)' if resumed else ''}"
+    )
     print(f"[tune] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}")
 
     job = tune.SweepJob(raw, list(parsed), prepared.x_train, prepared.x_val, cfg.data.name, uri, exp_id, parent)
@@ -66,8 +69,10 @@ def run(args) -> None:
     out = Path(args.out)
     best_raw = deep_merge(raw, unflatten({k: best[k] for k in parsed}))
     best_yaml = yaml.safe_dump(best_raw, sort_keys=False)
-    outputs.write_text(out / "best_params.yaml", "# the full params with the best trial's values merged in; "
-                       "apply with `ganpipe apply-best`\n" + best_yaml)
+    outputs.write_text(
+        out / "best_params.yaml",
+        "# the full params with the best trial's values merged in; apply with `ganpipe apply-best`\n" + best_yaml,
+    )
     outputs.write_csv_atomic(out / "trials.csv", rows)
     _plot(rows, list(parsed), cfg.tune.metric, out / "results.png")
     tracking.log_summary_metrics(uri, parent, {f"best/{cfg.tune.metric}": best[cfg.tune.metric]})
@@ -75,12 +80,18 @@ def run(args) -> None:
     tracking.log_artifacts(uri, parent, [out / "best_params.yaml", out / "trials.csv", out / "results.png"], "tune")
     tracking.end_run(uri, parent)
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUS}
-    print(f"[tune] {len(rows)} trials: {counts['finished']} finished, {counts['stopped_early']} stopped early, "
-          f"{counts['failed']} failed")
-    print(f"[tune] best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4g} with "
-          + ", ".join(f"{k}={best[k]}" for k in parsed))
-    print(f"[tune] wrote {out}/best_params.yaml, {out}/trials.csv, {out}/results.png; "
-          "`ganpipe apply-best` puts the best values into params.yaml")
+    print(
+        f"[tune] {len(rows)} trials: {counts['finished']} finished, {counts['stopped_early']} stopped early, "
+        f"{counts['failed']} failed"
+    )
+    print(
+        f"[tune] best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4g} with "
+        + ", ".join(f"{k}={best[k]}" for k in parsed)
+    )
+    print(
+        f"[tune] wrote {out}/best_params.yaml, {out}/trials.csv, {out}/results.png; "
+        "`ganpipe apply-best` puts the best values into params.yaml"
+    )
 
 
 def _plot(rows, keys, metric, path) -> None:
