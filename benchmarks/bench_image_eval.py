@@ -72,6 +72,8 @@ def score_generator(path: str, model, real, k: int, n: int, seed: int) -> None:
     from pipeline.training import sample, sample_labels
 
     G, spec = load_generator(path)
+    if tuple(spec["sample_shape"]) != model.shape:
+        raise SystemExit(f"{path}: makes samples of shape {spec['sample_shape']}, the data are {list(model.shape)}")
     t = clock()
     x = sample(G, n, spec["z_dim"], seed, num_classes=spec.get("num_classes"))
     print(f"generator {path}: {n} samples in {since(t)}")

@@ -197,7 +197,8 @@ def embed(model: FeatureNet, x: np.ndarray | torch.Tensor, batch_size: int = 500
     (N, C, H, W) in [-1, 1], in eval mode without gradients. The result does not depend on
     `batch_size` (up to float rounding); the model's train/eval mode is restored afterwards."""
     x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
-    assert tuple(x.shape[1:]) == model.shape, f"images {tuple(x.shape[1:])} do not fit the extractor {model.shape}"
+    if tuple(x.shape[1:]) != model.shape:
+        raise ValueError(f"images of shape {tuple(x.shape[1:])} do not fit the extractor, trained on {model.shape}")
     was_training = model.training
     model.eval()
     feats, probs = [], []

@@ -94,6 +94,8 @@ def test_embed_is_batch_size_and_order_invariant(trained, digits):
     np.testing.assert_allclose(p500.sum(1), 1.0, atol=1e-6)
     perm = np.random.default_rng(0).permutation(len(x))
     np.testing.assert_allclose(F.embed(model, x[perm])[0], f500[perm], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        F.embed(model, np.zeros((3, 1, 28, 28), np.float32))
     model.train()
     F.embed(model, x[:10])
     assert model.training, "embed restores the train/eval mode"
