@@ -5,10 +5,13 @@ of every metric, and the time to score 10,000 samples. Not a test.
                                           [--generator models/generator.pt] [--n 10000]
 
 With `--extractor PATH` the extractor is loaded from PATH when it exists, else trained and saved
-there. The 'generated' set for the timing is the training images, each shifted by up to one pixel
-and repeated up to n (nearly real), then uniform noise images (nothing real). With `--generator`
+there. The 'generated' sets for the timing are the training images, each shifted by up to one pixel
+and repeated up to n (nearly real on 28x28; on 8x8 digits a pixel is an eighth of the image), and
+uniform noise images (nothing real). With `--generator`
 the generator's n samples are scored against the training split, plus the label accuracy of
 conditional generators. Timings on a shared machine swing with its load: CPU seconds are printed too.
+One thread by default: on a busy 2-core machine two threads spin-wait on each other and ran the
+MNIST-5k training ten times slower (see tests/unit/conftest.py); on a quiet one, --threads 2 helps.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="mnist5k", choices=["mnist5k", "digits"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--extractor", default=None)
     ap.add_argument("--generator", default=None)

@@ -52,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     ab = sub.add_parser("apply-best", help="merge the best trial's searched values into params.yaml")
     ab.add_argument("--best", default="tune/best_params.yaml")
     ab.add_argument("--params", default="params.yaml")
+    pr = sub.add_parser("promote", help="make the registry's candidate the champion when its metric is better")
+    pr.add_argument("--params", default="params.yaml")
+    pr.add_argument("--metric", default=None, help="run metric to compare (default: eval/<tune.metric>)")
+    pr.add_argument("--mode", choices=["min", "max"], default=None, help="default: tune.mode")
+    sm = sub.add_parser("sample", help="draw samples from an exported generator")
+    sm.add_argument("--model", default="export", help="an .onnx file, an export folder or models:/name@alias")
+    sm.add_argument("--n", type=int, default=64)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--labels", default=None, help="class labels to cycle through, e.g. 0,1,2 (conditional models)")
+    sm.add_argument("--out", default="samples.png", help=".png (plot) or .npy (array)")
+    sm.add_argument("--params", default="params.yaml")
     ls = sub.add_parser("presets", help="list the presets")
     ls.add_argument("--presets-dir", default=PRESETS_DIR)
     args = p.parse_args(argv)
@@ -62,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             apply_preset(args.name, args.params, args.presets_dir)
         elif args.command == "apply-best":
             apply_best(args.best, args.params)
+        elif args.command == "promote":
+            return _promote(args)
+        elif args.command == "sample":
+            _sample(args)
         elif args.command == "presets":
             for f in sorted(Path(args.presets_dir).glob("*.yaml")):
                 first = f.read_text().splitlines()[0].lstrip("# ") if f.stat().st_size else ""
@@ -69,7 +84,43 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: invalid params:\n{e}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _promote(args) -> int:
+    from pipeline import registry, tracking
+
+    cfg = load_config(args.params)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    tracking.check_reachable(uri)
+    promoted, reason = registry.promote(
+        uri, cfg.export.model_name, args.metric or f"eval/{cfg.tune.metric}", args.mode or cfg.tune.mode
+    )
+    print(("promoted: " if promoted else "not promoted: ") + reason)
+    return 0
+
+
+def _sample(args) -> None:
+    import numpy as np
+
+    from pipeline import plots, registry, tracking
+
+    uri = None
+    if args.model.startswith("models:/"):
+        uri = tracking.resolve_uri(load_config(args.params).tracking.uri)
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    x = registry.sample(registry.resolve_onnx(args.model, uri), args.n, args.seed, labels)
+    out = Path(args.out)
+    if out.suffix == ".npy":
+        np.save(out, x)
+    elif x.ndim == 4:
+        plots.image_grid(x, out)
+    else:
+        plots.scatter_2d(x, x[:0], None, out, f"{args.n} samples")
+    print(f"wrote {len(x)} samples of shape {tuple(x.shape[1:])} to {out}")
 
 
 def apply_preset(name: str, params_path: str, presets_dir: str = PRESETS_DIR) -> None:

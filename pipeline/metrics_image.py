@@ -260,4 +260,3 @@ def _feats(x: np.ndarray, name: str, min_n: int) -> np.ndarray:
 def _same_dim(a: np.ndarray, b: np.ndarray) -> None:
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sets differ in width: {a.shape[1]} vs {b.shape[1]}")
-

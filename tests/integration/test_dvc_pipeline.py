@@ -57,6 +57,12 @@ def test_repro_runs_every_stage_then_only_what_changed(project: Path):
     assert tags["ganpipe.data_hash"] == manifest["content_hash"] and tags["ganpipe.dvc_stage"] == "train"
     assert len(tags["ganpipe.params_hash"]) == 12 and tags["ganpipe.ray_run"].endswith(train["ray_result_path"].split("/")[-1])
 
+    # registry: the first candidate becomes champion, the same version again is refused with a reason
+    assert "promoted: version 1 is now champion" in sh(project, "ganpipe", "promote").stdout
+    assert "already the champion" in sh(project, "ganpipe", "promote").stdout
+    sh(project, "ganpipe", "sample", "--model", "models:/ganpipe-generator@champion", "--n", "9", "--out", "s.npy")
+    assert np.load(project / "s.npy").shape == (9, 2)
+
     second = sh(project, "dvc", "repro")
     assert ran_stages(second.stdout) == []
 

@@ -96,10 +96,12 @@ def test_embed_is_batch_size_and_order_invariant(trained, digits):
     np.testing.assert_allclose(F.embed(model, x[perm])[0], f500[perm], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="do not fit"):
         F.embed(model, np.zeros((3, 1, 28, 28), np.float32))
-    model.train()
-    F.embed(model, x[:10])
+    before = state(model)
+    model.train()  # embed must switch BatchNorm to its running statistics, and not update them
+    np.testing.assert_allclose(F.embed(model, x, batch_size=60)[0], f500, rtol=1e-5, atol=1e-5)
     assert model.training, "embed restores the train/eval mode"
     model.eval()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_metrics_do_not_depend_on_embed_batch_size(trained, digits):
