@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,13 +226,28 @@ def search_alg(cfg: Config, parsed: dict[str, tuple[str, list]]):
     return OptunaSearch(seed=cfg.seed)
 
 
+def last_report(result) -> dict[str, Any]:
+    """The trial's own last report. `result.metrics` belongs to the latest checkpoint, which after a
+    PBT exploit is the donor's; the trial's progress table is its own."""
+    df = getattr(result, "metrics_dataframe", None)
+    if df is not None and len(df):
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in df.iloc[-1].to_dict().items()}
+    return dict(result.metrics or {})
+
+
+def trial_id(result) -> str:
+    """The trial id from the trial's folder name (run_trial_<id>_<n>_...)."""
+    m = re.match(r".*?_([0-9a-f]{5}_\d{5})", Path(result.path).name)
+    return m.group(1) if m else Path(result.path).name
+
+
 def trial_status(result, steps: int) -> tuple[str, str | None]:
     """(finished | stopped_early | failed, error) for a Tune result."""
     if result.error is not None:
         err = result.error
         cause = getattr(err, "cause", None) or err
         return "failed", f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}"
-    reached = (result.metrics or {}).get("step", 0)
+    reached = last_report(result).get("step") or 0
     return ("finished" if reached >= steps else "stopped_early"), None
 
 
@@ -297,8 +313,8 @@ def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         status, error = trial_status(r, cfg.train.steps)
-        m = r.metrics or {}
-        row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": status}
+        m = last_report(r)
+        row = {"trial_id": trial_id(r), "status": status}
         row.update({k: r.config.get(k) for k in keys})
         row.update({k: m.get(k) for k in REPORTED})
         row["error"] = error
