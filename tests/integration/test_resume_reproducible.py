@@ -21,9 +21,8 @@ pytestmark = pytest.mark.integration
 STEPS = 2000
 
 
-def train(project: Path, tag: str) -> subprocess.CompletedProcess:
-    return sh(
-        project,
+def train_cmd(tag: str) -> list[str]:
+    return [
         sys.executable,
         "stages/train.py",
         "--params",
@@ -32,7 +31,11 @@ def train(project: Path, tag: str) -> subprocess.CompletedProcess:
         f"models-{tag}",
         "--metrics",
         f"metrics-{tag}/train.json",
-    )
+    ]
+
+
+def train(project: Path, tag: str) -> subprocess.CompletedProcess:
+    return sh(project, *train_cmd(tag))
 
 
 def params_for(project: Path, tag: str) -> None:
@@ -45,16 +48,7 @@ def params_for(project: Path, tag: str) -> None:
 
 def kill_after_step(project: Path, tag: str, step: int) -> None:
     """Start the train stage and SIGKILL its whole process group once it has logged `step`."""
-    cmd = [
-        sys.executable,
-        "stages/train.py",
-        "--params",
-        f"params-{tag}.yaml",
-        "--models",
-        f"models-{tag}",
-        "--metrics",
-        f"metrics-{tag}/train.json",
-    ]
+    cmd = train_cmd(tag)
     p = subprocess.Popen(
         cmd, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
