@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable
 
-from pipeline import tracking
+from pipeline import outputs, tracking
 from pipeline.config import Config, ConfigError, load_config
 
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter in the terminal
@@ -17,6 +17,25 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     return p
+
+
+# input paths several stages read; each stage's own outputs are declared in the stage with `path`
+INPUTS = {
+    "--data": (outputs.PREPARED, "prepared data folder"),
+    "--models": (outputs.MODELS, "trained models folder"),
+    "--features": (outputs.FEATURES, "feature extractor folder"),
+    "--train-metrics": (outputs.TRAIN_METRICS, "train stage metrics"),
+    "--eval-metrics": (outputs.EVAL_METRICS, "evaluate stage metrics"),
+}
+
+
+def path(p: argparse.ArgumentParser, flag: str, default: str, what: str) -> None:
+    p.add_argument(flag, default=default, help=f"{what} (default: %(default)s)")
+
+
+def inputs(p: argparse.ArgumentParser, *flags: str) -> None:
+    for flag in flags:
+        path(p, flag, *INPUTS[flag])
 
 
 def config(args: argparse.Namespace) -> Config:

@@ -11,12 +11,9 @@ from stages import common
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("ganpipe evaluate", __doc__)
-    p.add_argument("--data", default=outputs.PREPARED, help="prepared data folder (default: %(default)s)")
-    p.add_argument("--models", default=outputs.MODELS, help="trained models folder (default: %(default)s)")
-    p.add_argument("--features", default=outputs.FEATURES, help="feature extractor folder (default: %(default)s)")
-    p.add_argument("--train-metrics", default=outputs.TRAIN_METRICS, help="train stage metrics (default: %(default)s)")
-    p.add_argument("--metrics", default=outputs.EVAL_METRICS, help="output metrics file (default: %(default)s)")
-    p.add_argument("--plots", default=outputs.PLOTS, help="output plots folder (default: %(default)s)")
+    common.inputs(p, "--data", "--models", "--features", "--train-metrics")
+    common.path(p, "--metrics", outputs.EVAL_METRICS, "output metrics file")
+    common.path(p, "--plots", outputs.PLOTS, "output plots folder")
     args = p.parse_args(argv)
     return common.run(lambda: evaluate(args))
 

@@ -11,11 +11,8 @@ from stages import common
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("ganpipe export", __doc__)
-    p.add_argument("--data", default=outputs.PREPARED, help="prepared data folder (default: %(default)s)")
-    p.add_argument("--models", default=outputs.MODELS, help="trained models folder (default: %(default)s)")
-    p.add_argument("--train-metrics", default=outputs.TRAIN_METRICS, help="train stage metrics (default: %(default)s)")
-    p.add_argument("--eval-metrics", default=outputs.EVAL_METRICS, help="evaluate stage metrics (default: %(default)s)")
-    p.add_argument("--out", default=outputs.EXPORT, help="output folder (default: %(default)s)")
+    common.inputs(p, "--data", "--models", "--train-metrics", "--eval-metrics")
+    common.path(p, "--out", outputs.EXPORT, "output folder")
     args = p.parse_args(argv)
     return common.run(lambda: run_export(args))
 

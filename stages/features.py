@@ -12,9 +12,9 @@ from stages import common
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("ganpipe features", __doc__)
-    p.add_argument("--data", default=outputs.PREPARED, help="prepared data folder (default: %(default)s)")
-    p.add_argument("--out", default=outputs.FEATURES, help="output folder (default: %(default)s)")
-    p.add_argument("--metrics", default=outputs.FEATURE_METRICS, help="output metrics (default: %(default)s)")
+    common.inputs(p, "--data")
+    common.path(p, "--out", outputs.FEATURES, "output folder")
+    common.path(p, "--metrics", outputs.FEATURE_METRICS, "output metrics")
     args = p.parse_args(argv)
     return common.run(lambda: run(args))
 

@@ -10,7 +10,7 @@ from stages import common
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("ganpipe prepare", __doc__)
-    p.add_argument("--out", default=outputs.PREPARED, help="output folder (default: %(default)s)")
+    common.path(p, "--out", outputs.PREPARED, "output folder")
     args = p.parse_args(argv)
 
     def body() -> None:

@@ -13,9 +13,9 @@ from stages import common
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("ganpipe train", __doc__)
-    p.add_argument("--data", default=outputs.PREPARED, help="prepared data folder (default: %(default)s)")
-    p.add_argument("--models", default=outputs.MODELS, help="output folder for models (default: %(default)s)")
-    p.add_argument("--metrics", default=outputs.TRAIN_METRICS, help="output metrics file (default: %(default)s)")
+    common.inputs(p, "--data")
+    common.path(p, "--models", outputs.MODELS, "output folder for models")
+    common.path(p, "--metrics", outputs.TRAIN_METRICS, "output metrics file")
     args = p.parse_args(argv)
     return common.run(lambda: train(args))
 

@@ -18,8 +18,8 @@ STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("ganpipe tune", __doc__)
-    p.add_argument("--data", default=outputs.PREPARED, help="prepared data folder (default: %(default)s)")
-    p.add_argument("--out", default=outputs.TUNE, help="output folder (default: %(default)s)")
+    common.inputs(p, "--data")
+    common.path(p, "--out", outputs.TUNE, "output folder")
     args = p.parse_args(argv)
     return common.run(lambda: run(args))
 
