@@ -33,6 +33,9 @@ _QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints reach the terminal once, not twice
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune: no experiment banner or tables (verbose=0 is honoured)
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    # the controller learns of reported checkpoints when it polls the workers; a worker lost before
+    # the next poll loses its latest checkpoints to the restart (default 2 s)
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 
 

@@ -184,7 +184,12 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed)
+    start = gan.step
     training.train(gan, cfg, batches, training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint))
+    if gan.step == start:
+        # restored at the last step (a PBT exploit of a finished donor): nothing left to train, but
+        # the trial's own table must still end on its final step and metrics
+        on_checkpoint(gan, True)
 
 
 # ---- the sweep --------------------------------------------------------------------------------

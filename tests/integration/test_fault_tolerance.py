@@ -42,7 +42,7 @@ def test_killed_worker_is_replaced_and_training_completes(project: Path):
             if m and victim is None:
                 victim = int(m.group(2))  # rank 1
             step = re.match(r"\[train\] step (\d+)/", line)
-            if victim and not killed and step and int(step.group(1)) >= 400:
+            if victim and not killed and step and int(step.group(1)) >= 1000:
                 os.kill(victim, signal.SIGKILL)
                 killed = True
         p.wait(timeout=600)
