@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import data, distributed, tracking, tune
+from pipeline import data, distributed, live_eval, tracking, tune
 from pipeline.config import build_config, deep_merge, read_yaml
 
 SPACE = {"train.lr_g": {"loguniform": [1e-4, 3e-3]}, "train.lr_d": {"loguniform": [1e-4, 3e-3]}}
@@ -27,8 +27,7 @@ def sweep(raw: dict, root: Path, name: str):
         raw,
         list(parsed),
         prepared.x_train,
-        prepared.x_val,
-        cfg.data.name,
+        live_eval.from_prepared(cfg, prepared, None),
         uri,
         tracking.experiment_id(uri, "bench-tune"),
         parent,

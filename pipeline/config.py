@@ -127,6 +127,8 @@ class TuneConfig(_Section):
 
 class EvalConfig(_Section):
     n_samples: int = Field(2500, gt=0)
+    every: int = Field(0, ge=0)  # in-training evaluation every N steps (and at the end); 0 = off
+    live_samples: int = Field(1000, ge=50)  # samples per in-training evaluation
 
 
 class ExportConfig(_Section):
@@ -200,10 +202,11 @@ class Config(_Section):
         """Dotted keys -> values, as MLflow params."""
         return flatten(self.to_dict())
 
-    def fingerprint(self, *sections: str) -> str:
-        """Stable short hash of the given top-level sections (all when none given)."""
+    def fingerprint(self, *keys: str) -> str:
+        """Stable short hash of the given sections or dotted keys (everything when none given)."""
         d = self.to_dict()
-        picked = {k: d[k] for k in (sections or d.keys())}
+        flat = self.flat()
+        picked = {k: d[k] if k in d else flat[k] for k in (keys or d.keys())}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
 
 

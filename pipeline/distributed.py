@@ -103,14 +103,23 @@ class TrainJob:
     tracking_uri: str
     run_id: str
     fit_id: str  # one per fit() call: tells a Ray restart (same fit) from a rerun of the stage
+    live_ref: Any = None  # ray.ObjectRef of a live_eval.LiveEval (rank 0 runs it), or None
 
 
 def fit(
-    cfg: Config, x_train, tracking_uri: str, run_id: str, name: str, y_train=None, num_classes: int | None = None
+    cfg: Config,
+    x_train,
+    tracking_uri: str,
+    run_id: str,
+    name: str,
+    y_train=None,
+    num_classes: int | None = None,
+    live=None,
 ) -> tuple[dict[str, Any], str]:
     """Train under Ray Train; returns (final GAN state, Ray result path).
 
-    A run with the same storage root and name continues from its last checkpoint.
+    A run with the same storage root and name continues from its last checkpoint. `live` (a
+    live_eval.LiveEval) is run by rank 0 every `eval.every` steps when given.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -120,7 +129,8 @@ def fit(
     t = cfg.train
     y = None if y_train is None else torch.from_numpy(y_train)
     data_ref = ray.put((torch.from_numpy(x_train), y, num_classes))
-    job = TrainJob(cfg.to_dict(), data_ref, tracking_uri, run_id, uuid.uuid4().hex)
+    live_ref = None if live is None or not cfg.eval.every else ray.put(live)
+    job = TrainJob(cfg.to_dict(), data_ref, tracking_uri, run_id, uuid.uuid4().hex, live_ref)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": job},
@@ -269,11 +279,24 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             metrics.flush()
             progress.show(step, stats)
 
+    live = ray.get(job.live_ref) if rank == 0 and job.live_ref is not None else None
+    latest: dict[str, float] = {}  # the last in-training evaluation, sent with every report
+
+    def on_eval(g: training.GAN) -> dict[str, float]:
+        if live is None:
+            return {}
+        values = live(g.G_ema if g.G_ema is not None else g.G, cfg.model.z_dim)
+        latest.update({f"val/{k}": v for k, v in values.items()})
+        metrics.add(g.step, latest)
+        metrics.flush()
+        print(f"[train] eval at step {g.step}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items()), flush=True)
+        return values
+
     def on_checkpoint(g: training.GAN, final: bool) -> None:
         if world > 1:  # every worker holds (and rank 0 saves) the same batch-norm running statistics
             for module in (g.G, g.D, g.G_ema):
                 _average_buffers(module, world)
-        report = {"step": g.step}
+        report = {"step": g.step, **latest}
         if metrics is not None:
             metrics.flush(wait=final)
         if rank != 0:
@@ -283,7 +306,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             torch.save({**training.gan_state(g), "fit_id": job.fit_id, "restarts": restarts}, Path(d) / STATE_FILE)
             ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
 
-    hooks = training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint)
+    hooks = training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval)
     if world > 1:
         hooks.sync_grads, hooks.reduce_stats = _allreduce_mean(world), _reduce_stats(world)
     if gan.step >= cfg.train.steps:  # already finished: hand the final state back again

@@ -80,3 +80,32 @@ def scatter_metric(rows: list[dict], keys: list[str], metric: str, path: Path) -
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def metric_panels(rows: list[dict[str, float]], path: Path) -> None:
+    """One small panel per metric over training steps (they live on different scales)."""
+    plt = _plt()
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "step"]
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3 * max(len(keys), 1), 2.8), dpi=100, squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts), marker=".")
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def nearest_neighbours(
+    fake: np.ndarray, real: np.ndarray, fake_f: np.ndarray, real_f: np.ndarray, path: Path, n: int = 8, k: int = 5
+) -> np.ndarray:
+    """A grid whose rows are a generated image followed by its k nearest training images in feature
+    space: copies of the training set (memorisation) show up as near-identical rows. Returns the
+    indices (n, k) of the neighbours."""
+    d = ((fake_f[:n, None, :] - real_f[None, :, :]) ** 2).sum(-1)
+    idx = np.argsort(d, axis=1)[:, :k]
+    rows = [np.concatenate([fake[i : i + 1], real[idx[i]]]) for i in range(min(n, len(fake)))]
+    image_grid(np.concatenate(rows), path, nrow=k + 1)
+    return idx

@@ -38,6 +38,7 @@ class GAN:
     spec: dict[str, Any]
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # one row per log tick
+    evals: list[dict[str, float]] = field(default_factory=list)  # one row per in-training evaluation
     scaler_d: torch.amp.GradScaler | None = None  # fp16 loss scaling, one per player
     scaler_g: torch.amp.GradScaler | None = None
     ada_p: float = 0.0  # ADA augmentation probability
@@ -82,6 +83,7 @@ def gan_state(gan: GAN) -> dict[str, Any]:
         "step": gan.step,
         "spec": gan.spec,
         "history": list(gan.history),
+        "evals": list(gan.evals),
         "G": gan.G.state_dict(),
         "D": gan.D.state_dict(),
         "G_ema": None if gan.G_ema is None else gan.G_ema.state_dict(),
@@ -111,6 +113,7 @@ def load_gan_state(gan: GAN, state: dict[str, Any], cfg: Config) -> None:
     gan.step = int(state["step"])
     gan.ada_p, gan.ada_acc = float(state.get("ada_p", 0.0)), list(state.get("ada_acc", [0.0, 0.0]))
     gan.history = list(state.get("history", []))
+    gan.evals = list(state.get("evals", []))
 
 
 def step_generator(seed: int, step: int, phase: int) -> torch.Generator:
@@ -144,6 +147,7 @@ class Hooks:
     sync_grads: GradSync = no_sync  # average .grad across workers
     on_log: Callable[[int, dict[str, float]], None] = lambda step, stats: None
     on_checkpoint: Callable[[GAN, bool], None] = lambda gan, final: None
+    on_eval: Callable[[GAN], dict[str, float]] = lambda gan: {}  # in-training metrics ({} = none)
     reduce_stats: Callable[[dict[str, float]], dict[str, float]] = lambda s: s
 
 
@@ -366,6 +370,11 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
                 gan.history.append({"step": gan.step, **means})
                 hooks.on_log(gan.step, means)
                 sums, count, tick = {}, 0, now
+        every = cfg.eval.every
+        if every and (gan.step % every == 0 or last):
+            row = hooks.on_eval(gan)
+            if row:
+                gan.evals.append({"step": gan.step, **row})
         if gan.step % t.checkpoint_every == 0 or last:
             hooks.on_checkpoint(gan, last)
     return gan
@@ -379,14 +388,16 @@ def sample(
     Conditional generators get balanced labels `arange(n) % num_classes` (see `sample_labels`).
     """
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, z_dim, generator=g)
+    device = next(G.parameters()).device
+    z = torch.randn(n, z_dim, generator=g).to(device)
     y = sample_labels(n, num_classes)
+    y = None if y is None else y.to(device)
     was_training = G.training
     G.eval()
     with torch.no_grad():
         out = torch.cat([G(z[i : i + batch], *_y(None if y is None else y[i : i + batch])) for i in range(0, n, batch)])
     G.train(was_training)
-    return out.numpy()
+    return out.float().cpu().numpy()
 
 
 def sample_labels(n: int, num_classes: int | None) -> torch.Tensor | None:

@@ -129,22 +129,10 @@ class SweepJob:
     base_raw: dict[str, Any]
     keys: list[str]
     x_train: np.ndarray
-    x_val: np.ndarray
-    dataset: str
+    live: Any  # live_eval.LiveEval: the metrics every report carries
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-
-
-def trial_metrics(G: torch.nn.Module, cfg: Config, x_val: np.ndarray, dataset: str, n: int = 1000) -> dict[str, float]:
-    """The cheap in-training evaluation reported to Tune: 2D mode metrics and W1 on n samples."""
-    from pipeline import metrics2d, training
-
-    samples = training.sample(G, n, cfg.model.z_dim, cfg.seed + 1)
-    out = {"w1": metrics2d.w1(samples, x_val[:n])}
-    if dataset in ("ring", "grid"):
-        out.update(metrics2d.mode_metrics(samples, dataset))
-    return out
 
 
 def run_trial(config: dict[str, Any], job: SweepJob) -> None:
@@ -177,7 +165,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         metrics = {"step": g.step, **{k: v for k, v in last.items() if k.startswith("loss/")}}
         # the learning rates the optimizers really use (after a PBT exploit: the mutated ones)
         metrics["opt/lr_g"], metrics["opt/lr_d"] = g.opt_g.param_groups[0]["lr"], g.opt_d.param_groups[0]["lr"]
-        metrics.update(trial_metrics(G, cfg, job.x_val, job.dataset))
+        metrics.update(job.live(G, cfg.model.z_dim))
         tracking.log_summary_metrics(job.tracking_uri, run_id, {**metrics, **hp}, g.step)
         with tempfile.TemporaryDirectory() as d:
             torch.save(training.gan_state(g), Path(d) / STATE_FILE)

@@ -32,9 +32,16 @@ def evaluate(args) -> None:
         history = outputs.read_csv(Path(args.models) / "history.csv")
         outputs.write_csv(tmp / "losses.csv", history)
         plots.curves(history, ["loss/D", "loss/G", "D/real", "D/fake"], tmp / "losses.png")
+        evals = _read_evals(Path(args.models) / "evals.csv")
+        if evals:  # the in-training evaluations (eval.every): metric curves
+            outputs.write_csv(tmp / "evals.csv", evals)
+            plots.metric_panels(evals, tmp / "evals.png")
         if prepared.is_image:
             plots.image_grid(samples, tmp / "samples.png")
-            result = image_scores(samples, prepared, spec, Path(args.features), cfg)
+            k = spec.get("num_classes")
+            if k:  # one column per class: labels are arange(n) % k
+                plots.image_grid(samples[: k * k], tmp / "samples_by_class.png", nrow=k)
+            result = image_scores(samples, prepared, spec, Path(args.features), cfg, tmp)
         else:
             real = prepared.x_val[:n]
             centers = data.mixture(dataset).centers if dataset in ("ring", "grid") else None
@@ -48,12 +55,18 @@ def evaluate(args) -> None:
     tracking.log_summary_metrics(uri, run_id, {f"eval/{k}": v for k, v in result.items()})
     tracking.log_artifacts(uri, run_id, [args.plots], "plots")
     print("[evaluate] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-    print(f"[evaluate] plots in {args.plots}/ (samples.png, losses.png); metrics in {args.metrics}")
+    shown = ", ".join(sorted(p.name for p in Path(args.plots).glob("*.png")))
+    print(f"[evaluate] plots in {args.plots}/ ({shown}); metrics in {args.metrics}")
 
 
-def image_scores(samples, prepared, spec, features_dir: Path, cfg) -> dict:
+def _read_evals(path: Path) -> list[dict[str, float]]:
+    return outputs.read_csv(path) if path.is_file() and path.stat().st_size else []
+
+
+def image_scores(samples, prepared, spec, features_dir: Path, cfg, plots_dir: Path) -> dict:
     """FID, KID, precision/recall, density/coverage, class modes and class KL in the feature space of
-    the pipeline's own extractor (named in the result: numbers from different extractors never mix)."""
+    the pipeline's own extractor (named in the result: numbers from different extractors never mix),
+    and the nearest training images of a few samples (plots_dir/nearest.png)."""
     from pipeline import features, metrics_image
 
     extractor, info = features.load_extractor(features_dir / "extractor.pt")
@@ -62,6 +75,8 @@ def image_scores(samples, prepared, spec, features_dir: Path, cfg) -> dict:
     k = prepared.manifest["classes"] or extractor.num_classes
     result = metrics_image.image_metrics(real_f, real_p, fake_f, fake_p, k, cfg.seed)
     result["extractor"] = info["extractor"]
+    train_f, _ = features.embed(extractor, prepared.x_train)
+    plots.nearest_neighbours(samples, prepared.x_train, fake_f, train_f, plots_dir / "nearest.png")
     labels = training.sample_labels(len(samples), spec.get("num_classes"))
     if labels is not None and info["extractor"] == "classifier":
         result["label_accuracy"] = metrics_image.label_accuracy(fake_p, labels.numpy())

@@ -6,14 +6,14 @@ import hashlib
 import sys
 import time
 
-from pipeline import data, distributed, outputs, tracking, training
+from pipeline import data, distributed, live_eval, outputs, tracking, training
 from pipeline.models import build_generator
 from stages import common
 
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("ganpipe train", __doc__)
-    common.inputs(p, "--data")
+    common.inputs(p, "--data", "--features")
     common.path(p, "--models", outputs.MODELS, "output folder for models")
     common.path(p, "--metrics", outputs.TRAIN_METRICS, "output metrics file")
     args = p.parse_args(argv)
@@ -27,7 +27,7 @@ def train(args) -> None:
     if cfg.model.conditional and prepared.y_train is None:
         raise ValueError("model.conditional: the prepared data has no labels (an npz needs a 'y' array)")
     # same params + same data -> same Ray run name and MLflow run: a rerun resumes, never restarts
-    key = f"{cfg.fingerprint('seed', 'model', 'loss', 'train')}-{data_hash[:12]}"
+    key = f"{cfg.fingerprint('seed', 'model', 'loss', 'train', 'eval.every', 'eval.live_samples')}-{data_hash[:12]}"
     name = f"ganpipe-{cfg.data.name}-{key}"
     uri = common.tracking_uri(cfg)
     # the Ray run lives at storage root + name; its MLflow run is found by that same address
@@ -44,10 +44,11 @@ def train(args) -> None:
     print(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {tracking.redact(uri)}")
     print(f"[train] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}; {cfg.train.num_workers} worker(s)")
 
+    live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.eval.every else None
     t0 = time.perf_counter()
     try:
         state, result_path = distributed.fit(
-            cfg, prepared.x_train, uri, run_id, name, prepared.y_train, prepared.manifest["classes"]
+            cfg, prepared.x_train, uri, run_id, name, prepared.y_train, prepared.manifest["classes"], live
         )
     except BaseException as e:
         tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -63,6 +64,7 @@ def train(args) -> None:
 
         torch.save({"state_dict": state["D"]}, tmp / "discriminator.pt")
         outputs.write_csv(tmp / "history.csv", state["history"])
+        outputs.write_csv(tmp / "evals.csv", state.get("evals", []))
         spec = state["spec"]
         n = 64 if prepared.is_image else 1000
         samples = training.sample(G, n, spec["z_dim"], cfg.seed, num_classes=spec.get("num_classes"))

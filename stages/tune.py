@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import data, distributed, outputs, tracking, tune
+from pipeline import data, distributed, live_eval, outputs, tracking, tune
 from pipeline.config import deep_merge, read_yaml, unflatten
 from stages import common
 
@@ -18,7 +18,7 @@ STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("ganpipe tune", __doc__)
-    common.inputs(p, "--data")
+    common.inputs(p, "--data", "--features")
     common.path(p, "--out", outputs.TUNE, "output folder")
     args = p.parse_args(argv)
     return common.run(lambda: run(args))
@@ -46,7 +46,8 @@ def run(args) -> None:
     )
     print(f"[tune] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}")
 
-    job = tune.SweepJob(raw, list(parsed), prepared.x_train, prepared.x_val, cfg.data.name, uri, exp_id, parent)
+    live = live_eval.from_prepared(cfg, prepared, args.features)
+    job = tune.SweepJob(raw, list(parsed), prepared.x_train, live, uri, exp_id, parent)
     try:
         results = tune.run_sweep(cfg, parsed, job, storage_path, fs, name)
     except BaseException as e:
