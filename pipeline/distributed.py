@@ -115,6 +115,7 @@ def fit(
     y_train=None,
     num_classes: int | None = None,
     live=None,
+    callbacks: list | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Train under Ray Train; returns (final GAN state, Ray result path).
 
@@ -146,6 +147,7 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks or [],
         ),
     )
     try:

@@ -11,10 +11,12 @@ The search space (`tune.search_space`) maps dotted params keys to one distributi
         loss.name: {grid: [nonsaturating, hinge]}   # every value, times num_samples
 
 It is checked before anything starts: every key must be a params key, every range non-empty, and
-every value it can produce must give a valid config. Trials run the training loop directly in the
-trial (single-worker: the cheap path), report the 2D metrics at every checkpoint tick, and save a
-checkpoint there; ASHA stops poor trials early, PBT copies a donor's checkpoint and mutates the
-continuous keys (the optimizers take the new learning rates after the restore).
+every value it can produce must give a valid config. A single-worker trial runs the training loop
+directly in the trial (the cheap path), reports the in-training metrics (live_eval) at every
+checkpoint tick, and saves a checkpoint there; ASHA stops poor trials early, PBT copies a donor's
+checkpoint and mutates the continuous keys (the optimizers take the new learning rates after the
+restore). A multi-worker trial (train.num_workers > 1) fits a Ray Train TorchTrainer from the trial,
+whose reports reach Tune through a callback (ASHA works; PBT needs single-worker trials).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ CONTINUOUS = ("uniform", "loguniform")
 STATE_FILE = "state.pt"
 TRIAL_TAG = "ganpipe.trial_id"
 STATUS_TAG = "ganpipe.trial_status"
-REPORTED = ("step", "w1", "modes", "hq_fraction", "reverse_kl", "loss/D", "loss/G", "opt/lr_g", "opt/lr_d")
+LIVE_METRICS = ("w1", "modes", "hq_fraction", "reverse_kl", "fid", "class_modes", "class_kl", "label_accuracy")
+REPORTED = ("step", *LIVE_METRICS, "loss/D", "loss/G", "opt/lr_g", "opt/lr_d")
 
 
 # ---- the search space: parsed and validated, pure ---------------------------------------------
@@ -133,6 +136,9 @@ class SweepJob:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    y_train: np.ndarray | None = None
+    num_classes: int | None = None
+    sweep_name: str = "sweep"  # multi-worker trials name their Ray Train runs after it
 
 
 def run_trial(config: dict[str, Any], job: SweepJob) -> None:
@@ -141,11 +147,15 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
 
     from pipeline import tracking, training
 
-    torch.set_num_threads(1)
     overrides = {k: config[k] for k in job.keys}
     cfg = build_config(deep_merge(job.base_raw, unflatten(overrides)))
+    if cfg.train.num_workers > 1:
+        return _fit_trial(cfg, overrides, job)
+    torch.set_num_threads(cfg.train.cpus_per_worker)
     x = torch.tensor(job.x_train)  # a copy: arrays from the object store are read-only
-    gan = training.build_gan(cfg, list(x.shape[1:]))
+    y = None if job.y_train is None else torch.tensor(job.y_train)
+    num_classes = job.num_classes if cfg.model.conditional else None
+    gan = training.build_gan(cfg, list(x.shape[1:]), num_classes=num_classes)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -171,13 +181,51 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
             torch.save(training.gan_state(g), Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed)
+    batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, y=y, num_classes=num_classes or 0)
     start = gan.step
     training.train(gan, cfg, batches, training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint))
     if gan.step == start:
         # restored at the last step (a PBT exploit of a finished donor): nothing left to train, but
         # the trial's own table must still end on its final step and metrics
         on_checkpoint(gan, True)
+
+
+def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
+    """A multi-worker trial: a Ray Train run of its own (named after the sweep and the trial, so a
+    resumed sweep resumes it too), evaluated at every checkpoint, reporting to Tune via a callback."""
+    from ray import tune
+
+    from pipeline import distributed, tracking
+
+    ctx = tune.get_context()
+    run_id = tracking.nested_run(
+        job.tracking_uri, job.experiment_id, job.parent_run_id, ctx.get_trial_id(), ctx.get_trial_name(), overrides
+    )
+    every = build_config(deep_merge(cfg.to_dict(), {"eval": {"every": cfg.train.checkpoint_every}}))
+    distributed.fit(
+        every,
+        job.x_train,
+        job.tracking_uri,
+        run_id,
+        f"{job.sweep_name}-{ctx.get_trial_id()}",
+        job.y_train,
+        job.num_classes,
+        live=job.live,
+        callbacks=[_train_to_tune()],
+    )
+
+
+def _train_to_tune():
+    """Ray Train's TuneReportCallback, with the workers' `val/` metric names as Tune sees them from
+    single-worker trials (`w1`, `fid`, ...)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class Report(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            renamed = [{k.removeprefix("val/"): v for k, v in m.items()} for m in metrics]
+            super().after_report(run_context, renamed, checkpoint)
+
+    return Report()
 
 
 # ---- the sweep --------------------------------------------------------------------------------
@@ -245,15 +293,15 @@ def trial_status(result, steps: int) -> tuple[str, str | None]:
 
 
 def check_tunable(cfg: Config) -> None:
-    if cfg.train.num_workers != 1:
+    if cfg.train.num_workers > 1 and cfg.tune.scheduler == "pbt":
         raise ConfigError(
-            "train.num_workers: tune runs single-worker trials (the training loop inside the trial); "
-            f"multi-worker trials are not supported yet, got {cfg.train.num_workers}"
+            "tune.scheduler: pbt exploits copy a trial's own checkpoint, which needs single-worker trials "
+            f"(train.num_workers: 1), got train.num_workers {cfg.train.num_workers}; use asha or none"
         )
-    if cfg.tune.metric not in ("w1", "modes", "hq_fraction", "reverse_kl", "loss/D", "loss/G"):
+    reported = (*LIVE_METRICS, "loss/D", "loss/G")
+    if cfg.tune.metric not in reported:
         raise ConfigError(
-            f"tune.metric: must be one the trials report (w1, modes, hq_fraction, reverse_kl, loss/D, loss/G), "
-            f"got {cfg.tune.metric!r}"
+            f"tune.metric: must be one the trials report ({', '.join(reported)}), got {cfg.tune.metric!r}"
         )
 
 
@@ -265,7 +313,12 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
     """Fit the sweep (or resume it, finishing only what was left); returns Tune's ResultGrid."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": 1})
+    # a single-worker trial trains in the trial itself (its CPUs); a multi-worker trial only drives a
+    # Ray Train run, whose workers ask for their own CPUs
+    t = cfg.train
+    # (Tune refuses an empty request: the driver asks for one byte of memory instead of a CPU)
+    need = {"cpu": t.cpus_per_worker} if t.num_workers == 1 else {"cpu": 0, "memory": 1}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), need)
     path = os.path.join(storage_path, name)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[tune] resuming the sweep at {path}: finished trials are kept", flush=True)

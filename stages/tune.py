@@ -47,7 +47,18 @@ def run(args) -> None:
     print(f"[tune] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}")
 
     live = live_eval.from_prepared(cfg, prepared, args.features)
-    job = tune.SweepJob(raw, list(parsed), prepared.x_train, live, uri, exp_id, parent)
+    job = tune.SweepJob(
+        raw,
+        list(parsed),
+        prepared.x_train,
+        live,
+        uri,
+        exp_id,
+        parent,
+        prepared.y_train,
+        prepared.manifest["classes"],
+        name,
+    )
     try:
         results = tune.run_sweep(cfg, parsed, job, storage_path, fs, name)
     except BaseException as e:

@@ -98,3 +98,31 @@ def test_pbt_mutates_learning_rates_and_the_optimizer_uses_them(project: Path):
     _, _, children = mlflow_children(project)
     initial = {c.data.tags["ganpipe.trial_id"]: float(c.data.params["train.lr_g"]) for c in children}
     assert any(float(r["train.lr_g"]) != pytest.approx(initial[r["trial_id"]]) for r in rows)
+
+
+def test_multi_worker_trials_fit_a_train_run_each_and_report_to_tune(project: Path):
+    """train.num_workers: 2 -> every trial drives a Ray Train run (2 gloo workers); its evaluations
+    reach Tune under the same names as single-worker trials, and each trial's MLflow run has them."""
+    sh(project, sys.executable, "stages/prepare.py")
+    space = {"train.lr_g": {"grid": [0.0005, 0.002]}}
+    out = sweep(
+        project,
+        {"num_samples": 1, "scheduler": "none", "max_concurrent": 1, "search_space": space},
+        {"steps": 100, "checkpoint_every": 50, "num_workers": 2},
+    )
+    rows = trials(project)
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows), rows
+    assert all(int(float(r["step"])) == 100 and float(r["w1"]) > 0 for r in rows), rows
+    assert "2 worker(s) on cpu" in out.stdout
+    client, _, children = mlflow_children(project)
+    for c in children:
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "val/w1")]
+        assert steps == [50, 100], steps  # evaluated at every checkpoint
+
+
+def test_pbt_with_multi_worker_trials_is_refused_before_anything_starts(project: Path):
+    set_params(project, {"train": {"num_workers": 2}, "tune": {"scheduler": "pbt",
+               "search_space": {"train.lr_g": {"loguniform": [1e-4, 1e-2]}}}})
+    p = sh(project, sys.executable, "stages/tune.py", check=False)
+    assert p.returncode == 2 and "tune.scheduler: pbt" in p.stderr and "num_workers" in p.stderr
+    assert not (project / "tune").exists()
