@@ -43,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--overhead-only", action="store_true")
     args = ap.parse_args()
     distributed.ensure_ray(None, 2)
     root = Path(tempfile.mkdtemp(prefix="bench-tune-"))
@@ -67,6 +68,9 @@ def main() -> None:
     )
     wall, _ = sweep(tiny, root, "overhead")
     overhead = wall / (8 / 2)
+    if args.overhead_only:
+        print(f"per-trial overhead (start to first report, 1-step trials): {overhead:.2f} s  (target < 2 s)")
+        return
 
     asha_wall, asha = sweep(deep_merge(base, {"tune": {"scheduler": "asha"}}), root, "asha")
     fifo_wall, fifo = sweep(deep_merge(base, {"tune": {"scheduler": "none"}}), root, "fifo")

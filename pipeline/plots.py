@@ -31,11 +31,12 @@ def scatter_2d(samples: np.ndarray, real: np.ndarray, centers: np.ndarray | None
     plt.close(fig)
 
 
-def image_grid(images: np.ndarray, path: Path, nrow: int = 8) -> None:
-    """images (N, C, H, W) in [-1, 1] -> one PNG grid, N clipped to nrow**2."""
+def image_grid(images: np.ndarray, path: Path, nrow: int = 8, max_rows: int | None = None) -> None:
+    """images (N, C, H, W) in [-1, 1] -> one PNG grid of `nrow` columns, N clipped to nrow * max_rows
+    (max_rows defaults to nrow: a square)."""
     from PIL import Image
 
-    x = images[: nrow * nrow]
+    x = images[: nrow * (max_rows or nrow)]
     n, c, h, w = x.shape
     rows = int(np.ceil(n / nrow))
     grid = np.ones((c, rows * (h + 2) + 2, nrow * (w + 2) + 2), dtype=np.float32)
@@ -107,5 +108,5 @@ def nearest_neighbours(
     d = ((fake_f[:n, None, :] - real_f[None, :, :]) ** 2).sum(-1)
     idx = np.argsort(d, axis=1)[:, :k]
     rows = [np.concatenate([fake[i : i + 1], real[idx[i]]]) for i in range(min(n, len(fake)))]
-    image_grid(np.concatenate(rows), path, nrow=k + 1)
+    image_grid(np.concatenate(rows), path, nrow=k + 1, max_rows=len(rows))
     return idx

@@ -340,7 +340,9 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 scheduler=scheduler(cfg, parsed),
                 search_alg=search_alg(cfg, parsed),
                 num_samples=cfg.tune.num_samples,
-                max_concurrent_trials=cfg.tune.max_concurrent,
+                # the random search generator limits itself (Tune would warn and ignore this)
+                max_concurrent_trials=None if cfg.tune.search_alg == "random" else cfg.tune.max_concurrent,
+                reuse_actors=True,  # a trial starts in a warm process: imports and MLflow client kept
             ),
             run_config=tune.RunConfig(
                 name=name,
