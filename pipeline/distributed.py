@@ -71,20 +71,14 @@ def storage_filesystem(root: str, endpoint_url: str | None):
     """(storage_path, pyarrow filesystem or None) for Ray's RunConfig.
 
     Local roots become absolute paths. For s3:// roots the endpoint is given to pyarrow
-    explicitly: it does not read AWS_ENDPOINT_URL.
+    explicitly (it does not read AWS_ENDPOINT_URL), with retries on transient errors.
     """
     if not root.startswith("s3://"):
         return str(Path(root).expanduser().resolve()), None
-    import pyarrow.fs
+    from pipeline import s3
 
-    kwargs: dict[str, Any] = {}
-    if endpoint_url:
-        kwargs["endpoint_override"] = endpoint_url
-        kwargs["scheme"] = "https" if endpoint_url.startswith("https") else "http"
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        kwargs["region"] = region
-    return root[len("s3://") :].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+    return root[len("s3://") :].rstrip("/"), s3.arrow_filesystem(endpoint_url, region)
 
 
 def run_address(root: str, name: str) -> str:
@@ -103,14 +97,24 @@ class TrainJob:
     tracking_uri: str
     run_id: str
     fit_id: str  # one per fit() call: tells a Ray restart (same fit) from a rerun of the stage
+    spill_path: str | None = None  # where rank 0 keeps metrics the MLflow server never took
 
 
 def fit(
-    cfg: Config, x_train, tracking_uri: str, run_id: str, name: str, y_train=None, num_classes: int | None = None
+    cfg: Config,
+    x_train,
+    tracking_uri: str,
+    run_id: str,
+    name: str,
+    y_train=None,
+    num_classes: int | None = None,
+    spill_path: str | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Train under Ray Train; returns (final GAN state, Ray result path).
 
-    A run with the same storage root and name continues from its last checkpoint.
+    A run with the same storage root and name continues from its last checkpoint. Per-step metrics
+    the MLflow server did not take by the end (see tracking.MetricBuffer) go to `spill_path`, a path
+    on rank 0's machine.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -120,7 +124,7 @@ def fit(
     t = cfg.train
     y = None if y_train is None else torch.from_numpy(y_train)
     data_ref = ray.put((torch.from_numpy(x_train), y, num_classes))
-    job = TrainJob(cfg.to_dict(), data_ref, tracking_uri, run_id, uuid.uuid4().hex)
+    job = TrainJob(cfg.to_dict(), data_ref, tracking_uri, run_id, uuid.uuid4().hex, spill_path)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": job},
@@ -251,7 +255,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     shard = training.Shard(rank, world)
     batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, shard, y, num_classes or 0)
-    metrics = MetricBuffer(job.tracking_uri, job.run_id) if rank == 0 else None
+    metrics = None
+    if rank == 0:
+        metrics = MetricBuffer(job.tracking_uri, job.run_id, job.spill_path, cfg.tracking.flush_timeout_s)
     progress = _Progress(cfg.train.steps, gan.step)
     pids = _gather(os.getpid(), world)
     if rank == 0:
