@@ -42,7 +42,9 @@ def env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def sh(
     cwd: Path, *cmd: str, check: bool = True, timeout: int = 600, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=cwd, env=env(extra_env), capture_output=True, text=True, timeout=timeout)
+    # the project's own `pipeline` and `stages`, not whichever checkout the environment's editable install names
+    extra = {"PYTHONPATH": str(cwd), **(extra_env or {})}
+    p = subprocess.run(cmd, cwd=cwd, env=env(extra), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p
