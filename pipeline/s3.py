@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-MAX_ATTEMPTS = 5  # first try + 4 retries, backoff up to 20 s between them (botocore standard mode)
+MAX_ATTEMPTS = 5  # in all: the first try and 4 retries, backoff with jitter up to 20 s (botocore standard mode)
 _ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
@@ -34,10 +34,12 @@ def endpoint_url(configured: str | None, env: Mapping[str, str] | None = None) -
 
 
 def tool_env(endpoint: str | None) -> dict[str, str]:
-    """The variables that point MLflow's S3 artifact client and boto3 in child processes at `endpoint`."""
-    if not endpoint:
-        return {}
-    return {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}
+    """Variables for the S3 clients this module does not build (MLflow's S3 artifact client, boto3 in
+    child processes): the endpoint, and botocore's standard retries (backoff with jitter)."""
+    env = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}
+    if endpoint:
+        env |= {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}
+    return env
 
 
 def split(uri: str) -> tuple[str, str]:
@@ -56,7 +58,7 @@ def client(endpoint: str | None, max_attempts: int = MAX_ATTEMPTS, connect_timeo
     from botocore.config import Config
 
     config = Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
         connect_timeout=connect_timeout,
         read_timeout=60,
     )

@@ -131,3 +131,26 @@ def test_a_missing_bucket_stops_the_stage_before_any_work(project: Path, s3_endp
     assert time.perf_counter() - t0 < 60 and "[train] MLflow run" not in p.stdout  # before Ray and MLflow
     assert not (project / "models").exists() and not (project / "metrics/train.json").exists()
     assert not (project / "mlflow.db").exists()  # no MLflow run was opened
+
+
+def test_ganpipe_remote_points_dvc_at_the_one_endpoint(project: Path):
+    set_params(project, {"storage": {"s3_endpoint_url": "http://127.0.0.1:9999"}})
+    p = sh(project, sys.executable, "-m", "pipeline.cli", "remote", "s3://team/dvcstore")
+    assert "DVC remote team -> s3://team/dvcstore at http://127.0.0.1:9999" in p.stdout
+    assert sh(project, "dvc", "remote", "default").stdout.strip() == "team"
+    assert sh(project, "dvc", "config", "--local", "remote.team.endpointurl").stdout.strip() == "http://127.0.0.1:9999"
+    assert "endpointurl" not in (project / ".dvc/config").read_text()  # machine-specific: kept out of git
+
+    set_params(project, {"storage": {"s3_endpoint_url": None}})  # the AWS variable is the one setting now
+    sh(
+        project,
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "remote",
+        "s3://team/dvcstore",
+        extra_env={"AWS_ENDPOINT_URL": "http://minio:9000"},
+    )
+    assert sh(project, "dvc", "config", "--local", "remote.team.endpointurl").stdout.strip() == "http://minio:9000"
+    bad = sh(project, sys.executable, "-m", "pipeline.cli", "remote", "/tmp/store", check=False)
+    assert bad.returncode == 1 and "an s3:// URL is expected, got /tmp/store" in bad.stderr
