@@ -181,6 +181,7 @@ class MetricBuffer:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._down_since: float | None = None
+        self._warned: set[str] = set()
         self.delivered = 0  # metric values the server accepted
         self.spilled = 0  # metric values written to `spill` (or dropped) instead
         self._send = self._http_sender() if uri.startswith(("http://", "https://")) else self._store_sender()
@@ -300,14 +301,13 @@ class MetricBuffer:
     def _set_aside(self, batches: list[list], why: str) -> None:
         n = sum(len(b) for b in batches)
         self.spilled += n
-        if self.spill is None:
-            self.log(f"[mlflow] warning: {n} metric values were not logged: {why}", flush=True)
+        if self.spill is not None:
+            write_spill(self.spill, self.run_id, [m for b in batches for m in b])
+        if why in self._warned:  # one warning per reason, not one per log tick
             return
-        write_spill(self.spill, self.run_id, [m for b in batches for m in b])
-        self.log(
-            f"[mlflow] warning: {n} metric values were not logged ({why}); they are kept in {self.spill}",
-            flush=True,
-        )
+        self._warned.add(why)
+        kept = f"; they are kept in {self.spill}" if self.spill is not None else ""
+        self.log(f"[mlflow] warning: {n} metric values were not logged ({why}){kept}", flush=True)
 
 
 def write_spill(path: Path, run_id: str, metrics: list) -> None:

@@ -5,6 +5,7 @@ remote on S3 (push, wipe, pull), and no credential value anywhere in what the ru
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -111,6 +112,10 @@ def test_team_pipeline_on_s3_with_lineage_registry_dvc_remote_and_no_leaked_secr
     assert train["ray_result_path"].startswith(f"{stack.bucket}/ray/")
     assert any(k.startswith("mlflow/") and k.endswith(f"{run_id}/artifacts/models/generator.pt") for k in keys), keys
     assert any(k.startswith("mlflow/") and k.endswith("export/model_card.json") for k in keys), keys
+
+    # every logged step reached the server (through basic auth when it is on)
+    logged = [int(r["step"]) for r in csv.DictReader(open(project / "models/history.csv"))]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss/D")) == logged and logged
 
     # lineage, both ways
     tags = run.data.tags
