@@ -77,7 +77,7 @@ def test_team_pipeline_on_s3_with_lineage_registry_dvc_remote_and_no_leaked_secr
     s3.put_object(Bucket=stack.bucket, Key="datasets/grid.npz", Body=buf.getvalue())
 
     # one endpoint setting for every tool: AWS_ENDPOINT_URL (no storage.s3_endpoint_url, no MLFLOW_S3_ENDPOINT_URL)
-    env = {k: v for k, v in stack.env().items() if k != "MLFLOW_S3_ENDPOINT_URL"}
+    env = {k: v for k, v in stack.env().items() if k not in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
     env.update(SECRETS, AWS_ENDPOINT_URL=stack.s3_endpoint_url)
     if not stack.auth:  # the server ignores it, but the client sends it: it must not be recorded either
         env.update(MLFLOW_TRACKING_USERNAME="ganpipe-user", MLFLOW_TRACKING_PASSWORD=FAKE_MLFLOW_PASSWORD)
