@@ -179,7 +179,6 @@ class MetricBuffer:
         self._queue: list[list] = []  # batches not yet delivered, oldest first
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._closed = False
         self._down_since: float | None = None
         self._warned: set[str] = set()
         self.delivered = 0  # metric values the server accepted
@@ -202,6 +201,7 @@ class MetricBuffer:
                 self._queue += [batch[i : i + 1000] for i in range(0, len(batch), 1000)]
                 self._cond.notify_all()
             if self._thread is None and self._queue:
+                # a daemon: it lives as long as the training process, which drains it with flush(wait=True)
                 self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
                 self._thread.start()
             if not wait:
@@ -216,22 +216,14 @@ class MetricBuffer:
                 left, f"the MLflow server at {redact(self.uri)} did not take them within {self.timeout:.0f}s"
             )
 
-    def close(self, wait: bool = True) -> None:
-        self.flush(wait=wait)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
     # ---- the sender thread --------------------------------------------------------------------
 
     def _run(self) -> None:
         delay = self.BACKOFF[0]
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while not self._queue:
                     self._cond.wait()
-                if not self._queue:
-                    return
                 batch = self._queue[0]
             try:
                 ok = self._send(batch)
