@@ -98,7 +98,7 @@ def test_server_stopped_mid_training_loses_no_metric_step(project: Path, tmp_pat
         train = subprocess.Popen(
             [sys.executable, "stages/train.py"],
             cwd=project,
-            env=env({"PYTHONPATH": str(project)}),
+            env=env(project=project),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
