@@ -1,4 +1,5 @@
-"""Ray checkpoints on S3 (a real S3 endpoint on loopback: moto's server), written and resumed from."""
+"""S3 on a real endpoint on loopback (moto's server): Ray checkpoints written and resumed from, npz data read,
+missing buckets and objects and denied access named before any work, the DVC remote command."""
 
 from __future__ import annotations
 
@@ -16,12 +17,11 @@ pytestmark = pytest.mark.integration
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-@pytest.fixture
-def s3_endpoint():
+def moto(extra: dict[str, str] | None = None):
     port = free_port()
     p = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env=env(AWS),
+        env=env({**AWS, **(extra or {})}),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -31,6 +31,17 @@ def s3_endpoint():
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_group(p)
+
+
+@pytest.fixture
+def s3_endpoint():
+    yield from moto()
+
+
+@pytest.fixture
+def s3_endpoint_with_iam():
+    """moto checking credentials against its IAM from the first request: unknown keys are refused."""
+    yield from moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
 
 
 def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(project: Path, s3_endpoint: str):
@@ -154,3 +165,16 @@ def test_ganpipe_remote_points_dvc_at_the_one_endpoint(project: Path):
     assert sh(project, "dvc", "config", "--local", "remote.team.endpointurl").stdout.strip() == "http://minio:9000"
     bad = sh(project, sys.executable, "-m", "pipeline.cli", "remote", "/tmp/store", check=False)
     assert bad.returncode == 1 and "an s3:// URL is expected, got /tmp/store" in bad.stderr
+
+
+def test_denied_access_stops_the_train_stage_before_any_work(project: Path, s3_endpoint_with_iam: str):
+    sh(project, sys.executable, "stages/prepare.py")
+    set_params(project, {"storage": {"root": "s3://team/ganpipe/ray", "s3_endpoint_url": s3_endpoint_with_iam}})
+    p = sh(project, sys.executable, "stages/train.py", check=False, extra_env=AWS)
+    assert p.returncode == 1
+    assert p.stderr.strip() == (
+        f"error: storage.root: access denied to S3 bucket 'team' at {s3_endpoint_with_iam} (s3://team; error 403)"
+    )
+    assert AWS["AWS_SECRET_ACCESS_KEY"] not in p.stdout + p.stderr
+    assert not (project / "models").exists() and not (project / "metrics/train.json").exists()
+    assert not (project / "mlflow.db").exists()
