@@ -4,6 +4,7 @@ ganpipe prepare|train|evaluate|export [--params params.yaml] ...   run one stage
 ganpipe check [--params params.yaml]                                validate params, print the config
 ganpipe preset NAME [--params params.yaml]                          merge presets/NAME.yaml into params
 ganpipe presets                                                     list presets
+ganpipe remote s3://bucket/prefix                                   default DVC remote on S3, endpoint from params
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--labels", default=None, help="class labels to cycle through, e.g. 0,1,2 (conditional models)")
     sm.add_argument("--out", default="samples.png", help=".png (plot) or .npy (array)")
     sm.add_argument("--params", default="params.yaml")
+    rm = sub.add_parser(
+        "remote", help="make an S3 URL the default DVC remote, with the endpoint of storage.s3_endpoint_url"
+    )
+    rm.add_argument("url", help="s3://bucket/prefix")
+    rm.add_argument("--name", default="team")
+    rm.add_argument("--params", default="params.yaml")
     ls = sub.add_parser("presets", help="list the presets")
     ls.add_argument("--presets-dir", default=PRESETS_DIR)
     args = p.parse_args(argv)
@@ -77,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return _promote(args)
         elif args.command == "sample":
             _sample(args)
+        elif args.command == "remote":
+            _remote(args)
         elif args.command == "presets":
             for f in sorted(Path(args.presets_dir).glob("*.yaml")):
                 first = f.read_text().splitlines()[0].lstrip("# ") if f.stat().st_size else ""
@@ -101,6 +110,27 @@ def _promote(args) -> int:
     )
     print(("promoted: " if promoted else "not promoted: ") + reason)
     return 0
+
+
+def _remote(args) -> None:
+    """`dvc remote add --local -d` + `endpointurl` from the one endpoint setting (storage.s3_endpoint_url,
+    else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). --local: the endpoint is this machine's business, not
+    the repository's; credentials stay in the AWS chain, never in DVC's config."""
+    import subprocess
+
+    from pipeline import s3
+
+    if not args.url.startswith("s3://"):
+        raise ValueError(f"remote: an s3:// URL is expected, got {args.url}")
+    endpoint = s3.endpoint_url(load_config(args.params).storage.s3_endpoint_url)
+    cmds = [["dvc", "remote", "add", "--local", "--force", "-d", args.name, args.url]]
+    if endpoint:
+        cmds.append(["dvc", "remote", "modify", "--local", args.name, "endpointurl", endpoint])
+    for cmd in cmds:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ValueError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+    print(f"DVC remote {args.name} -> {args.url}" + (f" at {endpoint}" if endpoint else " (AWS)"))
 
 
 def _sample(args) -> None:

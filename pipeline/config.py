@@ -139,6 +139,11 @@ class ExportConfig(_Section):
 class TrackingConfig(_Section):
     uri: str | None = None
     experiment: str = Field("ganpipe", min_length=1)
+    flush_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="at the end of training, how long to wait for an absent server to take buffered metrics",
+    )
 
 
 class StorageConfig(_Section):

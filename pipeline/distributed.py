@@ -71,20 +71,14 @@ def storage_filesystem(root: str, endpoint_url: str | None):
     """(storage_path, pyarrow filesystem or None) for Ray's RunConfig.
 
     Local roots become absolute paths. For s3:// roots the endpoint is given to pyarrow
-    explicitly: it does not read AWS_ENDPOINT_URL.
+    explicitly (it does not read AWS_ENDPOINT_URL), with retries on transient errors.
     """
     if not root.startswith("s3://"):
         return str(Path(root).expanduser().resolve()), None
-    import pyarrow.fs
+    from pipeline import s3
 
-    kwargs: dict[str, Any] = {}
-    if endpoint_url:
-        kwargs["endpoint_override"] = endpoint_url
-        kwargs["scheme"] = "https" if endpoint_url.startswith("https") else "http"
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        kwargs["region"] = region
-    return root[len("s3://") :].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+    return root[len("s3://") :].rstrip("/"), s3.arrow_filesystem(endpoint_url, region)
 
 
 def run_address(root: str, name: str) -> str:
@@ -104,6 +98,7 @@ class TrainJob:
     run_id: str
     fit_id: str  # one per fit() call: tells a Ray restart (same fit) from a rerun of the stage
     live_ref: Any = None  # ray.ObjectRef of a live_eval.LiveEval (rank 0 runs it), or None
+    spill_path: str | None = None  # where rank 0 keeps metrics the MLflow server never took
 
 
 def fit(
@@ -116,11 +111,14 @@ def fit(
     num_classes: int | None = None,
     live=None,
     callbacks: list | None = None,
+    spill_path: str | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Train under Ray Train; returns (final GAN state, Ray result path).
 
     A run with the same storage root and name continues from its last checkpoint. `live` (a
-    live_eval.LiveEval) is run by rank 0 every `eval.every` steps when given.
+    live_eval.LiveEval) is run by rank 0 every `eval.every` steps when given. Per-step metrics
+    the MLflow server did not take by the end (see tracking.MetricBuffer) go to `spill_path`, a path
+    on rank 0's machine.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -131,7 +129,7 @@ def fit(
     y = None if y_train is None else torch.from_numpy(y_train)
     data_ref = ray.put((torch.from_numpy(x_train), y, num_classes))
     live_ref = None if live is None or not cfg.eval.every else ray.put(live)
-    job = TrainJob(cfg.to_dict(), data_ref, tracking_uri, run_id, uuid.uuid4().hex, live_ref)
+    job = TrainJob(cfg.to_dict(), data_ref, tracking_uri, run_id, uuid.uuid4().hex, live_ref, spill_path)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": job},
@@ -263,7 +261,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     shard = training.Shard(rank, world)
     batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, shard, y, num_classes or 0)
-    metrics = MetricBuffer(job.tracking_uri, job.run_id) if rank == 0 else None
+    metrics = None
+    if rank == 0:
+        metrics = MetricBuffer(job.tracking_uri, job.run_id, job.spill_path, cfg.tracking.flush_timeout_s)
     progress = _Progress(cfg.train.steps, gan.step)
     pids = _gather(os.getpid(), world)
     if rank == 0:

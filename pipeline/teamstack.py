@@ -221,6 +221,8 @@ class Stack:
         e = {
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint_url,
+            # the one endpoint setting the stages read when storage.s3_endpoint_url is unset
+            "AWS_ENDPOINT_URL_S3": self.s3_endpoint_url,
             **LOCAL_AWS,
         }
         if self.auth:
@@ -659,7 +661,8 @@ def describe(stack: Stack) -> str:
         f"#     root: {stack.storage_root}",
         f"#     s3_endpoint_url: {stack.s3_endpoint_url}",
         "",
-        "# a DVC remote on this stack's S3 (credentials from the AWS_* variables above):",
+        "# a DVC remote on this stack's S3 (credentials from the AWS_* variables above), with the",
+        f"# storage.s3_endpoint_url above set:  ganpipe remote s3://{stack.bucket}/dvc --name team  or by hand:",
         f"#   dvc remote add --local -d team s3://{stack.bucket}/dvc",
         f"#   dvc remote modify --local team endpointurl {stack.s3_endpoint_url}",
         "",

@@ -2,7 +2,8 @@
 
 One MLflow run per training. The stage (driver) creates or finds the run and logs params and final
 artifacts; rank 0 of the workers logs per-step metrics into the same run through `MetricBuffer`,
-which sends one batched, asynchronous request per log tick so logging never blocks the loop.
+which queues one batch per log tick for a background sender, so logging never blocks the loop and
+a tracking server that goes away mid-run loses no step (see MetricBuffer).
 A rerun of the same training (same params and data) finds its run by the `ganpipe.run_key` tag and
 continues it instead of opening a new one.
 """
@@ -154,13 +155,35 @@ def log_summary_metrics(uri: str, run_id: str, metrics: dict[str, float], step: 
 
 
 class MetricBuffer:
-    """Collects per-step metrics; `flush()` sends them in one asynchronous batch."""
+    """Per-step metrics, delivered in order by one background thread: training never waits on the server.
 
-    def __init__(self, uri: str, run_id: str):
-        self.client = _client(uri)
-        self.run_id = run_id
+    `add` collects; `flush` queues what was collected as one batch. The sender thread posts each batch
+    with a single attempt; when the server is away (refused connection, timeout, HTTP 429/5xx) it keeps
+    the batch, waits with exponential backoff (0.5 s doubling up to 15 s) and tries the same batch
+    again, so batches arrive in order and no step is lost while the server comes back. A refusal that
+    retrying cannot fix (another 4xx) sets the batch aside at once. `flush(wait=True)` (the end of
+    training) waits at most `timeout` seconds for the queue to drain; what is still undelivered then
+    is appended to `spill` as JSON lines (one metric a line) and a warning names the file; without a
+    `spill` path it is dropped with a warning. Re-sending a batch the server did store is harmless:
+    MLflow ignores an identical (key, step, timestamp, value) row.
+    """
+
+    BACKOFF = (0.5, 15.0)
+
+    def __init__(self, uri: str, run_id: str, spill: str | Path | None = None, timeout: float = 120.0, log=print):
+        import threading
+
+        self.uri, self.run_id, self.timeout, self.log = uri, run_id, timeout, log
+        self.spill = Path(spill) if spill else None
         self.pending: list = []
-        self.futures: list = []
+        self._queue: list[list] = []  # batches not yet delivered, oldest first
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._down_since: float | None = None
+        self._warned: set[str] = set()
+        self.delivered = 0  # metric values the server accepted
+        self.spilled = 0  # metric values written to `spill` (or dropped) instead
+        self._send = self._http_sender() if uri.startswith(("http://", "https://")) else self._store_sender()
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -169,15 +192,154 @@ class MetricBuffer:
         self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
 
     def flush(self, wait: bool = False) -> None:
-        if self.pending:
-            batch, self.pending = self.pending, []
-            for i in range(0, len(batch), 1000):
-                self.futures.append(self.client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=False))
-        if wait:
-            for f in self.futures:
-                if f is not None:
-                    f.wait()
-            self.futures = []
+        """Queue the collected metrics (never blocks); with `wait`, deliver everything or spill it."""
+        import threading
+
+        with self._cond:
+            if self.pending:
+                batch, self.pending = self.pending, []
+                self._queue += [batch[i : i + 1000] for i in range(0, len(batch), 1000)]
+                self._cond.notify_all()
+            if self._thread is None and self._queue:
+                # a daemon: it lives as long as the training process, which drains it with flush(wait=True)
+                self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+                self._thread.start()
+            if not wait:
+                return
+            deadline = time.monotonic() + self.timeout
+            while self._queue and time.monotonic() < deadline:
+                self._cond.wait(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+            left, self._queue = self._queue, []
+            self._cond.notify_all()
+        if left:
+            self._set_aside(
+                left, f"the MLflow server at {redact(self.uri)} did not take them within {self.timeout:.0f}s"
+            )
+
+    # ---- the sender thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.BACKOFF[0]
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch = self._queue[0]
+            try:
+                ok = self._send(batch)
+            except Exception as e:  # noqa: BLE001 - any failure to deliver is "try again later"
+                ok = None
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    self.log(
+                        f"[mlflow] warning: the server at {redact(self.uri)} is not answering ({type(e).__name__}); "
+                        "metrics are kept and sent when it returns, training goes on",
+                        flush=True,
+                    )
+            if ok is None:
+                time.sleep(delay)
+                delay = min(delay * 2, self.BACKOFF[1])
+                continue
+            delay = self.BACKOFF[0]
+            with self._cond:
+                if self._queue and self._queue[0] is batch:
+                    self._queue.pop(0)
+                self._cond.notify_all()
+            if ok is True:
+                self.delivered += len(batch)
+                if self._down_since is not None:
+                    self.log(
+                        f"[mlflow] the server at {redact(self.uri)} is back after "
+                        f"{time.monotonic() - self._down_since:.0f}s; buffered metrics delivered",
+                        flush=True,
+                    )
+                    self._down_since = None
+            else:
+                self._set_aside([batch], ok)
+
+    def _http_sender(self):
+        """One POST of runs/log-batch, no retries of its own: True, None (transient) or the reason."""
+        import json
+
+        from mlflow.protos.service_pb2 import LogBatch
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.proto_json_utils import message_to_json
+        from mlflow.utils.rest_utils import http_request
+
+        creds = get_default_host_creds(self.uri)
+
+        def send(batch: list) -> bool | str | None:
+            body = json.loads(message_to_json(LogBatch(run_id=self.run_id, metrics=[m.to_proto() for m in batch])))
+            r = http_request(
+                creds, "/api/2.0/mlflow/runs/log-batch", "POST", json=body, max_retries=0, backoff_factor=0, timeout=10
+            )
+            if r.status_code == 200:
+                return True
+            if r.status_code == 429 or r.status_code >= 500:
+                raise ConnectionError(f"HTTP {r.status_code}")
+            return f"the server refused them (HTTP {r.status_code}: {r.text[:200]})"
+
+        return send
+
+    def _store_sender(self):
+        client = _client(self.uri)
+
+        def send(batch: list) -> bool:
+            client.log_batch(self.run_id, metrics=batch)
+            return True
+
+        return send
+
+    def _set_aside(self, batches: list[list], why: str) -> None:
+        n = sum(len(b) for b in batches)
+        self.spilled += n
+        if self.spill is not None:
+            write_spill(self.spill, self.run_id, [m for b in batches for m in b])
+        if why in self._warned:  # one warning per reason, not one per log tick
+            return
+        self._warned.add(why)
+        kept = f"; they are kept in {self.spill}" if self.spill is not None else ""
+        self.log(f"[mlflow] warning: {n} metric values were not logged ({why}){kept}", flush=True)
+
+
+def write_spill(path: Path, run_id: str, metrics: list) -> None:
+    """Append metrics to a JSON-lines file (one metric a line)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        for m in metrics:
+            row = {"run_id": run_id, "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+            fh.write(json.dumps(row) + "\n")
+
+
+def deliver_spilled(uri: str, path: str | Path) -> int:
+    """Send the metrics kept in a spill file (see MetricBuffer); remove the file when all are logged.
+    Returns how many are still undelivered (0 when there was no file)."""
+    import json
+
+    from mlflow.entities import Metric
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        check_reachable(uri)  # one quick look, not MLflow's minutes of retries
+    except ConnectionError:
+        return len(rows)
+    by_run: dict[str, list] = {}
+    for r in rows:
+        by_run.setdefault(r["run_id"], []).append(Metric(r["key"], r["value"], r["timestamp"], r["step"]))
+    try:
+        client = _client(uri)
+        for run_id, metrics in by_run.items():
+            for i in range(0, len(metrics), 1000):
+                client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    except Exception:  # noqa: BLE001 - still unreachable: keep the file
+        return len(rows)
+    path.unlink()
+    return 0
 
 
 def log_onnx_model(uri: str, run_id: str, onnx_path: str | Path, registered_name: str) -> str:

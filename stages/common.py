@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable
 
-from pipeline import outputs, tracking
+from pipeline import outputs, s3, tracking
 from pipeline.config import Config, ConfigError, load_config
 
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter in the terminal
@@ -39,7 +39,25 @@ def inputs(p: argparse.ArgumentParser, *flags: str) -> None:
 
 
 def config(args: argparse.Namespace) -> Config:
-    return load_config(args.params)
+    """The validated config, with the one S3 endpoint resolved (storage.s3_endpoint_url, else
+    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) and handed to MLflow's S3 client and child processes."""
+    cfg = load_config(args.params)
+    endpoint = s3.endpoint_url(cfg.storage.s3_endpoint_url)
+    if endpoint != cfg.storage.s3_endpoint_url:
+        cfg = load_config(args.params, {"storage.s3_endpoint_url": endpoint})
+    for k, v in s3.tool_env(endpoint).items():
+        os.environ.setdefault(k, v)  # an explicit per-tool variable still wins
+    return cfg
+
+
+def check_s3(cfg: Config, *keys: str) -> None:
+    """Before any work: every s3:// location among `keys` ("storage.root", "data.path") must be
+    reachable, its bucket must exist and be ours to use; raises S3Error naming the key and bucket."""
+    where = {"storage.root": cfg.storage.root, "data.path": cfg.data.path}
+    for key in keys:
+        uri = where[key]
+        if uri and uri.startswith("s3://"):
+            s3.check(uri, key, cfg.storage.s3_endpoint_url, object_=key == "data.path")
 
 
 def tracking_uri(cfg: Config) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
-from pipeline import data, outputs
+from pipeline import data, outputs, s3
 from stages import common
 
 
@@ -15,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = common.config(args)
-        prepared = data.prepare(cfg.data, cfg.seed)
+        common.check_s3(cfg, "data.path")
+        fetch = functools.partial(s3.read_bytes, endpoint=cfg.storage.s3_endpoint_url)
+        prepared = data.prepare(cfg.data, cfg.seed, fetch)
         with outputs.atomic_dir(args.out) as tmp:
             data.save_prepared(prepared, tmp)
         m = prepared.manifest

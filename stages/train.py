@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from pathlib import Path
 
 from pipeline import data, distributed, live_eval, outputs, tracking, training
 from pipeline.models import build_generator
 from stages import common
+
+UNSENT_DIR = ".ganpipe/unsent-metrics"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args) -> None:
     cfg = common.config(args)
+    common.check_s3(cfg, "storage.root")
     prepared = data.load_prepared(args.data)
     data_hash = prepared.manifest["content_hash"]
     if cfg.model.conditional and prepared.y_train is None:
@@ -45,10 +49,20 @@ def train(args) -> None:
     print(f"[train] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}; {cfg.train.num_workers} worker(s)")
 
     live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.eval.every else None
+    # metrics the server never took (it was away at the end of training) land here, on this machine
+    spill = (Path(UNSENT_DIR) / f"{run_id}.jsonl").resolve()
     t0 = time.perf_counter()
     try:
         state, result_path = distributed.fit(
-            cfg, prepared.x_train, uri, run_id, name, prepared.y_train, prepared.manifest["classes"], live
+            cfg,
+            prepared.x_train,
+            uri,
+            run_id,
+            name,
+            prepared.y_train,
+            prepared.manifest["classes"],
+            live,
+            spill_path=str(spill),
         )
     except BaseException as e:
         tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -90,6 +104,12 @@ def train(args) -> None:
     )
     tracking.end_run(uri, run_id)
     print(f"[train] done: {state['step']} steps in {wall:.1f}s -> {args.models}, {args.metrics}")
+    if left := tracking.deliver_spilled(uri, spill):
+        print(
+            f"[train] WARNING: {left} metric values never reached the MLflow server at {tracking.redact(uri)}; "
+            f"they are kept in {spill} (JSON lines: run_id, key, value, timestamp, step)",
+            file=sys.stderr,
+        )
 
 
 def _sample_plot(samples, prepared, dataset: str, path) -> None:

@@ -30,8 +30,13 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def env(extra: dict[str, str] | None = None, project: Path | None = None) -> dict[str, str]:
+    """A clean environment for a child; with `project`, the child imports that copy's own `pipeline`
+    and `stages` (a stage script's folder is first on sys.path, so without it Python would take them
+    from whichever checkout the environment's editable install names)."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
+    if project is not None:
+        e["PYTHONPATH"] = str(project)
     e.update(extra or {})
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     e["GIT_AUTHOR_NAME"] = e["GIT_COMMITTER_NAME"] = "test"
@@ -42,7 +47,7 @@ def env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def sh(
     cwd: Path, *cmd: str, check: bool = True, timeout: int = 600, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=cwd, env=env(extra_env), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=cwd, env=env(extra_env, cwd), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p

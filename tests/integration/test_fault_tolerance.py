@@ -28,7 +28,7 @@ def test_killed_worker_is_replaced_and_training_completes(project: Path):
     p = subprocess.Popen(
         [sys.executable, "stages/train.py"],
         cwd=project,
-        env=env(),
+        env=env(project=project),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

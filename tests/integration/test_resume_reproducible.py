@@ -50,7 +50,13 @@ def kill_after_step(project: Path, tag: str, step: int) -> None:
     """Start the train stage and SIGKILL its whole process group once it has logged `step`."""
     cmd = train_cmd(tag)
     p = subprocess.Popen(
-        cmd, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        cwd=project,
+        env=env(project=project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         for line in p.stdout:

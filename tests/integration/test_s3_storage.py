@@ -1,10 +1,12 @@
-"""Ray checkpoints on S3 (a real S3 endpoint on loopback: moto's server), written and resumed from."""
+"""S3 on a real endpoint on loopback (moto's server): Ray checkpoints written and resumed from, npz data read,
+missing buckets and objects and denied access named before any work, the DVC remote command."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,11 @@ pytestmark = pytest.mark.integration
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-@pytest.fixture
-def s3_endpoint():
+def moto(extra: dict[str, str] | None = None):
     port = free_port()
     p = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env=env(AWS),
+        env=env({**AWS, **(extra or {})}),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -30,6 +31,17 @@ def s3_endpoint():
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_group(p)
+
+
+@pytest.fixture
+def s3_endpoint():
+    yield from moto()
+
+
+@pytest.fixture
+def s3_endpoint_with_iam():
+    """moto checking credentials against its IAM from the first request: unknown keys are refused."""
+    yield from moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
 
 
 def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(project: Path, s3_endpoint: str):
@@ -63,3 +75,106 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(project: Path, s3_en
 
     run = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}").get_run(info["mlflow_run_id"])
     assert not any("testing-secret" in str(v) for v in run.data.params.values())
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
+        region_name=AWS["AWS_DEFAULT_REGION"],
+    )
+
+
+def test_npz_data_is_read_from_s3_with_the_endpoint_from_the_environment(project: Path, s3_endpoint: str):
+    import io
+
+    import numpy as np
+
+    x = np.random.default_rng(1).standard_normal((400, 2)).astype(np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, x=x)
+    s3 = s3_client(s3_endpoint)
+    s3.create_bucket(Bucket="data")
+    s3.put_object(Bucket="data", Key="sets/points.npz", Body=buf.getvalue())
+    (project / "points.npz").write_bytes(buf.getvalue())
+
+    # the same file, local and on S3, gives the same prepared arrays (the manifest's content hash)
+    set_params(project, {"data": {"name": "npz", "path": "points.npz"}})
+    sh(project, sys.executable, "stages/prepare.py")
+    local = json.loads((project / "data/prepared/manifest.json").read_text())
+    set_params(project, {"data": {"path": "s3://data/sets/points.npz"}})  # no storage.s3_endpoint_url
+    sh(project, sys.executable, "stages/prepare.py", extra_env={**AWS, "AWS_ENDPOINT_URL": s3_endpoint})
+    remote = json.loads((project / "data/prepared/manifest.json").read_text())
+    assert remote["content_hash"] == local["content_hash"] and remote["n_train"] + remote["n_val"] == 400
+
+    # a missing object is named, and the earlier outputs stay as they were
+    set_params(project, {"data": {"path": "s3://data/sets/missing.npz"}})
+    p = sh(
+        project, sys.executable, "stages/prepare.py", check=False, extra_env={**AWS, "AWS_ENDPOINT_URL": s3_endpoint}
+    )
+    assert p.returncode == 1 and "data.path: no S3 object s3://data/sets/missing.npz" in p.stderr, p.stderr
+    assert json.loads((project / "data/prepared/manifest.json").read_text()) == remote
+
+
+def test_a_missing_bucket_stops_the_stage_before_any_work(project: Path, s3_endpoint: str):
+    set_params(project, {"data": {"name": "npz", "path": "s3://no-such-data/points.npz"}})
+    set_params(project, {"storage": {"s3_endpoint_url": s3_endpoint}})
+    p = sh(project, sys.executable, "stages/prepare.py", check=False, extra_env=AWS)
+    assert p.returncode == 1, p.stderr
+    assert (
+        p.stderr.strip()
+        == f"error: data.path: S3 bucket 'no-such-data' does not exist at {s3_endpoint} (s3://no-such-data)"
+    )
+    assert not (project / "data/prepared").exists()
+
+    set_params(project, {"data": {"name": "grid", "path": None}})
+    sh(project, sys.executable, "stages/prepare.py", extra_env=AWS)
+    set_params(project, {"storage": {"root": "s3://no-such-bucket/ganpipe/ray"}})
+    t0 = time.perf_counter()
+    p = sh(project, sys.executable, "stages/train.py", check=False, extra_env=AWS)
+    assert p.returncode == 1
+    assert "storage.root: S3 bucket 'no-such-bucket' does not exist" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1  # one message, no traceback
+    assert time.perf_counter() - t0 < 60 and "[train] MLflow run" not in p.stdout  # before Ray and MLflow
+    assert not (project / "models").exists() and not (project / "metrics/train.json").exists()
+    assert not (project / "mlflow.db").exists()  # no MLflow run was opened
+
+
+def test_ganpipe_remote_points_dvc_at_the_one_endpoint(project: Path):
+    set_params(project, {"storage": {"s3_endpoint_url": "http://127.0.0.1:9999"}})
+    p = sh(project, sys.executable, "-m", "pipeline.cli", "remote", "s3://team/dvcstore")
+    assert "DVC remote team -> s3://team/dvcstore at http://127.0.0.1:9999" in p.stdout
+    assert sh(project, "dvc", "remote", "default").stdout.strip() == "team"
+    assert sh(project, "dvc", "config", "--local", "remote.team.endpointurl").stdout.strip() == "http://127.0.0.1:9999"
+    assert "endpointurl" not in (project / ".dvc/config").read_text()  # machine-specific: kept out of git
+
+    set_params(project, {"storage": {"s3_endpoint_url": None}})  # the AWS variable is the one setting now
+    sh(
+        project,
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "remote",
+        "s3://team/dvcstore",
+        extra_env={"AWS_ENDPOINT_URL": "http://minio:9000"},
+    )
+    assert sh(project, "dvc", "config", "--local", "remote.team.endpointurl").stdout.strip() == "http://minio:9000"
+    bad = sh(project, sys.executable, "-m", "pipeline.cli", "remote", "/tmp/store", check=False)
+    assert bad.returncode == 1 and "an s3:// URL is expected, got /tmp/store" in bad.stderr
+
+
+def test_denied_access_stops_the_train_stage_before_any_work(project: Path, s3_endpoint_with_iam: str):
+    sh(project, sys.executable, "stages/prepare.py")
+    set_params(project, {"storage": {"root": "s3://team/ganpipe/ray", "s3_endpoint_url": s3_endpoint_with_iam}})
+    p = sh(project, sys.executable, "stages/train.py", check=False, extra_env=AWS)
+    assert p.returncode == 1
+    assert p.stderr.strip() == (
+        f"error: storage.root: access denied to S3 bucket 'team' at {s3_endpoint_with_iam} (s3://team; error 403)"
+    )
+    assert AWS["AWS_SECRET_ACCESS_KEY"] not in p.stdout + p.stderr
+    assert not (project / "models").exists() and not (project / "metrics/train.json").exists()
+    assert not (project / "mlflow.db").exists()

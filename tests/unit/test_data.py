@@ -299,3 +299,18 @@ def test_npz_integer_images_outside_0_255(tmp_path, x):
     path = _npz(tmp_path, x=x)
     with pytest.raises(DataError, match="0..255"):
         load_npz(path)
+
+
+def test_remote_npz_is_read_through_fetch(tmp_path):
+    import io
+
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    buf = io.BytesIO()
+    np.savez(buf, x=x)
+    asked = []
+    got, y = load_npz("s3://bucket/sets/a.npz", lambda uri: asked.append(uri) or buf.getvalue())
+    assert asked == ["s3://bucket/sets/a.npz"] and np.array_equal(got, x) and y is None
+    with pytest.raises(DataError, match="data.path: no S3 reader given for s3://bucket/sets/a.npz"):
+        load_npz("s3://bucket/sets/a.npz")
+    with pytest.raises(DataError, match="s3://bucket/bad.npz: not a readable .npz file"):
+        load_npz("s3://bucket/bad.npz", lambda uri: b"not a zip")
