@@ -37,7 +37,9 @@ CONTINUOUS = ("uniform", "loguniform")
 STATE_FILE = "state.pt"
 TRIAL_TAG = "ganpipe.trial_id"
 STATUS_TAG = "ganpipe.trial_status"
-REPORTED = ("step", "w1", "modes", "hq_fraction", "reverse_kl", "loss/D", "loss/G", "opt/lr_g", "opt/lr_d")
+REPORTED = ("step", "w1", "modes", "hq_fraction", "reverse_kl", "cycle_l1", "loss/D", "loss/G", "loss/cycle")
+REPORTED += ("opt/lr_g", "opt/lr_d")
+METRICS = ("w1", "modes", "hq_fraction", "reverse_kl", "cycle_l1", "loss/D", "loss/G", "loss/cycle")
 
 
 # ---- the search space: parsed and validated, pure ---------------------------------------------
@@ -134,11 +136,23 @@ class SweepJob:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    x_train_b: np.ndarray | None = None  # CycleGAN: domain B
+    x_val_b: np.ndarray | None = None
 
 
-def trial_metrics(G: torch.nn.Module, cfg: Config, x_val: np.ndarray, dataset: str, n: int = 1000) -> dict[str, float]:
-    """The cheap in-training evaluation reported to Tune: 2D mode metrics and W1 on n samples."""
-    from pipeline import metrics2d, training
+def trial_metrics(
+    G: torch.nn.Module, cfg: Config, x_val: np.ndarray, dataset: str, n: int = 1000, x_val_b: np.ndarray | None = None
+) -> dict[str, float]:
+    """The cheap in-training evaluation reported to Tune: 2D mode metrics and W1 on n samples; for
+    CycleGAN the mean cycle reconstruction error (L1) of both directions on validation images."""
+    from pipeline import cyclegan, metrics2d, training
+
+    if cfg.model.family == "cyclegan":
+        errs = [
+            cyclegan.cycle_diagnostics(f, b, v[:n], cfg.seed)["cycle_l1"]
+            for f, b, v in ((G.xy, G.yx, x_val), (G.yx, G.xy, x_val_b))
+        ]
+        return {"cycle_l1": float(np.mean(errs))}
 
     samples = training.sample(G, n, cfg.model.z_dim, cfg.seed + 1)
     out = {"w1": metrics2d.w1(samples, x_val[:n])}
@@ -177,13 +191,14 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         metrics = {"step": g.step, **{k: v for k, v in last.items() if k.startswith("loss/")}}
         # the learning rates the optimizers really use (after a PBT exploit: the mutated ones)
         metrics["opt/lr_g"], metrics["opt/lr_d"] = g.opt_g.param_groups[0]["lr"], g.opt_d.param_groups[0]["lr"]
-        metrics.update(trial_metrics(G, cfg, job.x_val, job.dataset))
+        metrics.update(trial_metrics(G, cfg, job.x_val, job.dataset, x_val_b=job.x_val_b))
         tracking.log_summary_metrics(job.tracking_uri, run_id, {**metrics, **hp}, g.step)
         with tempfile.TemporaryDirectory() as d:
             torch.save(training.gan_state(g), Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed)
+    x_b = None if job.x_train_b is None else torch.tensor(job.x_train_b)
+    batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, x_b=x_b)
     start = gan.step
     training.train(gan, cfg, batches, training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint))
     if gan.step == start:
@@ -262,11 +277,8 @@ def check_tunable(cfg: Config) -> None:
             "train.num_workers: tune runs single-worker trials (the training loop inside the trial); "
             f"multi-worker trials are not supported yet, got {cfg.train.num_workers}"
         )
-    if cfg.tune.metric not in ("w1", "modes", "hq_fraction", "reverse_kl", "loss/D", "loss/G"):
-        raise ConfigError(
-            f"tune.metric: must be one the trials report (w1, modes, hq_fraction, reverse_kl, loss/D, loss/G), "
-            f"got {cfg.tune.metric!r}"
-        )
+    if cfg.tune.metric not in METRICS:
+        raise ConfigError(f"tune.metric: must be one the trials report ({', '.join(METRICS)}), got {cfg.tune.metric!r}")
 
 
 def sweep_name(cfg: Config, data_hash: str) -> str:

@@ -46,7 +46,11 @@ def run(args) -> None:
     )
     print(f"[tune] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}")
 
-    job = tune.SweepJob(raw, list(parsed), prepared.x_train, prepared.x_val, cfg.data.name, uri, exp_id, parent)
+    b = prepared.b
+    job = tune.SweepJob(
+        raw, list(parsed), prepared.x_train, prepared.x_val, cfg.data.name, uri, exp_id, parent,
+        None if b is None else b.x_train, None if b is None else b.x_val,
+    )  # fmt: skip
     try:
         results = tune.run_sweep(cfg, parsed, job, storage_path, fs, name)
     except BaseException as e:
