@@ -262,3 +262,18 @@ def test_checkpoint_round_trip_resumes_exactly_including_the_pool():
             assert torch.equal(v, end[key][name]), f"{key}.{name}"
     for k in ("x", "y"):
         assert torch.equal(resumed.pools[k].images, full.pools[k].images)
+
+
+def test_gradient_sync_covers_all_four_nets_with_their_gradients():
+    """The multi-worker hook (`Hooks.sync_grads`, an all-reduce under Ray Train) sees every parameter
+    of G, F, D_X and D_Y with its gradient in place, before the optimizer steps."""
+    c = cfg(train={"steps": 1})
+    gan = training.build_gan(c, SHAPE)
+    synced: set[int] = set()
+
+    def record(module):
+        synced.update(id(p) for p in module.parameters() if p.grad is not None)
+
+    training.train(gan, c, batches(c), training.Hooks(sync_grads=record))
+    for net in (gan.G.xy, gan.G.yx, gan.D.x, gan.D.y):
+        assert {id(p) for p in net.parameters()} <= synced
