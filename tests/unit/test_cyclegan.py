@@ -277,3 +277,16 @@ def test_gradient_sync_covers_all_four_nets_with_their_gradients():
     training.train(gan, c, batches(c), training.Hooks(sync_grads=record))
     for net in (gan.G.xy, gan.G.yx, gan.D.x, gan.D.y):
         assert {id(p) for p in net.parameters()} <= synced
+
+
+def test_tune_trials_report_the_cycle_error():
+    from pipeline import tune
+
+    c = cfg(tune={"metric": "cycle_l1", "mode": "min"})
+    tune.check_tunable(c)  # accepted as a tune metric
+    gan = training.build_gan(c, SHAPE)
+    x, y = images(8, 1).numpy(), images(8, 2).numpy()
+    m = tune.trial_metrics(gan.G, c, x, "digits", x_val_b=y)
+    xy = cyclegan.cycle_diagnostics(gan.G.xy, gan.G.yx, x, c.seed)["cycle_l1"]
+    yx = cyclegan.cycle_diagnostics(gan.G.yx, gan.G.xy, y, c.seed)["cycle_l1"]
+    assert set(m) == {"cycle_l1"} and m["cycle_l1"] == pytest.approx((xy + yx) / 2)
