@@ -6,7 +6,7 @@ domain's classifier gives the translation the source image's label; target >= 80
 classifier on the untranslated inputs as a baseline, FID to the target domain's validation images,
 the cycle reconstruction error and the hidden-information (noise) diagnostic.
 
-    python benchmarks/bench_cyclegan.py [--steps N] [--threads T]
+    python benchmarks/bench_cyclegan.py [--steps N] [--threads T] [--set model.hidden=16 ...]
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from pipeline import cyclegan, data, features, metrics_image, training
-from pipeline.config import build_config, deep_merge, read_yaml
+from pipeline.config import build_config, deep_merge, read_yaml, unflatten
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,12 +29,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="override train.steps")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params overrides (YAML values)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     raw = deep_merge(read_yaml(ROOT / "params.yaml"), read_yaml(ROOT / "presets/cyclegan-digits-mnist.yaml"))
     if args.steps:
         raw = deep_merge(raw, {"train": {"steps": args.steps}})
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    raw = deep_merge(raw, unflatten(overrides))
     cfg = build_config(raw)
+    print(f"model {cfg.model.model_dump()}\nloss {cfg.loss.model_dump()}\ntrain {cfg.train.model_dump()}", flush=True)
     p = data.prepare(cfg.data, cfg.seed)
     t0 = time.perf_counter()
     ext_a, info_a = features.train_extractor(p.x_train, p.y_train, 10, cfg.seed, x_val=p.x_val, y_val=p.y_val)
