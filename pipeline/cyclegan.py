@@ -36,16 +36,22 @@ def _in(ch: int) -> nn.Module:
     return nn.InstanceNorm2d(ch, affine=True)
 
 
+def _conv(a: int, b: int, k: int, stride: int = 1, padding: int = 0) -> nn.Module:
+    # no bias before instance norm: it subtracts the mean, so a bias there gets a zero gradient, which
+    # Adam would turn into steps driven by rounding noise (and workers would disagree on them)
+    return nn.Conv2d(a, b, k, stride, padding, bias=False)
+
+
 class _Residual(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.body = nn.Sequential(
             nn.ReflectionPad2d(1),
-            nn.Conv2d(ch, ch, 3),
+            _conv(ch, ch, 3),
             _in(ch),
             nn.ReLU(),
             nn.ReflectionPad2d(1),
-            nn.Conv2d(ch, ch, 3),
+            _conv(ch, ch, 3),
             _in(ch),
         )
 
@@ -59,10 +65,10 @@ class Translator(nn.Module):
     def __init__(self, channels: int, base: int, blocks: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.ReflectionPad2d(3), nn.Conv2d(channels, base, 7), _in(base), nn.ReLU(),
-            nn.Conv2d(base, 2 * base, 3, 2, 1), _in(2 * base), nn.ReLU(),
+            nn.ReflectionPad2d(3), _conv(channels, base, 7), _in(base), nn.ReLU(),
+            _conv(base, 2 * base, 3, 2, 1), _in(2 * base), nn.ReLU(),
             *[_Residual(2 * base) for _ in range(blocks)],
-            nn.ConvTranspose2d(2 * base, base, 3, 2, 1, output_padding=1), _in(base), nn.ReLU(),
+            nn.ConvTranspose2d(2 * base, base, 3, 2, 1, output_padding=1, bias=False), _in(base), nn.ReLU(),
             nn.ReflectionPad2d(3), nn.Conv2d(base, channels, 7), nn.Tanh(),
         )  # fmt: skip
 

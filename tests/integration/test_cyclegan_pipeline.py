@@ -75,3 +75,43 @@ def test_cyclegan_stages_end_to_end(project: Path):
     history = client.get_metric_history(train["mlflow_run_id"], "loss/cycle")
     assert [m.step for m in history] == [10, 20]
     assert client.get_metric_history(train["mlflow_run_id"], "loss/identity")
+
+
+def test_cyclegan_two_workers_match_one_and_keep_each_pool(tmp_path: Path):
+    """All four nets' gradients are averaged over Ray Train workers: with the pool off, 2 workers with
+    batch B each end where 1 worker with batch 2B does; with it on, the checkpoint holds both pools.
+    D without normalisation here: the DCGAN discriminator keeps conv biases before its norm layers,
+    whose zero gradients Adam turns into rounding-noise steps that differ between 1 and 2 workers."""
+    import ray
+    import torch
+
+    from pipeline import data, distributed, tracking
+    from pipeline.config import build_config, deep_merge, read_yaml
+    from tests.integration.conftest import ROOT, TINY
+
+    def fit(name: str, **train) -> dict:
+        raw = deep_merge(deep_merge(read_yaml(ROOT / "params.yaml"), TINY), CYCLEGAN)
+        raw = deep_merge(raw, {"storage": {"root": str(tmp_path / "ray")}, "train": {"steps": 6, **train}})
+        raw = deep_merge(raw, {"model": {"d_norm": "none"}})
+        cfg = build_config(raw)
+        prepared = data.prepare(cfg.data, cfg.seed)
+        uri = tracking.resolve_uri(None, env={}, cwd=tmp_path)
+        run_id, _ = tracking.start_or_resume_run(uri, "cyclegan-dist", name, name)
+        state, _ = distributed.fit(cfg, prepared.x_train, uri, run_id, name, x_train_b=prepared.b.x_train)
+        return state
+
+    distributed.ensure_ray(None, 2)
+    try:
+        one = fit("one", num_workers=1, pool_size=0, checkpoint_every=3)
+        two = fit("two", num_workers=2, pool_size=0, checkpoint_every=3)
+        pooled = fit("pooled", num_workers=2, pool_size=4, checkpoint_every=3)
+    finally:
+        ray.shutdown()
+    for net in ("G", "D"):
+        for k, v in one[net].items():
+            assert torch.allclose(v, two[net][k], atol=1e-4), (net, k, (v - two[net][k]).abs().max())
+    assert one["step"] == two["step"] == 6
+    assert len(pooled["pools_by_rank"]) == 2
+    for rank_pools in pooled["pools_by_rank"]:
+        assert set(rank_pools) == {"x", "y"} and len(rank_pools["y"]["images"]) == 4
+    assert not torch.equal(pooled["pools_by_rank"][0]["y"]["images"], pooled["pools_by_rank"][1]["y"]["images"])
