@@ -33,15 +33,22 @@ class DataConfig(_Section):
     path: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     n_samples: int = Field(50_000, gt=0, description="points drawn for ring/grid")
+    # CycleGAN: domain B (Y), unpaired with domain A (X) = `name`; both built-in image sets
+    target: Literal["digits", "mnist5k"] | None = None
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
         if self.name == "npz" and not self.path:
             raise ValueError("data.path: required when data.name is npz")
+        if self.target is not None and self.name not in ("digits", "mnist5k"):
+            raise ValueError(f"data.target: domain A (data.name) must be digits or mnist5k, got {self.name}")
+        if self.target is not None and self.target == self.name:
+            raise ValueError(f"data.target: must differ from data.name, got {self.target}")
         return self
 
 
 class ModelConfig(_Section):
+    family: Literal["gan", "cyclegan"] = "gan"  # cyclegan: two generators X->Y, Y->X, two discriminators
     arch: Literal["mlp", "dcgan"] = "mlp"
     z_dim: int = Field(2, gt=0)
     hidden: int = Field(128, gt=0, description="MLP width / DCGAN base channels")
@@ -63,6 +70,8 @@ class LossConfig(_Section):
     gp_weight: float = Field(10.0, ge=0.0)
     clip: float = Field(0.01, gt=0.0)
     r1_gamma: float = Field(0.0, ge=0.0)
+    cycle_weight: float = Field(10.0, ge=0.0, description="CycleGAN: L1 cycle-consistency weight lambda")
+    identity_weight: float = Field(0.0, ge=0.0, description="CycleGAN: L1 identity-mapping weight, 0 = off")
 
 
 class AdaConfig(_Section):
@@ -92,6 +101,7 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0)
     log_every: int = Field(100, gt=0)
+    pool_size: int = Field(50, ge=0, description="CycleGAN: history pool of past fakes per D, 0 = off")
 
     @field_validator("betas")
     @classmethod
@@ -168,6 +178,28 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cyclegan_checks(self) -> "Config":
+        cyc, target = self.model.family == "cyclegan", self.data.target
+        if cyc and target is None:
+            raise ValueError("data.target: model.family cyclegan needs a second domain (digits or mnist5k), got null")
+        if not cyc and target is not None:
+            raise ValueError(f"data.target: only model.family cyclegan uses a second domain, got {target}")
+        if not cyc:
+            return self
+        refused = {
+            "model.arch": (self.model.arch != "dcgan", f"cyclegan uses the dcgan discriminator, got {self.model.arch}"),
+            "model.conditional": (self.model.conditional, "cyclegan is unconditional, got true"),
+            "model.pack": (self.model.pack != 1, f"cyclegan judges single images, got {self.model.pack}"),
+            "train.update": (self.train.update != "alternating", "cyclegan supports alternating, got simultaneous"),
+            "train.ada.enabled": (self.train.ada.enabled, "cyclegan does not support ADA yet, got true"),
+            "train.precision": (self.train.precision == "fp16", "cyclegan supports fp32 and bf16, got fp16"),
+        }
+        for key, (bad, why) in refused.items():
+            if bad:
+                raise ValueError(f"{key}: {why}")
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":

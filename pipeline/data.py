@@ -174,10 +174,35 @@ class Prepared:
     x_val: np.ndarray
     y_val: np.ndarray | None
     manifest: dict
+    b: "Prepared | None" = None  # CycleGAN: domain B (Y), unpaired with this one (X)
 
     @property
     def is_image(self) -> bool:
         return self.x_train.ndim == 4
+
+    def arrays(self) -> tuple[np.ndarray | None, ...]:
+        """Every array, domain B's after A's: what the content hash covers."""
+        own = (self.x_train, self.y_train, self.x_val, self.y_val)
+        return own if self.b is None else own + self.b.arrays()
+
+
+MNIST_BOX = 20 / 28  # MNIST centres each digit in a 20x20 box on a 28x28 canvas
+
+
+def to_canvas(x: np.ndarray, side: int) -> np.ndarray:
+    """Images (N, C, h, w) in [-1, 1] -> (N, C, side, side): resized (bilinear) to a box of
+    MNIST_BOX * side and centred on a background (-1) canvas, so that a smaller image set (8x8
+    digits) is framed like MNIST. Images already `side` wide are returned unchanged."""
+    if x.shape[2] == side and x.shape[3] == side:
+        return x
+    import torch
+
+    box = int(round(side * MNIST_BOX))
+    small = torch.nn.functional.interpolate(torch.from_numpy(x), size=(box, box), mode="bilinear", align_corners=False)
+    out = np.full((len(x), x.shape[1], side, side), -1.0, np.float32)
+    lo = (side - box) // 2
+    out[:, :, lo : lo + box, lo : lo + box] = small.clamp(-1, 1).numpy()
+    return out
 
 
 def content_hash(*arrays: np.ndarray | None) -> str:
@@ -198,12 +223,28 @@ def prepare(cfg: DataConfig, seed: int, fetch: Fetch | None = None) -> Prepared:
     `fetch` reads the bytes of a remote `data.path` (the stage passes an S3 reader). The manifest's
     content hash covers the arrays actually read, so it is the data's lineage even where DVC cannot
     track the source (a remote file is no DVC dependency unless brought in with `dvc import-url`).
+
+    With `data.target` (CycleGAN) domain B is loaded and split the same way (seed + 1) and both
+    domains are brought to the larger image side with `to_canvas`; the manifest describes A at the
+    top level and B under `target`, and its content hash covers both.
     """
     if cfg.name not in LOADERS:
         raise ConfigError(f"data.name: must be one of {' | '.join(LOADERS)}, got {cfg.name!r}")
-    x, y = LOADERS[cfg.name](cfg, seed, fetch=fetch)
+    if cfg.target is None:
+        return _split(cfg.name, *LOADERS[cfg.name](cfg, seed, fetch=fetch), cfg.val_fraction, seed)
+    if cfg.target not in LOADERS:
+        raise ConfigError(f"data.target: must be one of digits | mnist5k, got {cfg.target!r}")
+    (xa, ya), (xb, yb) = LOADERS[cfg.name](cfg, seed, fetch=fetch), LOADERS[cfg.target](cfg, seed, fetch=fetch)
+    side = max(xa.shape[-1], xb.shape[-1])
+    a = _split(cfg.name, to_canvas(xa, side), ya, cfg.val_fraction, seed)
+    b = _split(cfg.target, to_canvas(xb, side), yb, cfg.val_fraction, seed + 1)
+    manifest = {**a.manifest, "target": b.manifest, "content_hash": content_hash(*a.arrays(), *b.arrays())}
+    return Prepared(a.x_train, a.y_train, a.x_val, a.y_val, manifest, b)
+
+
+def _split(name: str, x: np.ndarray, y: np.ndarray | None, val_fraction: float, seed: int) -> Prepared:
     n = len(x)
-    n_val = int(round(n * cfg.val_fraction))
+    n_val = int(round(n * val_fraction))
     if n - n_val < 1:
         raise DataError(f"data.val_fraction: leaves no training samples out of {n}")
     perm = np.random.default_rng(seed).permutation(n)
@@ -212,7 +253,7 @@ def prepare(cfg: DataConfig, seed: int, fetch: Fetch | None = None) -> Prepared:
     parts = (x[tr], pick(y, tr), x[va], pick(y, va))
     classes = None if y is None else int(y.max()) + 1
     manifest = {
-        "dataset": cfg.name,
+        "dataset": name,
         "kind": "images" if x.ndim == 4 else "points",
         "sample_shape": list(x.shape[1:]),
         "n_train": int(len(tr)),
@@ -226,10 +267,15 @@ def prepare(cfg: DataConfig, seed: int, fetch: Fetch | None = None) -> Prepared:
     return Prepared(*parts, manifest=manifest)
 
 
+SPLITS = ("train", "val", "train_b", "val_b")  # the *_b files hold domain B (CycleGAN) when present
+
+
 def save_prepared(p: Prepared, out_dir: str | Path) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for split, x, y in (("train", p.x_train, p.y_train), ("val", p.x_val, p.y_val)):
+    a = p.arrays()
+    for i, split in enumerate(SPLITS[: len(a) // 2]):
+        x, y = a[2 * i], a[2 * i + 1]
         arrays = {"x": x} if y is None else {"x": x, "y": y}
         np.savez(out / f"{split}.npz", **arrays)
     (out / "manifest.json").write_text(json.dumps(p.manifest, indent=2) + "\n")
@@ -242,9 +288,10 @@ def load_prepared(in_dir: str | Path) -> Prepared:
         raise DataError(f"{mpath}: not found; run the prepare stage first (dvc repro prepare)")
     manifest = json.loads(mpath.read_text())
     splits = []
-    for split in ("train", "val"):
+    for split in SPLITS[: 4 if "target" in manifest else 2]:
         with np.load(d / f"{split}.npz") as f:
             splits += [f["x"], f["y"] if "y" in f.files else None]
     if content_hash(*splits) != manifest["content_hash"]:
         raise DataError(f"{d}: arrays do not match the manifest's content hash; rerun prepare")
-    return Prepared(*splits, manifest=manifest)
+    b = None if "target" not in manifest else Prepared(*splits[4:], manifest=manifest["target"])
+    return Prepared(*splits[:4], manifest=manifest, b=b)

@@ -93,7 +93,7 @@ class TrainJob:
     """What the driver hands to every worker (plain data: it crosses process boundaries)."""
 
     cfg: dict[str, Any]
-    data_ref: Any  # ray.ObjectRef of (x, y or None, number of classes or None)
+    data_ref: Any  # ray.ObjectRef of (x, y or None, number of classes or None, domain B images or None)
     tracking_uri: str
     run_id: str
     fit_id: str  # one per fit() call: tells a Ray restart (same fit) from a rerun of the stage
@@ -112,8 +112,10 @@ def fit(
     live=None,
     callbacks: list | None = None,
     spill_path: str | None = None,
+    x_train_b=None,
 ) -> tuple[dict[str, Any], str]:
-    """Train under Ray Train; returns (final GAN state, Ray result path).
+    """Train under Ray Train; returns (final GAN state, Ray result path). `x_train_b`: domain B
+    images for model.family cyclegan (labels are never passed: CycleGAN is unsupervised).
 
     A run with the same storage root and name continues from its last checkpoint. `live` (a
     live_eval.LiveEval) is run by rank 0 every `eval.every` steps when given. Per-step metrics
@@ -127,7 +129,8 @@ def fit(
     storage_path, fs = storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
     t = cfg.train
     y = None if y_train is None else torch.from_numpy(y_train)
-    data_ref = ray.put((torch.from_numpy(x_train), y, num_classes))
+    x_b = None if x_train_b is None else torch.from_numpy(x_train_b)
+    data_ref = ray.put((torch.from_numpy(x_train), y, num_classes, x_b))
     live_ref = None if live is None or not cfg.eval.every else ray.put(live)
     job = TrainJob(cfg.to_dict(), data_ref, tracking_uri, run_id, uuid.uuid4().hex, live_ref, spill_path)
     trainer = TorchTrainer(
@@ -240,8 +243,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    x, y, num_classes = ray.get(job.data_ref)
+    x, y, num_classes, x_b = ray.get(job.data_ref)
     x, y = x.to(device), None if y is None else y.to(device)
+    x_b = None if x_b is None else x_b.to(device)
     num_classes = num_classes if cfg.model.conditional else None
 
     gan = training.build_gan(cfg, list(x.shape[1:]), device, num_classes)
@@ -253,6 +257,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+        if len(state.get("pools_by_rank") or []) == world:  # CycleGAN: each worker continues its own pool
+            state["pools"] = state["pools_by_rank"][rank]
         training.load_gan_state(gan, state, cfg)
         # a checkpoint written by this same fit() means Ray restarted the workers after a failure
         restarts = state.get("restarts", 0) + (state.get("fit_id") == job.fit_id)
@@ -260,7 +266,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             print(f"[train] resuming from checkpoint at step {gan.step} (restarts so far: {restarts})", flush=True)
 
     shard = training.Shard(rank, world)
-    batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, shard, y, num_classes or 0)
+    batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, shard, y, num_classes or 0, x_b)
     metrics = None
     if rank == 0:
         metrics = MetricBuffer(job.tracking_uri, job.run_id, job.spill_path, cfg.tracking.flush_timeout_s)
@@ -299,13 +305,16 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             for module in (g.G, g.D, g.G_ema):
                 _average_buffers(module, world)
         report = {"step": g.step, **latest}
+        # CycleGAN history pools are per worker: rank 0's checkpoint carries every rank's
+        pools = _gather({k: p.state_dict() for k, p in g.pools.items()}, world) if g.pools and world > 1 else None
         if metrics is not None:
             metrics.flush(wait=final)
         if rank != 0:
             ray.train.report(report, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as d:
-            torch.save({**training.gan_state(g), "fit_id": job.fit_id, "restarts": restarts}, Path(d) / STATE_FILE)
+            extra = {"fit_id": job.fit_id, "restarts": restarts, "pools_by_rank": pools}
+            torch.save({**training.gan_state(g), **extra}, Path(d) / STATE_FILE)
             ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
 
     hooks = training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval)

@@ -2,7 +2,8 @@
 
 The exported graphs take `z` (N, z_dim) float32 ~ N(0, I) (and, for conditional generators, `y`
 (N,) int64 class labels in [0, num_classes)) and return samples in the data's own scale and shape:
-points (N, D) for 2D data, images (N, C, H, W) in [-1, 1] for image data.
+points (N, D) for 2D data, images (N, C, H, W) in [-1, 1] for image data. CycleGAN's two generators
+(`export_translators`) take images `x` and return `translated` images of the same shape.
 """
 
 from __future__ import annotations
@@ -25,15 +26,27 @@ def example_inputs(z_dim: int, num_classes: int | None, n: int = 4, seed: int = 
     return inputs
 
 
+def image_inputs(shape: list[int] | tuple[int, ...], n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Named translator inputs: images `x` (n, C, H, W) in [-1, 1] (CycleGAN generators)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.rand(n, *shape, generator=g) * 2 - 1}
+
+
 def export_torchscript(G: torch.nn.Module, z_dim: int, path: Path, num_classes: int | None = None) -> None:
-    G.eval()
-    scripted = torch.jit.trace(G, tuple(example_inputs(z_dim, num_classes).values()), check_trace=False)
-    scripted.save(str(path))
+    _torchscript(G, example_inputs(z_dim, num_classes), path)
 
 
 def export_onnx(G: torch.nn.Module, z_dim: int, path: Path, num_classes: int | None = None) -> None:
+    _onnx(G, example_inputs(z_dim, num_classes), path, "x")
+
+
+def _torchscript(G: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
     G.eval()
-    inputs = example_inputs(z_dim, num_classes)
+    torch.jit.trace(G, tuple(inputs.values()), check_trace=False).save(str(path))
+
+
+def _onnx(G: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path, output: str) -> None:
+    G.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -41,8 +54,8 @@ def export_onnx(G: torch.nn.Module, z_dim: int, path: Path, num_classes: int | N
             tuple(inputs.values()),
             str(path),
             input_names=list(inputs),
-            output_names=["x"],
-            dynamic_axes={**{k: {0: "n"} for k in inputs}, "x": {0: "n"}},
+            output_names=[output],
+            dynamic_axes={**{k: {0: "n"} for k in inputs}, output: {0: "n"}},
             opset_version=17,
             dynamo=False,  # the TorchScript-based exporter: no onnxscript needed, fine for these graphs
         )
@@ -52,7 +65,10 @@ def parity(
     G: torch.nn.Module, z_dim: int, files: dict[str, Path], n: int = 64, seed: int = 0, num_classes: int | None = None
 ) -> dict[str, float]:
     """Max |exported(z[, y]) - G(z[, y])| over n random inputs, per exported format."""
-    inputs = example_inputs(z_dim, num_classes, n, seed)
+    return _parity(G, example_inputs(z_dim, num_classes, n, seed), files)
+
+
+def _parity(G: torch.nn.Module, inputs: dict[str, torch.Tensor], files: dict[str, Path]) -> dict[str, float]:
     G.eval()
     with torch.no_grad():
         ref = G(*inputs.values()).numpy()
@@ -83,10 +99,83 @@ def export_all(
         files[fmt] = out_dir / name
         fn(G, z_dim, files[fmt], num_classes)
     diffs = parity(G, z_dim, files, num_classes=num_classes)
+    _check(diffs)
+    return files, diffs
+
+
+def _check(diffs: dict[str, float], what: str = "") -> None:
     bad = {k: v for k, v in diffs.items() if not v < PARITY_TOL}
     if bad:
-        raise RuntimeError(f"export parity failed (max abs diff must be < {PARITY_TOL}): {bad}")
+        raise RuntimeError(f"export parity failed{what} (max abs diff must be < {PARITY_TOL}): {bad}")
+
+
+TRANSLATORS = {"generator_xy": "xy", "generator_yx": "yx"}  # file stem -> CycleGenerators attribute
+
+
+def export_translators(
+    G: torch.nn.Module, shape: list[int], formats: list[str], out_dir: Path
+) -> tuple[dict[str, Path], dict[str, float]]:
+    """Both CycleGAN generators, `generator_xy` (G: X -> Y) and `generator_yx` (F: Y -> X), in each
+    format (`<stem>.pt`, `<stem>.onnx`): input `x` (N, C, H, W) in [-1, 1], output `translated`
+    of the same shape. Keys of both results are `<stem>.<format>`; raises on a parity failure."""
+    suffix = {"torchscript": ".pt", "onnx": ".onnx"}
+    files: dict[str, Path] = {}
+    diffs: dict[str, float] = {}
+    for stem, attr in TRANSLATORS.items():
+        net, mine = getattr(G, attr), {}
+        for fmt in formats:
+            mine[fmt] = out_dir / f"{stem}{suffix[fmt]}"
+            if fmt == "torchscript":
+                _torchscript(net, image_inputs(shape), mine[fmt])
+            else:
+                _onnx(net, image_inputs(shape), mine[fmt], "translated")
+        d = _parity(net, image_inputs(shape, 64, 1), mine)
+        _check(d, f" for {stem}")
+        files.update({f"{stem}.{k}": v for k, v in mine.items()})
+        diffs.update({f"{stem}.{k}": v for k, v in d.items()})
     return files, diffs
+
+
+def translator_card(spec, manifest, cfg, train_info, eval_info, diffs, git, model_uris) -> dict:
+    """The model card of a CycleGAN export: which file translates which way, and the lineage."""
+    x, y = manifest["dataset"], manifest["target"]["dataset"]
+    io = {"shape": ["N", *spec["sample_shape"]], "dtype": "float32", "range": "[-1, 1]"}
+    return {
+        "family": "cyclegan",
+        "generators": {
+            "generator_xy": {
+                "direction": f"X ({x}) -> Y ({y})",
+                "paper_name": "G",
+                "input": "x",
+                "output": "translated",
+            },
+            "generator_yx": {
+                "direction": f"Y ({y}) -> X ({x})",
+                "paper_name": "F",
+                "input": "x",
+                "output": "translated",
+            },
+        },
+        "inputs": {"x": {**io, "meaning": "images of the source domain (N, C, H, W)"}},
+        "outputs": {"translated": {**io, "meaning": "the same images translated to the other domain"}},
+        "architecture": spec,
+        "data": {
+            "dataset": x,
+            "target": y,
+            "content_hash": manifest["content_hash"],
+            "n_train": manifest["n_train"],
+            "n_train_target": manifest["target"]["n_train"],
+        },
+        "params": cfg.to_dict(),
+        "metrics": {"train": train_info, "eval": eval_info},
+        "parity_max_abs_diff": diffs,
+        "git": git,
+        "mlflow": {
+            "run_id": train_info.get("mlflow_run_id"),
+            "tracking_uri": train_info.get("mlflow_tracking_uri"),
+            "model_uris": model_uris,
+        },
+    }
 
 
 def model_card(spec, manifest, cfg, train_info, eval_info, diffs, git, model_uri) -> dict:

@@ -37,6 +37,10 @@ def generator_spec(
 
 
 def build_generator(spec: dict[str, Any]) -> nn.Module:
+    if spec.get("family") == "cyclegan":  # the generator pair G: X -> Y, F: Y -> X
+        from pipeline.cyclegan import build_generators
+
+        return build_generators(spec)
     k = spec.get("num_classes")
     if spec["arch"] == "mlp":
         return MLPGenerator(spec["z_dim"], spec["hidden"], spec["layers"], spec["sample_shape"][0], k)
@@ -47,6 +51,10 @@ def build_discriminator(
     model: ModelConfig, sample_shape: list[int] | tuple[int, ...], num_classes: int | None = None
 ) -> nn.Module:
     k = num_classes if model.conditional else None
+    if model.family == "cyclegan":  # D_X and D_Y
+        from pipeline.cyclegan import CycleDiscriminators
+
+        return CycleDiscriminators(model, tuple(sample_shape))
     if model.arch == "mlp":
         return MLPDiscriminator(
             sample_shape[0], model.hidden, model.layers, model.d_norm, model.d_activation, model.pack, k

@@ -342,9 +342,9 @@ def deliver_spilled(uri: str, path: str | Path) -> int:
     return 0
 
 
-def log_onnx_model(uri: str, run_id: str, onnx_path: str | Path, registered_name: str) -> str:
-    """Log the ONNX generator as an MLflow model in `run_id`, register it with the alias `candidate`;
-    returns models:/name/version."""
+def log_onnx_model(uri: str, run_id: str, onnx_path: str | Path, registered_name: str, name: str = "generator") -> str:
+    """Log an ONNX generator as the MLflow model `name` in `run_id`, register it with the alias
+    `candidate`; returns models:/name/version."""
     import mlflow
     import onnx
 
@@ -352,7 +352,7 @@ def log_onnx_model(uri: str, run_id: str, onnx_path: str | Path, registered_name
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
-            name="generator",
+            name=name,
             registered_model_name=registered_name,
             pip_requirements=["onnx", "onnxruntime"],  # skip MLflow's slow requirement inference
         )

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pipeline import cyclegan
 from pipeline.augment import ada_adjust, augment, overfit_signal
 from pipeline.config import Config
 from pipeline.losses import LOSSES, gradient_penalty, r1_penalty
@@ -43,16 +44,24 @@ class GAN:
     scaler_g: torch.amp.GradScaler | None = None
     ada_p: float = 0.0  # ADA augmentation probability
     ada_acc: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum and count of r_t since the last adjust
+    pools: dict[str, cyclegan.ImagePool] = field(default_factory=dict)  # CycleGAN: past fakes shown to D_X, D_Y
 
 
 def build_gan(
     cfg: Config, sample_shape: list[int], device: torch.device | str = "cpu", num_classes: int | None = None
 ) -> GAN:
-    """G, D, EMA and optimizers; `num_classes` is required when model.conditional is on."""
+    """G, D, EMA and optimizers; `num_classes` is required when model.conditional is on.
+
+    For model.family cyclegan, G is the generator pair (`G.xy`, `G.yx`) and D the discriminator
+    pair (`D.x`, `D.y`): one optimizer per pair, as in the CycleGAN reference.
+    """
     if cfg.model.conditional and not num_classes:
         raise ValueError("model.conditional: needs labelled data (digits, mnist5k, or an npz with 'y')")
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    spec = generator_spec(cfg.model, sample_shape, num_classes)
+    if cfg.model.family == "cyclegan":
+        spec = cyclegan.generator_spec(cfg.model, sample_shape)
+    else:
+        spec = generator_spec(cfg.model, sample_shape, num_classes)
     G = build_generator(spec).to(device)
     D = build_discriminator(cfg.model, sample_shape, num_classes).to(device)
     t = cfg.train
@@ -62,6 +71,8 @@ def build_gan(
     opt_g = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=t.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=t.betas)
     gan = GAN(G, D, G_ema, opt_g, opt_d, spec)
+    if cfg.model.family == "cyclegan":
+        gan.pools = {"x": cyclegan.ImagePool(t.pool_size), "y": cyclegan.ImagePool(t.pool_size)}
     if t.precision == "fp16":
         if torch.device(device).type != "cuda":
             raise ValueError("train.precision: fp16 needs a GPU; use bf16 on CPU")
@@ -93,6 +104,7 @@ def gan_state(gan: GAN) -> dict[str, Any]:
         "scaler_g": None if gan.scaler_g is None else gan.scaler_g.state_dict(),
         "ada_p": gan.ada_p,
         "ada_acc": list(gan.ada_acc),
+        "pools": {k: p.state_dict() for k, p in gan.pools.items()},
     }
 
 
@@ -114,6 +126,8 @@ def load_gan_state(gan: GAN, state: dict[str, Any], cfg: Config) -> None:
     gan.ada_p, gan.ada_acc = float(state.get("ada_p", 0.0)), list(state.get("ada_acc", [0.0, 0.0]))
     gan.history = list(state.get("history", []))
     gan.evals = list(state.get("evals", []))
+    for k, pool_state in state.get("pools", {}).items():
+        gan.pools[k].load_state_dict(pool_state)
 
 
 def step_generator(seed: int, step: int, phase: int) -> torch.Generator:
@@ -162,6 +176,7 @@ class Batches:
     shard: Shard = field(default_factory=Shard)
     y: torch.Tensor | None = None  # labels of x, for conditional models
     num_classes: int = 0
+    x_b: torch.Tensor | None = None  # CycleGAN: domain B (Y) images, unpaired with x (X)
 
     def _index(self, step: int, phase: int) -> torch.Tensor:
         g = step_generator(self.seed, step, phase)
@@ -169,6 +184,12 @@ class Batches:
 
     def reals(self, step: int, phase: int) -> torch.Tensor:
         return self.x[self._index(step, phase)]
+
+    def reals_b(self, step: int, phase: int) -> torch.Tensor:
+        """A batch of domain B, drawn independently of domain A's (unpaired)."""
+        assert self.x_b is not None, "CycleGAN batches need domain B images (x_b)"
+        g = step_generator(self.seed, step, phase)
+        return self.x_b[self.shard.take(torch.randint(len(self.x_b), (self.batch_size,), generator=g))]
 
     def real_labels(self, step: int, phase: int) -> torch.Tensor | None:
         """The labels of `reals(step, phase)` (None when unlabelled)."""
@@ -313,6 +334,80 @@ def simultaneous_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: 
     return {**stats, **g_stats}
 
 
+# ---- CycleGAN: G and F step together, then D_X and D_Y (the reference's order) -------------------
+
+
+def cycle_g_loss(
+    gan: GAN, cfg: Config, real_x: torch.Tensor, real_y: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The generator pair's loss: adversarial (both directions, `loss.name`) + cycle_weight * L1 cycle
+    (|F(G(x)) - x| + |G(F(y)) - y|) + identity_weight * L1 identity (|G(y) - y| + |F(x) - x|).
+    Returns (total, stats, (fake_x = F(y), fake_y = G(x))). With a weight of 0 its term is computed
+    without a graph (logged only: it cannot touch the gradients); identity is skipped when off."""
+    loss, G, D, lw = LOSSES[cfg.loss.name], gan.G, gan.D, cfg.loss
+    with autocast(cfg, real_x.device):
+        fake_y, fake_x = G.xy(real_x), G.yx(real_y)
+        adv = loss.g(D.y(fake_y).float()) + loss.g(D.x(fake_x).float())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and lw.cycle_weight > 0):
+            cyc = (G.yx(fake_y).float() - real_x).abs().mean() + (G.xy(fake_x).float() - real_y).abs().mean()
+        total = adv + lw.cycle_weight * cyc if lw.cycle_weight > 0 else adv
+        stats = {"loss/G_adv": adv.detach(), "loss/cycle": cyc.detach()}
+        if lw.identity_weight > 0:
+            idt = (G.xy(real_y).float() - real_y).abs().mean() + (G.yx(real_x).float() - real_x).abs().mean()
+            total = total + lw.identity_weight * idt
+            stats["loss/identity"] = idt.detach()
+    stats["loss/G"] = total.detach()
+    return total, stats, (fake_x, fake_y)
+
+
+def cycle_d_loss(
+    gan: GAN, cfg: Config, batches: Batches, step: int, k: int, reals: tuple, fakes: tuple
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """D_X and D_Y's summed loss on reals vs fakes from the history pools (with penalties)."""
+    loss, D, base = LOSSES[cfg.loss.name], gan.D, 8 * k
+    shard = (batches.shard.rank, batches.shard.world)
+    real_x, real_y = reals
+    fake_x = gan.pools["x"].query(fakes[0], step_generator(cfg.seed, step, base + 2), shard)
+    fake_y = gan.pools["y"].query(fakes[1], step_generator(cfg.seed, step, base + 3), shard)
+    pairs = ((D.x, real_x, fake_x), (D.y, real_y, fake_y))
+    with autocast(cfg, real_x.device):
+        scores = [(d(r).float(), d(f).float()) for d, r, f in pairs]
+    total = sum(loss.d(sr, sf) for sr, sf in scores)
+    stats = {"loss/D": total.detach()}
+    if cfg.loss.name == "wgan-gp":
+        gp = sum(gradient_penalty(d, r, f, batches.uniform(step, base + 4 + i)) for i, (d, r, f) in enumerate(pairs))
+        total = total + cfg.loss.gp_weight * gp
+        stats["loss/gp"] = gp.detach()
+    if cfg.loss.r1_gamma > 0:
+        r1 = sum(r1_penalty(d, r) for d, r, _ in pairs)
+        total = total + 0.5 * cfg.loss.r1_gamma * r1
+        stats["loss/r1"] = r1.detach()
+    prob = (lambda s: s.mean()) if loss.wasserstein else (lambda s: torch.sigmoid(s).mean())
+    stats["D/real"] = sum(prob(sr.detach()) for sr, _ in scores) / 2
+    stats["D/fake"] = sum(prob(sf.detach()) for _, sf in scores) / 2
+    return total, stats
+
+
+def cycle_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -> dict[str, torch.Tensor]:
+    """One CycleGAN step: both generators on one batch of each domain, then `n_critic` steps of both
+    discriminators (the first on the generators' fakes; later ones on fresh batches)."""
+    reals = (batches.reals(step, 0), batches.reals_b(step, 1))
+    total, stats, fakes = cycle_g_loss(gan, cfg, *reals)
+    _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g)
+    if gan.G_ema is not None:
+        _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
+    for k in range(cfg.train.n_critic):
+        if k > 0:
+            reals = (batches.reals(step, 8 * k), batches.reals_b(step, 8 * k + 1))
+            with torch.no_grad(), autocast(cfg, reals[0].device):
+                fakes = (gan.G.yx(reals[1]), gan.G.xy(reals[0]))
+        d_total, d_stats = cycle_d_loss(gan, cfg, batches, step, k, reals, tuple(f.detach() for f in fakes))
+        _backward_apply(d_total, gan.opt_d, gan.D, sync, gan.scaler_d)
+        _clip(gan, cfg)
+        stats.update(d_stats)
+    return stats
+
+
 def ema_decay(decay: float, step: int) -> float:
     """EMA decay with a warm-up: min(decay, (1 + step) / (10 + step)), so the average forgets the random
     initial weights within the first steps instead of over ~1 / (1 - decay) steps."""
@@ -346,7 +441,9 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
     gan.D.train()
     while gan.step < t.steps:
         step = gan.step
-        if t.update == "simultaneous":
+        if cfg.model.family == "cyclegan":
+            stats = cycle_step(gan, cfg, batches, step, hooks.sync_grads)
+        elif t.update == "simultaneous":
             stats = simultaneous_step(gan, cfg, batches, step, hooks.sync_grads)
         else:
             stats = {}

@@ -24,6 +24,9 @@ def evaluate(args) -> None:
     prepared = data.load_prepared(args.data)
     G, spec = outputs.load_generator(f"{args.models}/generator.pt")
     train_info = outputs.read_json(args.train_metrics, "run the train stage first")
+    if spec.get("family") == "cyclegan":
+        result = translation_scores(G, prepared, Path(args.features), Path(args.models), Path(args.plots), cfg)
+        return _finish(args, uri, train_info, result)
     n = cfg.eval.n_samples
     # latents for evaluation are drawn apart from any training draw: seed + 1
     samples = training.sample(G, n, spec["z_dim"], cfg.seed + 1, num_classes=spec.get("num_classes"))
@@ -50,6 +53,10 @@ def evaluate(args) -> None:
             if dataset in ("ring", "grid"):
                 result.update(metrics2d.mode_metrics(samples, dataset))
     result["n_samples"] = n
+    _finish(args, uri, train_info, result)
+
+
+def _finish(args, uri: str, train_info: dict, result: dict) -> None:
     outputs.write_json(args.metrics, result)
     run_id = train_info["mlflow_run_id"]
     tracking.log_summary_metrics(uri, run_id, {f"eval/{k}": v for k, v in result.items()})
@@ -57,6 +64,31 @@ def evaluate(args) -> None:
     print("[evaluate] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     shown = ", ".join(sorted(p.name for p in Path(args.plots).glob("*.png")))
     print(f"[evaluate] plots in {args.plots}/ ({shown}); metrics in {args.metrics}")
+
+
+def translation_scores(G, prepared, features_dir: Path, models_dir: Path, plots_dir: Path, cfg) -> dict:
+    """CycleGAN: both directions scored on up to eval.n_samples validation images of each domain, each
+    in its target domain's extractor space (`cyclegan.translation_metrics`); the plot shows
+    x | G(x) | F(G(x)) | y | F(y) | G(F(y))."""
+    from pipeline import cyclegan, features
+
+    if prepared.b is None:
+        raise ValueError(f"{models_dir}/generator.pt is a CycleGAN; the prepared data has no domain B (data.target)")
+    ext_a, info_a = features.load_extractor(features_dir / "extractor.pt")
+    ext_b, info_b = features.load_extractor(features_dir / "extractor_b.pt")
+    n, a, b = cfg.eval.n_samples, prepared, prepared.b
+    cut = lambda v: None if v is None else v[:n]
+    result = cyclegan.translation_metrics(
+        G, cut(a.x_val), cut(a.y_val), cut(b.x_val), cut(b.y_val), ext_a, ext_b, cfg.seed
+    )
+    result["extractor"] = info_b["extractor"] if info_a["extractor"] == info_b["extractor"] else "mixed"
+    result["n_samples"] = min(n, len(a.x_val), len(b.x_val))
+    with outputs.atomic_dir(plots_dir) as tmp:
+        history = outputs.read_csv(models_dir / "history.csv")
+        outputs.write_csv(tmp / "losses.csv", history)
+        plots.curves(history, ["loss/D", "loss/G", "loss/cycle", "loss/identity"], tmp / "losses.png")
+        plots.image_grid(cyclegan.triplets(G, a.x_val, b.x_val), tmp / "translations.png", nrow=6)
+    return result
 
 
 def _read_evals(path: Path) -> list[dict[str, float]]:

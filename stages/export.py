@@ -25,6 +25,8 @@ def run_export(args) -> None:
     G, spec = outputs.load_generator(Path(args.models) / "generator.pt")
     uri = common.tracking_uri(cfg)
     run_id = train_info["mlflow_run_id"]
+    if spec.get("family") == "cyclegan":
+        return _export_translators(args, cfg, G, spec, manifest, train_info, eval_info, uri, run_id)
     with outputs.atomic_dir(args.out) as tmp:
         files, diffs = export.export_all(G, spec["z_dim"], list(cfg.export.formats), tmp, spec.get("num_classes"))
         model_uri = None
@@ -41,7 +43,30 @@ def run_export(args) -> None:
     _summary(eval_info, train_info, uri)
 
 
-def _summary(eval_info: dict, train_info: dict, uri: str) -> None:
+def _export_translators(args, cfg, G, spec, manifest, train_info, eval_info, uri, run_id) -> None:
+    """CycleGAN: generator_xy (G: X -> Y) and generator_yx (F: Y -> X), each registered in MLflow as
+    `<export.model_name>-xy` / `-yx`."""
+    with outputs.atomic_dir(args.out) as tmp:
+        files, diffs = export.export_translators(G, spec["sample_shape"], list(cfg.export.formats), tmp)
+        model_uris = {}
+        for stem in export.TRANSLATORS:
+            if f"{stem}.onnx" in files:
+                name = f"{cfg.export.model_name}-{export.TRANSLATORS[stem]}"
+                model_uris[stem] = tracking.log_onnx_model(uri, run_id, files[f"{stem}.onnx"], name, stem)
+        card = export.translator_card(
+            spec, manifest, cfg, train_info, eval_info, diffs, outputs.git_commit(), model_uris
+        )
+        card["files"] = {key: f"{args.out}/{p.name}" for key, p in files.items()}
+        outputs.write_json(tmp / "model_card.json", card)
+        tracking.log_artifacts(uri, run_id, [tmp], "export")
+    shown = ", ".join(f"{k} max|diff|={v:.2e}" for k, v in diffs.items())
+    print(f"[export] {', '.join(card['files'].values())} ({shown}); model card {args.out}/model_card.json")
+    for stem, model_uri in model_uris.items():
+        print(f"[export] {stem} ({card['generators'][stem]['direction']}) registered in MLflow as {model_uri}")
+    _summary(eval_info, train_info, uri, "generator_xy / generator_yx (.onnx, .pt), model_card.json")
+
+
+def _summary(eval_info: dict, train_info: dict, uri: str, model: str = "") -> None:
     """What a user wants to see when the pipeline ends."""
     shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(eval_info.items()))
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else tracking.redact(uri)
@@ -50,7 +75,7 @@ def _summary(eval_info: dict, train_info: dict, uri: str) -> None:
         f"metrics   {shown}\n"
         f"training  {train_info['steps']} steps in {train_info['wall_time_s']}s, MLflow run {train_info['mlflow_run_id']}\n"
         "plots     plots/samples.png, plots/losses.png   (dvc plots show: all of them as HTML)\n"
-        "model     export/generator.onnx, export/generator.pt, export/model_card.json\n"
+        f"model     {model or 'export/generator.onnx, export/generator.pt, export/model_card.json'}\n"
         f"MLflow UI {ui}"
     )
 

@@ -1,6 +1,7 @@
 """features: train the evaluation feature extractor (a small CNN classifier) on the real training
 images; its penultimate layer is the space FID/KID/precision/recall are measured in. 2D data needs
-none; unlabelled images get a clearly named random-init extractor."""
+none; unlabelled images get a clearly named random-init extractor. With a second domain (CycleGAN,
+data.target) a second classifier, extractor_b.pt, is trained on domain B."""
 
 from __future__ import annotations
 
@@ -34,8 +35,17 @@ def run(args) -> None:
                 prepared.x_train, prepared.y_train, classes, cfg.seed, x_val=prepared.x_val, y_val=prepared.y_val
             )
             features.save_extractor(model, info, tmp / "extractor.pt")
+        if prepared.b is not None:  # CycleGAN: domain B's images are scored by domain B's own classifier
+            b = prepared.b
+            model_b, info_b = features.train_extractor(
+                b.x_train, b.y_train, b.manifest["classes"], cfg.seed, x_val=b.x_val, y_val=b.y_val
+            )
+            features.save_extractor(model_b, info_b, tmp / "extractor_b.pt")
+            info = {**info, "target": info_b}
         outputs.write_json(tmp / "info.json", info)
     shown = {k: info.get(k) for k in ("extractor", "val_accuracy", "seconds") if info.get(k) is not None}
+    if "target" in info:
+        shown["target_val_accuracy"] = info["target"]["val_accuracy"]
     outputs.write_json(args.metrics, shown)
     print(f"[features] {', '.join(f'{k}={v}' for k, v in shown.items())} -> {args.out}")
 

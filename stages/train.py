@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import data, distributed, live_eval, outputs, tracking, training
+from pipeline import cyclegan, data, distributed, live_eval, outputs, plots, tracking, training
 from pipeline.models import build_generator
 from stages import common
 
@@ -30,6 +30,9 @@ def train(args) -> None:
     data_hash = prepared.manifest["content_hash"]
     if cfg.model.conditional and prepared.y_train is None:
         raise ValueError("model.conditional: the prepared data has no labels (an npz needs a 'y' array)")
+    cycle = cfg.model.family == "cyclegan"
+    if cycle and prepared.b is None:
+        raise ValueError("model.family: cyclegan needs two domains; rerun prepare with data.target set")
     # same params + same data -> same Ray run name and MLflow run: a rerun resumes, never restarts
     key = f"{cfg.fingerprint('seed', 'model', 'loss', 'train', 'eval.every', 'eval.live_samples')}-{data_hash[:12]}"
     name = f"ganpipe-{cfg.data.name}-{key}"
@@ -48,7 +51,8 @@ def train(args) -> None:
     print(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {tracking.redact(uri)}")
     print(f"[train] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}; {cfg.train.num_workers} worker(s)")
 
-    live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.eval.every else None
+    # CycleGAN trials and runs are scored by the evaluate stage (translations are not sampled from z)
+    live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.eval.every and not cycle else None
     # metrics the server never took (it was away at the end of training) land here, on this machine
     spill = (Path(UNSENT_DIR) / f"{run_id}.jsonl").resolve()
     t0 = time.perf_counter()
@@ -59,10 +63,11 @@ def train(args) -> None:
             uri,
             run_id,
             name,
-            prepared.y_train,
+            None if cycle else prepared.y_train,  # CycleGAN never sees labels
             prepared.manifest["classes"],
             live,
             spill_path=str(spill),
+            x_train_b=prepared.b.x_train if cycle else None,
         )
     except BaseException as e:
         tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -80,15 +85,19 @@ def train(args) -> None:
         outputs.write_csv(tmp / "history.csv", state["history"])
         outputs.write_csv(tmp / "evals.csv", state.get("evals", []))
         spec = state["spec"]
-        n = 64 if prepared.is_image else 1000
-        samples = training.sample(G, n, spec["z_dim"], cfg.seed, num_classes=spec.get("num_classes"))
-        _sample_plot(samples, prepared, cfg.data.name, tmp / "samples.png")
+        if cycle:  # x | G(x) | F(G(x)) | y | F(y) | G(F(y)) on validation images
+            plots.image_grid(cyclegan.triplets(G, prepared.x_val, prepared.b.x_val), tmp / "samples.png", nrow=6)
+        else:
+            n = 64 if prepared.is_image else 1000
+            samples = training.sample(G, n, spec["z_dim"], cfg.seed, num_classes=spec.get("num_classes"))
+            _sample_plot(samples, prepared, cfg.data.name, tmp / "samples.png")
     final = state["history"][-1] if state["history"] else {}
     summary = {
         "steps": state["step"],
         "wall_time_s": round(wall, 2),
         "loss_D": final.get("loss/D"),
         "loss_G": final.get("loss/G"),
+        **({"loss_cycle": final.get("loss/cycle"), "loss_identity": final.get("loss/identity")} if cycle else {}),
         "D_real": final.get("D/real"),
         "D_fake": final.get("D/fake"),
         "mlflow_run_id": run_id,
@@ -113,8 +122,6 @@ def train(args) -> None:
 
 
 def _sample_plot(samples, prepared, dataset: str, path) -> None:
-    from pipeline import plots
-
     if prepared.is_image:
         plots.image_grid(samples, path)
     else:

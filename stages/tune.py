@@ -47,7 +47,8 @@ def run(args) -> None:
     )
     print(f"[tune] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}")
 
-    live = live_eval.from_prepared(cfg, prepared, args.features)
+    live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.model.family != "cyclegan" else None
+    b = prepared.b
     job = tune.SweepJob(
         raw,
         list(parsed),
@@ -59,6 +60,9 @@ def run(args) -> None:
         prepared.y_train,
         prepared.manifest["classes"],
         name,
+        None if b is None else b.x_train,
+        None if b is None else b.x_val,
+        prepared.x_val,
     )
     try:
         results = tune.run_sweep(cfg, parsed, job, storage_path, fs, name)

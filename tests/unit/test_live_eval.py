@@ -75,8 +75,9 @@ def test_eval_off_calls_nothing(grid):
 def test_evaluation_does_not_change_training(grid):
     """Live evaluation samples G in eval mode with its own RNG: the trained weights are bit-identical."""
     live = live_eval.LiveEval(grid.x_val, "grid", 200, 0)
-    cfg_on, cfg_off = tiny(eval={"every": 5}, model={"hidden": 16, "d_norm": "batch"}), tiny(
-        model={"hidden": 16, "d_norm": "batch"}
+    cfg_on, cfg_off = (
+        tiny(eval={"every": 5}, model={"hidden": 16, "d_norm": "batch"}),
+        tiny(model={"hidden": 16, "d_norm": "batch"}),
     )
     on = _train(cfg_on, grid, Hooks(on_eval=lambda g: live(g.G, 2)))
     off = _train(cfg_off, grid, Hooks())

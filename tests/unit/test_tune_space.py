@@ -39,8 +39,12 @@ def test_all_problems_reported_at_once():
 
 
 def test_a_good_space_parses():
-    space = {"train.lr_g": {"loguniform": [1e-4, 1e-2]}, "model.hidden": {"choice": [32, 64]},
-             "train.n_critic": {"randint": [1, 3]}, "loss.name": {"grid": ["nonsaturating", "hinge"]}}
+    space = {
+        "train.lr_g": {"loguniform": [1e-4, 1e-2]},
+        "model.hidden": {"choice": [32, 64]},
+        "train.n_critic": {"randint": [1, 3]},
+        "loss.name": {"grid": ["nonsaturating", "hinge"]},
+    }
     parsed = parse_space(space, BASE)
     assert parsed["train.lr_g"] == ("loguniform", [1e-4, 1e-2]) and parsed["loss.name"][0] == "grid"
 
