@@ -286,7 +286,7 @@ def test_tune_trials_report_the_cycle_error():
     tune.check_tunable(c)  # accepted as a tune metric
     gan = training.build_gan(c, SHAPE)
     x, y = images(8, 1).numpy(), images(8, 2).numpy()
-    m = tune.trial_metrics(gan.G, c, x, "digits", x_val_b=y)
+    m = tune.cycle_metrics(gan.G, c, x, y, 1000)
     xy = cyclegan.cycle_diagnostics(gan.G.xy, gan.G.yx, x, c.seed)["cycle_l1"]
     yx = cyclegan.cycle_diagnostics(gan.G.yx, gan.G.xy, y, c.seed)["cycle_l1"]
     assert set(m) == {"cycle_l1"} and m["cycle_l1"] == pytest.approx((xy + yx) / 2)
