@@ -149,7 +149,9 @@ def test_team_pipeline_on_s3_with_lineage_registry_dvc_remote_and_no_leaked_secr
     )
     model = Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{cand.version}",
+            # resolved through this server's registry (a models:/ URI would use the process-wide
+            # registry URI, which earlier tests in the same process may have pointed elsewhere)
+            artifact_uri=client.get_model_version_download_uri(name, cand.version),
             dst_path=str(tmp_path / "model-art"),
             tracking_uri=stack.tracking_uri,
         )
