@@ -140,7 +140,7 @@ def translator_card(spec, manifest, cfg, train_info, eval_info, diffs, git, mode
     """The model card of a CycleGAN export: which file translates which way, and the lineage."""
     x, y = manifest["dataset"], manifest["target"]["dataset"]
     io = {"shape": ["N", *spec["sample_shape"]], "dtype": "float32", "range": "[-1, 1]"}
-    return {
+    card = {
         "family": "cyclegan",
         "generators": {
             "generator_xy": {
@@ -166,22 +166,16 @@ def translator_card(spec, manifest, cfg, train_info, eval_info, diffs, git, mode
             "n_train": manifest["n_train"],
             "n_train_target": manifest["target"]["n_train"],
         },
-        "params": cfg.to_dict(),
-        "metrics": {"train": train_info, "eval": eval_info},
-        "parity_max_abs_diff": diffs,
-        "git": git,
-        "mlflow": {
-            "run_id": train_info.get("mlflow_run_id"),
-            "tracking_uri": train_info.get("mlflow_tracking_uri"),
-            "model_uris": model_uris,
-        },
+        **_lineage(cfg, train_info, eval_info, diffs, git),
     }
+    card["mlflow"]["model_uris"] = model_uris
+    return card
 
 
 def model_card(spec, manifest, cfg, train_info, eval_info, diffs, git, model_uri) -> dict:
     """What a user of the exported files needs to know, and the lineage to reproduce them."""
     image = manifest["kind"] == "images"
-    return {
+    card = {
         "inputs": {
             "z": {"shape": ["N", spec["z_dim"]], "dtype": "float32", "distribution": "standard normal N(0, I)"},
             **(
@@ -203,13 +197,18 @@ def model_card(spec, manifest, cfg, train_info, eval_info, diffs, git, model_uri
             "content_hash": manifest["content_hash"],
             "n_train": manifest["n_train"],
         },
+        **_lineage(cfg, train_info, eval_info, diffs, git),
+    }
+    card["mlflow"]["model_uri"] = model_uri
+    return card
+
+
+def _lineage(cfg, train_info, eval_info, diffs, git) -> dict:
+    """The model card's params, metrics, parity check, git commit and MLflow run."""
+    return {
         "params": cfg.to_dict(),
         "metrics": {"train": train_info, "eval": eval_info},
         "parity_max_abs_diff": diffs,
         "git": git,
-        "mlflow": {
-            "run_id": train_info.get("mlflow_run_id"),
-            "tracking_uri": train_info.get("mlflow_tracking_uri"),
-            "model_uri": model_uri,
-        },
+        "mlflow": {"run_id": train_info.get("mlflow_run_id"), "tracking_uri": train_info.get("mlflow_tracking_uri")},
     }

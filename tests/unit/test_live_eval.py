@@ -9,19 +9,9 @@ import torch
 
 from pipeline import data as D
 from pipeline import features, live_eval, metrics2d
-from pipeline.config import build_config, deep_merge
+from pipeline.config import build_config
 from pipeline.training import Batches, Hooks, build_gan, gan_state, load_gan_state, train
-
-BASE = {
-    "seed": 0,
-    "data": {"name": "grid", "n_samples": 2000},
-    "model": {"arch": "mlp", "z_dim": 2, "hidden": 16},
-    "train": {"steps": 30, "log_every": 10, "checkpoint_every": 10, "batch_size": 32, "ema": 0.0},
-}
-
-
-def tiny(**update):
-    return build_config(deep_merge(BASE, update))
+from tests.unit.test_training import tiny
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +21,7 @@ def grid():
 
 
 class Mixture(torch.nn.Module):
-    """A 'generator' that returns exact draws of the grid mixture: z -> nearest-centre + noise."""
+    """A 'generator' that returns exact draws of the grid mixture: a random centre + Gaussian noise."""
 
     def __init__(self, centers: np.ndarray, std: float):
         super().__init__()
