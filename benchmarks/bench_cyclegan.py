@@ -67,6 +67,12 @@ def main() -> None:
             f"FID {m[f'{d}/fid']:.2f}, cycle L1 {m[f'{d}/cycle_l1']:.4f}, noisy {m[f'{d}/cycle_l1_noisy']:.4f} "
             f"(ratio {m[f'{d}/noise_ratio']:.2f}, gain {m[f'{d}/noise_gain']:.2f}, hidden {m[f'{d}/hidden_information']})"
         )
+    # where labels are lost: per-class accuracy of each direction's translations
+    for d, fwd, src, y, ext in (("xy", G.xy, p.x_val, p.y_val, ext_b), ("yx", G.yx, p.b.x_val, p.b.y_val, ext_a)):
+        pred = features.embed(ext, cyclegan.translate(fwd, src))[1].argmax(1)
+        wrong = [np.bincount(pred[(y == c) & (pred != c)], minlength=10) for c in range(10)]
+        per = [f"{c}:{np.mean(pred[y == c] == c):.2f}(->{w.argmax() if w.any() else '-'})" for c, w in enumerate(wrong)]
+        print(f"{names[d]:>18}: per class accuracy (most common wrong label) " + " ".join(per))
     ok = min(m["xy/label_accuracy"], m["yx/label_accuracy"]) >= 0.8
     print(
         f"label preservation >= 80% both ways: {'yes' if ok else 'NO'}; hidden information: {m['hidden_information']}"

@@ -333,8 +333,9 @@ def sweep_name(cfg: Config, data_hash: str) -> str:
     return f"ganpipe-tune-{cfg.data.name}-{cfg.fingerprint('seed', 'model', 'loss', 'train', 'tune')}-{data_hash[:12]}"
 
 
-def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: str):
-    """Fit the sweep (or resume it, finishing only what was left); returns Tune's ResultGrid."""
+def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: str, callbacks=None):
+    """Fit the sweep (or resume it, finishing only what was left); returns Tune's ResultGrid.
+    `callbacks`: extra Tune callbacks (the benchmark times trials with one)."""
     from ray import tune
 
     # a single-worker trial trains in the trial itself (its CPUs); a multi-worker trial only drives a
@@ -373,6 +374,7 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 storage_path=storage_path,
                 storage_filesystem=fs,
                 verbose=0,
+                callbacks=callbacks,
                 # PBT copies a donor's checkpoint a tick later: keep a few, not just the newest
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
             ),
