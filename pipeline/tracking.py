@@ -181,6 +181,7 @@ class MetricBuffer:
         self._thread: threading.Thread | None = None
         self._down_since: float | None = None
         self._warned: set[str] = set()
+        self._closed = False
         self.delivered = 0  # metric values the server accepted
         self.spilled = 0  # metric values written to `spill` (or dropped) instead
         self._send = self._http_sender() if uri.startswith(("http://", "https://")) else self._store_sender()
@@ -216,21 +217,44 @@ class MetricBuffer:
                 left, f"the MLflow server at {redact(self.uri)} did not take them within {self.timeout:.0f}s"
             )
 
+    def wait_sent(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for everything queued to be delivered, unless the server is
+        already known to be away (then return at once); nothing is set aside. True when delivered."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue and self._down_since is None and time.monotonic() < deadline:
+                self._cond.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            return not self._queue
+
+    def close(self) -> None:
+        """`flush(wait=True)`, then end the sender thread (a process that runs many trainings, such
+        as a reused Tune trial process, closes each buffer instead of keeping its thread)."""
+        self.flush(wait=True)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
     # ---- the sender thread --------------------------------------------------------------------
 
     def _run(self) -> None:
         delay = self.BACKOFF[0]
         while True:
             with self._cond:
-                while not self._queue:
+                while not self._queue and not self._closed:
                     self._cond.wait()
+                if not self._queue:  # closed, and everything delivered or set aside
+                    return
                 batch = self._queue[0]
             try:
                 ok = self._send(batch)
             except Exception as e:  # noqa: BLE001 - any failure to deliver is "try again later"
                 ok = None
                 if self._down_since is None:
-                    self._down_since = time.monotonic()
+                    with self._cond:
+                        self._down_since = time.monotonic()
+                        self._cond.notify_all()  # wait_sent stops waiting
                     self.log(
                         f"[mlflow] warning: the server at {redact(self.uri)} is not answering ({type(e).__name__}); "
                         "metrics are kept and sent when it returns, training goes on",

@@ -143,6 +143,7 @@ class SweepJob:
     x_train_b: np.ndarray | None = None  # CycleGAN: domain B
     x_val_b: np.ndarray | None = None
     x_val: np.ndarray | None = None  # CycleGAN: domain A's validation images
+    spill_path: str | None = None  # where trials keep metrics the MLflow server never took
 
 
 def cycle_metrics(G: torch.nn.Module, cfg: Config, x_val: np.ndarray, x_val_b: np.ndarray, n: int) -> dict[str, float]:
@@ -182,6 +183,9 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     )
     hp = {f"hp/{k}": float(v) for k, v in overrides.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     last: dict[str, float] = {}
+    # metrics go to MLflow from a background thread: a server that is away for a while delays
+    # nothing, and what it never takes is kept in `job.spill_path` (see tracking.MetricBuffer)
+    sent = tracking.MetricBuffer(job.tracking_uri, run_id, job.spill_path, cfg.tracking.flush_timeout_s)
 
     def on_log(step: int, stats: dict[str, float]) -> None:
         last.update(stats)
@@ -195,7 +199,9 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
             metrics.update(cycle_metrics(G, cfg, job.x_val, job.x_val_b, cfg.eval.live_samples))
         else:
             metrics.update(job.live(G, cfg.model.z_dim))
-        tracking.log_summary_metrics(job.tracking_uri, run_id, {**metrics, **hp}, g.step)
+        sent.add(g.step, {**metrics, **hp})
+        sent.flush()
+        sent.wait_sent(2.0)  # in MLflow before Tune sees the report (and may stop the trial), unless the server is away
         with tempfile.TemporaryDirectory() as d:
             torch.save(training.gan_state(g), Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -205,11 +211,14 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, y=y, num_classes=num_classes or 0, x_b=x_b
     )
     start = gan.step
-    training.train(gan, cfg, batches, training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint))
-    if gan.step == start:
-        # restored at the last step (a PBT exploit of a finished donor): nothing left to train, but
-        # the trial's own table must still end on its final step and metrics
-        on_checkpoint(gan, True)
+    try:
+        training.train(gan, cfg, batches, training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint))
+        if gan.step == start:
+            # restored at the last step (a PBT exploit of a finished donor): nothing left to train, but
+            # the trial's own table must still end on its final step and metrics
+            on_checkpoint(gan, True)
+    finally:
+        sent.close()
 
 
 def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from pipeline import outputs, s3, tracking
@@ -65,6 +66,25 @@ def tracking_uri(cfg: Config) -> str:
     uri = tracking.resolve_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)
     return uri
+
+
+UNSENT_DIR = ".ganpipe/unsent-metrics"
+
+
+def spill_path(name: str) -> Path:
+    """Where a run keeps the metrics the MLflow server never took (absolute: Ray workers and Tune
+    trials run in other working folders)."""
+    return (Path(UNSENT_DIR) / f"{name}.jsonl").resolve()
+
+
+def deliver_spilled(stage: str, uri: str, spill: Path) -> None:
+    """Send what a run kept in `spill`; warn (naming the file) about what still could not be sent."""
+    if left := tracking.deliver_spilled(uri, spill):
+        print(
+            f"[{stage}] WARNING: {left} metric values never reached the MLflow server at {tracking.redact(uri)}; "
+            f"they are kept in {spill} (JSON lines: run_id, key, value, timestamp, step)",
+            file=sys.stderr,
+        )
 
 
 def run(body: Callable[[], None]) -> int:

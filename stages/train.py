@@ -5,13 +5,10 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from pathlib import Path
 
 from pipeline import cyclegan, data, distributed, live_eval, outputs, plots, tracking, training
 from pipeline.models import build_generator
 from stages import common
-
-UNSENT_DIR = ".ganpipe/unsent-metrics"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +51,7 @@ def train(args) -> None:
     # CycleGAN trials and runs are scored by the evaluate stage (translations are not sampled from z)
     live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.eval.every and not cycle else None
     # metrics the server never took (it was away at the end of training) land here, on this machine
-    spill = (Path(UNSENT_DIR) / f"{run_id}.jsonl").resolve()
+    spill = common.spill_path(run_id)
     t0 = time.perf_counter()
     try:
         state, result_path = distributed.fit(
@@ -113,12 +110,7 @@ def train(args) -> None:
     )
     tracking.end_run(uri, run_id)
     print(f"[train] done: {state['step']} steps in {wall:.1f}s -> {args.models}, {args.metrics}")
-    if left := tracking.deliver_spilled(uri, spill):
-        print(
-            f"[train] WARNING: {left} metric values never reached the MLflow server at {tracking.redact(uri)}; "
-            f"they are kept in {spill} (JSON lines: run_id, key, value, timestamp, step)",
-            file=sys.stderr,
-        )
+    common.deliver_spilled("train", uri, spill)
 
 
 def _sample_plot(samples, prepared, dataset: str, path) -> None:

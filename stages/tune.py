@@ -63,6 +63,7 @@ def run(args) -> None:
         None if b is None else b.x_train,
         None if b is None else b.x_val,
         prepared.x_val,
+        str(common.spill_path(parent)),
     )
     try:
         results = tune.run_sweep(cfg, parsed, job, storage_path, fs, name)
@@ -96,6 +97,7 @@ def run(args) -> None:
     tracking.set_tags(uri, parent, {"ganpipe.best_trial": best["trial_id"]})
     tracking.log_artifacts(uri, parent, [out / "best_params.yaml", out / "trials.csv", out / "results.png"], "tune")
     tracking.end_run(uri, parent)
+    common.deliver_spilled("tune", uri, common.spill_path(parent))
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUS}
     print(
         f"[tune] {len(rows)} trials: {counts['finished']} finished, {counts['stopped_early']} stopped early, "

@@ -139,3 +139,64 @@ def test_server_stopped_mid_training_loses_no_metric_step(project: Path, tmp_pat
         if train is not None:
             stop_group(train)  # the driver and the local Ray it started
         stop_group(server)
+
+
+def test_server_stopped_mid_sweep_fails_no_trial_and_loses_no_report(project: Path, tmp_path: Path):
+    """Tune trials send their reports through the same buffer: an outage while trials train fails
+    none of them, and every checkpoint report reaches the server once it is back."""
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    server_dir = tmp_path / "server"
+    server = start_server(server_dir, port)
+    uri = f"http://127.0.0.1:{port}"
+    steps, every = 4000, 200
+    space = {"train.lr_g": {"loguniform": [5e-4, 2e-3]}}
+    set_params(
+        project,
+        {
+            "tracking": {"uri": uri},
+            "train": {"steps": steps, "checkpoint_every": every, "log_every": every},
+            "tune": {"num_samples": 2, "scheduler": "none", "max_concurrent": 2, "search_space": space},
+        },
+    )
+    sh(project, sys.executable, "stages/prepare.py")
+    sweep = subprocess.Popen(
+        [sys.executable, "stages/tune.py"],
+        cwd=project,
+        # MLflow's own client retries for minutes: without retries, any call that waited on the
+        # server during the outage would fail its trial
+        env=env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}, project=project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    out = Lines(sweep)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and sweep.poll() is None:  # both trials have reported
+            exp = client.get_experiment_by_name("ganpipe")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            if len(children) == 2 and all("w1" in c.data.metrics for c in children):
+                break
+            time.sleep(0.5)
+        assert sweep.poll() is None, out.text()[-4000:]
+        stop_group(server)  # the server goes away while both trials train
+        time.sleep(4)
+        server = start_server(server_dir, port)
+        assert sweep.wait(timeout=600) == 0, out.text()[-4000:]
+        out.thread.join(timeout=10)
+
+        rows = list(csv.DictReader(open(project / "tune/trials.csv")))
+        assert [r["status"] for r in rows] == ["finished", "finished"], out.text()[-4000:]
+        client = MlflowClient(tracking_uri=uri)
+        for r in rows:  # every report, once, in each trial's run
+            steps_logged = sorted(m.step for m in client.get_metric_history(r["mlflow_run_id"], "w1"))
+            assert steps_logged == list(range(every, steps + 1, every)), r
+        assert "never reached the MLflow server" not in out.text()
+    finally:
+        stop_group(sweep)
+        stop_group(server)

@@ -58,3 +58,39 @@ def test_local_store_gets_every_step_and_spilled_metrics_are_replayed(tmp_path: 
     tracking.write_spill(spill, run_id, [Metric("loss/G", 0.5, 1, s) for s in (60, 70)])
     assert tracking.deliver_spilled(uri, spill) == 0 and not spill.exists()
     assert sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss/G")) == [60, 70]
+
+
+def test_wait_sent_returns_once_delivered_and_close_ends_the_sender_thread(tmp_path: Path):
+    """What a Tune trial relies on: a report is in MLflow before Tune sees it, and a reused trial
+    process does not keep one sender thread per finished trial."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_or_resume_run(uri, "buf", "key", "r")[0]
+    buf = tracking.MetricBuffer(uri, run_id, tmp_path / "spill.jsonl", timeout=60)
+    buf.add(7, {"w1": 0.25})
+    buf.flush()
+    assert buf.wait_sent(30.0)
+    assert [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "w1")] == [(7, 0.25)]
+    thread = buf._thread
+    assert thread is not None and thread.is_alive()
+    buf.close()
+    assert not thread.is_alive() and buf.delivered == 1
+
+
+def test_wait_sent_does_not_wait_on_a_server_known_to_be_away(tmp_path: Path):
+    buf = tracking.MetricBuffer(
+        f"http://127.0.0.1:{closed_port()}", "run-1", tmp_path / "s.jsonl", timeout=1.0, log=lambda m, **_: None
+    )
+    buf.add(1, {"w1": 1.0})
+    buf.flush()
+    t0 = time.perf_counter()
+    assert not buf.wait_sent(5.0)  # the first refusal marks the server away and ends the wait
+    assert time.perf_counter() - t0 < 3.0
+    t0 = time.perf_counter()
+    buf.add(2, {"w1": 2.0})
+    buf.flush()
+    assert not buf.wait_sent(5.0)
+    assert time.perf_counter() - t0 < 1.0
+    buf.close()  # waits its timeout, then keeps both steps in the spill file
+    assert sorted(json.loads(line)["step"] for line in (tmp_path / "s.jsonl").read_text().splitlines()) == [1, 2]
