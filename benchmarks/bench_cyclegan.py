@@ -65,13 +65,12 @@ def main() -> None:
     # 20x20 digit box averaged down to 8x8, then framed like the digits); the digits classifier's
     # accuracy on it shows how much of the label loss is the classifier's, not the translator's
     rendered = {
-        d: _render_as_digits(src)
-        for d, name, src in (("xy", cfg.data.target, p.x_val), ("yx", cfg.data.name, p.b.x_val))
+        d: metrics_image.label_accuracy(features.embed(ext, _render_as_digits(src))[1], labels)
+        for d, name, src, labels, ext in (
+            ("xy", cfg.data.target, p.x_val, p.y_val, ext_b),
+            ("yx", cfg.data.name, p.b.x_val, p.b.y_val, ext_a),
+        )
         if name == "digits" and src.shape[-1] == 28
-    }
-    rendered = {
-        d: metrics_image.label_accuracy(features.embed(ext_b if d == "xy" else ext_a, r)[1], p.y_val if d == "xy" else p.b.y_val)
-        for d, r in rendered.items()
     }
     names = {"xy": f"{cfg.data.name} -> {cfg.data.target}", "yx": f"{cfg.data.target} -> {cfg.data.name}"}
     for d in ("xy", "yx"):
