@@ -53,6 +53,20 @@ def sh(
     return p
 
 
+def spawn(project: Path, *cmd: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a command in `project` in a process group of its own (stop it with `stop_group`), its
+    stdout and stderr merged into one text pipe."""
+    return subprocess.Popen(
+        list(cmd),
+        cwd=project,
+        env=env(extra_env, project=project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def set_params(project: Path, update: dict) -> None:
     path = project / "params.yaml"
     path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), update), sort_keys=False))

@@ -7,13 +7,12 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import env, set_params, sh
+from tests.integration.conftest import set_params, sh, spawn
 
 pytestmark = pytest.mark.integration
 
@@ -25,15 +24,7 @@ def test_killed_worker_is_replaced_and_training_completes(project: Path):
         project,
         {"train": {"num_workers": 2, "max_failures": 2, "steps": steps, "checkpoint_every": 200, "log_every": 100}},
     )
-    p = subprocess.Popen(
-        [sys.executable, "stages/train.py"],
-        cwd=project,
-        env=env(project=project),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    p = spawn(project, sys.executable, "stages/train.py")
     out, victim, killed = [], None, False
     try:
         for line in p.stdout:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.conftest import env, set_params, sh
+from tests.integration.conftest import set_params, sh, spawn
 
 pytestmark = pytest.mark.integration
 STEPS = 2000
@@ -49,15 +49,7 @@ def params_for(project: Path, tag: str) -> None:
 def kill_after_step(project: Path, tag: str, step: int) -> None:
     """Start the train stage and SIGKILL its whole process group once it has logged `step`."""
     cmd = train_cmd(tag)
-    p = subprocess.Popen(
-        cmd,
-        cwd=project,
-        env=env(project=project),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    p = spawn(project, *cmd)
     try:
         for line in p.stdout:
             if line.startswith("[train] step ") and int(line.split()[2].split("/")[0]) >= step:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.teamstack import LOCAL_AWS as AWS
+from pipeline.teamstack import s3_client
 from tests.integration.conftest import BIN, env, free_port, set_params, sh, stop_group, wait_for_port
 
 pytestmark = pytest.mark.integration
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def moto(extra: dict[str, str] | None = None):
@@ -75,18 +76,6 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(project: Path, s3_en
 
     run = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}").get_run(info["mlflow_run_id"])
     assert not any("testing-secret" in str(v) for v in run.data.params.values())
-
-
-def s3_client(endpoint: str):
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
-        region_name=AWS["AWS_DEFAULT_REGION"],
-    )
 
 
 def test_npz_data_is_read_from_s3_with_the_endpoint_from_the_environment(project: Path, s3_endpoint: str):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import BIN, env, free_port, set_params, sh, stop_group
+from tests.integration.conftest import BIN, env, free_port, set_params, sh, spawn, stop_group
 
 pytestmark = pytest.mark.integration
 
@@ -95,15 +95,7 @@ def test_server_stopped_mid_training_loses_no_metric_step(project: Path, tmp_pat
             },
         )
         sh(project, sys.executable, "stages/prepare.py")
-        train = subprocess.Popen(
-            [sys.executable, "stages/train.py"],
-            cwd=project,
-            env=env(project=project),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        train = spawn(project, sys.executable, "stages/train.py")
         out = Lines(train)
         out.wait_for_step(train, 0, timeout=300)
         assert out.steps(), out.text()
@@ -161,16 +153,13 @@ def test_server_stopped_mid_sweep_fails_no_trial_and_loses_no_report(project: Pa
         },
     )
     sh(project, sys.executable, "stages/prepare.py")
-    sweep = subprocess.Popen(
-        [sys.executable, "stages/tune.py"],
-        cwd=project,
+    sweep = spawn(
+        project,
+        sys.executable,
+        "stages/tune.py",
         # MLflow's own client retries for minutes: without retries, any call that waited on the
         # server during the outage would fail its trial
-        env=env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}, project=project),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        extra_env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
     )
     out = Lines(sweep)
     try:
