@@ -33,6 +33,9 @@ def generator_spec(
         "layers": model.layers,
         "sample_shape": list(sample_shape),
         "num_classes": num_classes if model.conditional else None,
+        # how a conditional DCGAN generator takes its label: per-class gain and bias in every batch norm.
+        # Specs saved before this key existed concatenated an embedding to z ("embedding").
+        "conditioning": "batchnorm" if model.conditional and model.arch == "dcgan" else None,
     }
 
 
@@ -44,7 +47,9 @@ def build_generator(spec: dict[str, Any]) -> nn.Module:
     k = spec.get("num_classes")
     if spec["arch"] == "mlp":
         return MLPGenerator(spec["z_dim"], spec["hidden"], spec["layers"], spec["sample_shape"][0], k)
-    return DCGANGenerator(spec["z_dim"], spec["hidden"], tuple(spec["sample_shape"]), k)
+    return DCGANGenerator(
+        spec["z_dim"], spec["hidden"], tuple(spec["sample_shape"]), k, spec.get("conditioning") or "embedding"
+    )
 
 
 def build_discriminator(
@@ -154,25 +159,73 @@ def _levels(shape: tuple[int, ...]) -> int:
     return max(1, math.ceil(math.log2(side / 4)))
 
 
-class DCGANGenerator(nn.Module):
-    """z (N, z_dim) -> images (N, C, H, W) in [-1, 1]; drawn at 4 * 2**levels, centre-cropped."""
+class _ConditionalBatchNorm(nn.Module):
+    """Batch norm with a per-class gain and bias (de Vries et al. 2017, as in SN-GAN and BigGAN).
 
-    def __init__(self, z_dim: int, base: int, shape: tuple[int, int, int], num_classes: int | None = None):
+    The label modulates every layer of the generator instead of sharing its input with z: a label
+    concatenated to z can grow until the generator ignores z and draws one image per class.
+    """
+
+    def __init__(self, num_features: int, num_classes: int, dims: int):
+        super().__init__()
+        self.bn = (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(num_features, affine=False)
+        self.gain = nn.Embedding(num_classes, num_features)
+        self.bias = nn.Embedding(num_classes, num_features)
+        nn.init.ones_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+        return self.bn(x) * self.gain(y).view(shape) + self.bias(y).view(shape)
+
+
+def _batch_norm(ch: int, dims: int, num_classes: int | None, conditioning: str) -> nn.Module:
+    if num_classes and conditioning == "batchnorm":
+        return _ConditionalBatchNorm(ch, num_classes, dims)
+    return (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(ch)
+
+
+def _apply(layers: nn.Sequential, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x, y) if isinstance(layer, _ConditionalBatchNorm) else layer(x)
+    return x
+
+
+class DCGANGenerator(nn.Module):
+    """z (N, z_dim) -> images (N, C, H, W) in [-1, 1]; drawn at 4 * 2**levels, centre-cropped.
+
+    Conditional (`num_classes` set): `conditioning="batchnorm"` gives every batch norm a per-class gain
+    and bias; `"embedding"` (older checkpoints) concatenates a label embedding to z.
+    """
+
+    def __init__(
+        self,
+        z_dim: int,
+        base: int,
+        shape: tuple[int, int, int],
+        num_classes: int | None = None,
+        conditioning: str = "batchnorm",
+    ):
         super().__init__()
         self.z_dim, self.shape = z_dim, shape
-        self.cond = _LabelInput(z_dim, num_classes)
+        self.cond = _LabelInput(z_dim, num_classes if conditioning == "embedding" else None)
         n = _levels(shape)
         ch = [base * 2 ** (n - 1 - i) for i in range(n)] + [shape[0]]
-        self.fc = nn.Sequential(nn.Linear(self.cond.width, ch[0] * 16), nn.BatchNorm1d(ch[0] * 16), nn.ReLU())
+        self.fc = nn.Sequential(
+            nn.Linear(self.cond.width, ch[0] * 16), _batch_norm(ch[0] * 16, 1, num_classes, conditioning), nn.ReLU()
+        )
         blocks: list[nn.Module] = []
         for i in range(n):
             blocks.append(nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=i == n - 1))
-            blocks += [nn.Tanh()] if i == n - 1 else [nn.BatchNorm2d(ch[i + 1]), nn.ReLU()]
+            blocks += [nn.Tanh()] if i == n - 1 else [_batch_norm(ch[i + 1], 2, num_classes, conditioning), nn.ReLU()]
         self.net = nn.Sequential(*blocks)
         self.c0, self.side = ch[0], 4 * 2**n
+        self.needs_label = bool(num_classes)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.net(self.fc(self.cond(z, y)).view(-1, self.c0, 4, 4))
+        assert y is not None or not self.needs_label, "a conditional generator needs labels y"
+        h = _apply(self.fc, self.cond(z, y), y)
+        x = _apply(self.net, h.view(-1, self.c0, 4, 4), y)
         top, left = (self.side - self.shape[1]) // 2, (self.side - self.shape[2]) // 2
         return x[:, :, top : top + self.shape[1], left : left + self.shape[2]]
 

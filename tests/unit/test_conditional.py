@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data, export, training
+from pipeline import data, export, models, training
 from pipeline.config import ConfigError, build_config
 
 CFG = {
@@ -26,6 +26,12 @@ def test_changing_the_label_changes_the_generated_image(digits):
     cfg, p = digits
     gan = training.build_gan(cfg, list(p.x_train.shape[1:]), num_classes=10)
     G = gan.G.eval()
+    cbn = [m for m in G.modules() if isinstance(m, models._ConditionalBatchNorm)]
+    plain = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine]
+    assert cbn and not plain  # every batch norm of the generator takes the label
+    for m in cbn:  # per-class gains and biases start at 1 and 0 (label-blind); give them values
+        torch.nn.init.normal_(m.gain.weight, 1.0, 0.5)
+        torch.nn.init.normal_(m.bias.weight, 0.0, 0.5)
     z = torch.randn(1, 8).repeat(10, 1)
     with torch.no_grad():
         out = G(z, torch.arange(10))
@@ -73,3 +79,15 @@ def test_conditional_needs_labels():
     cfg = build_config(CFG)
     with pytest.raises(ValueError, match="model.conditional: needs labelled data"):
         training.build_gan(cfg, [1, 8, 8])
+
+
+def test_generators_saved_before_conditional_batch_norm_still_load(digits):
+    """A spec without `conditioning` (older checkpoints) rebuilds the z + label-embedding generator."""
+    cfg, p = digits
+    spec = training.build_gan(cfg, list(p.x_train.shape[1:]), num_classes=10).spec
+    assert spec["conditioning"] == "batchnorm"
+    old = {k: v for k, v in spec.items() if k != "conditioning"}
+    G = models.build_generator(old).eval()
+    assert G.cond.embed is not None and not any(isinstance(m, models._ConditionalBatchNorm) for m in G.modules())
+    with torch.no_grad():
+        assert G(torch.randn(3, 8), torch.tensor([0, 1, 2])).shape == (3, *p.x_train.shape[1:])

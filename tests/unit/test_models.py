@@ -40,6 +40,7 @@ def test_mlp_generator_shape(z_dim, out_dim, layers):
         "layers": layers,
         "sample_shape": [out_dim],
         "num_classes": None,
+        "conditioning": None,
     }
     G = build_generator(spec)
     x = G(torch.randn(7, z_dim))
