@@ -55,7 +55,9 @@ def test_repro_runs_every_stage_then_only_what_changed(project: Path):
     tags = run.data.tags  # lineage: from the run back to code, data, params and the Ray run
     assert tags["mlflow.source.git.commit"] == card["git"]["commit"] and tags["ganpipe.git_dirty"] in ("true", "false")
     assert tags["ganpipe.data_hash"] == manifest["content_hash"] and tags["ganpipe.dvc_stage"] == "train"
-    assert len(tags["ganpipe.params_hash"]) == 12 and tags["ganpipe.ray_run"].endswith(train["ray_result_path"].split("/")[-1])
+    assert len(tags["ganpipe.params_hash"]) == 12 and tags["ganpipe.ray_run"].endswith(
+        train["ray_result_path"].split("/")[-1]
+    )
 
     # registry: the first candidate becomes champion, the same version again is refused with a reason
     assert "promoted: version 1 is now champion" in sh(project, "ganpipe", "promote").stdout

@@ -16,8 +16,10 @@ pytestmark = pytest.mark.integration
 
 
 def sweep(project: Path, tune: dict, train: dict | None = None):
-    set_params(project, {"tune": tune, "train": {"steps": 300, "checkpoint_every": 100, "log_every": 50,
-                                                 "ema": 0.0, **(train or {})}})
+    set_params(
+        project,
+        {"tune": tune, "train": {"steps": 300, "checkpoint_every": 100, "log_every": 50, "ema": 0.0, **(train or {})}},
+    )
     return sh(project, sys.executable, "stages/tune.py")
 
 
@@ -88,8 +90,11 @@ def test_a_nan_trial_is_recorded_as_failed_and_the_sweep_goes_on(project: Path):
 def test_pbt_mutates_learning_rates_and_the_optimizer_uses_them(project: Path):
     sh(project, sys.executable, "stages/prepare.py")
     space = {"train.lr_g": {"loguniform": [1e-4, 1e-2]}}
-    sweep(project, {"num_samples": 2, "scheduler": "pbt", "max_concurrent": 2, "metric": "w1", "search_space": space},
-          {"steps": 600})
+    sweep(
+        project,
+        {"num_samples": 2, "scheduler": "pbt", "max_concurrent": 2, "metric": "w1", "search_space": space},
+        {"steps": 600},
+    )
     rows = trials(project)
     assert all(r["status"] == "finished" for r in rows), rows
     # every trial's optimizer ran with the learning rate of its final (possibly mutated) config
@@ -121,8 +126,13 @@ def test_multi_worker_trials_fit_a_train_run_each_and_report_to_tune(project: Pa
 
 
 def test_pbt_with_multi_worker_trials_is_refused_before_anything_starts(project: Path):
-    set_params(project, {"train": {"num_workers": 2}, "tune": {"scheduler": "pbt",
-               "search_space": {"train.lr_g": {"loguniform": [1e-4, 1e-2]}}}})
+    set_params(
+        project,
+        {
+            "train": {"num_workers": 2},
+            "tune": {"scheduler": "pbt", "search_space": {"train.lr_g": {"loguniform": [1e-4, 1e-2]}}},
+        },
+    )
     p = sh(project, sys.executable, "stages/tune.py", check=False)
     assert p.returncode == 2 and "tune.scheduler: pbt" in p.stderr and "num_workers" in p.stderr
     assert not (project / "tune").exists()
