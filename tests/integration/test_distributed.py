@@ -68,3 +68,20 @@ def test_two_workers_match_one_worker_with_twice_the_batch(ray_local, tmp_path, 
     # logged metrics are averaged over workers: the same numbers as one worker's
     for h1, h2 in zip(one["history"], two["history"]):
         assert h1["loss/D"] == pytest.approx(h2["loss/D"], abs=1e-4)
+
+
+def test_two_worker_run_stopped_at_a_checkpoint_resumes_to_the_same_weights(ray_local, tmp_path):
+    """A 2-worker run that stops after its checkpoint at step 30 and is continued to step 60 (same
+    storage root and name: Ray Train restores the checkpoint) ends where an uninterrupted run does:
+    weights, ADA's p and the data order all come back from the checkpoint."""
+    train = {"num_workers": 2, "checkpoint_every": 30, "log_every": 30, "batch_size": 64, "ada": ADA}
+    full = fit(tmp_path, "full", train={**train, "steps": 60})
+    first = fit(tmp_path, "part", train={**train, "steps": 30})
+    assert first["step"] == 30
+    resumed = fit(tmp_path, "part", train={**train, "steps": 60})
+    assert resumed["step"] == 60 and resumed["ada_p"] == full["ada_p"]
+    # it continued: its step-30 row (with the measured step time) is the first run's, not a re-run's
+    assert resumed["history"][0] == first["history"][0] and len(resumed["history"]) == 2
+    assert_close(full["G"], resumed["G"], atol=1e-6)
+    assert_close(full["D"], resumed["D"], atol=1e-6)
+    assert [h["loss/D"] for h in resumed["history"]] == pytest.approx([h["loss/D"] for h in full["history"]], abs=1e-6)
