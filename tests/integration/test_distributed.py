@@ -73,7 +73,7 @@ def test_two_workers_match_one_worker_with_twice_the_batch(ray_local, tmp_path, 
 def test_two_worker_run_stopped_at_a_checkpoint_resumes_to_the_same_weights(ray_local, tmp_path):
     """A 2-worker run that stops after its checkpoint at step 30 and is continued to step 60 (same
     storage root and name: Ray Train restores the checkpoint) ends where an uninterrupted run does:
-    weights, ADA's p and the data order all come back from the checkpoint."""
+    weights, ADA's p and the data order all come back from the checkpoint. A finished run is not retrained."""
     train = {"num_workers": 2, "checkpoint_every": 30, "log_every": 30, "batch_size": 64, "ada": ADA}
     full = fit(tmp_path, "full", train={**train, "steps": 60})
     first = fit(tmp_path, "part", train={**train, "steps": 30})
@@ -85,3 +85,7 @@ def test_two_worker_run_stopped_at_a_checkpoint_resumes_to_the_same_weights(ray_
     assert_close(full["G"], resumed["G"], atol=1e-6)
     assert_close(full["D"], resumed["D"], atol=1e-6)
     assert [h["loss/D"] for h in resumed["history"]] == pytest.approx([h["loss/D"] for h in full["history"]], abs=1e-6)
+    again = fit(tmp_path, "part", train={**train, "steps": 60})  # finished: handed back, not retrained
+    assert again["history"] == resumed["history"] and all(
+        torch.equal(again["G"][k], resumed["G"][k]) for k in again["G"]
+    )
