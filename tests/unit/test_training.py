@@ -299,3 +299,19 @@ def test_ada_p_rises_while_d_overfits_and_is_kept_in_checkpoints():
     assert gan.ada_p > 0 and logged[-1]["ada/p"] > logged[0]["ada/p"]
     assert saved[-1]["ada_p"] == gan.ada_p
     assert all(0 <= s["ada/p"] <= cfg.train.ada.p_max for s in logged)
+
+
+@pytest.mark.parametrize("r1", [0.0, 1.0])
+def test_packs_are_all_real_or_all_fake(data, r1):
+    """PacGAN: every batch D scores during training is wholly real or wholly generated, so no pack
+    mixes the two (a pack is a run of `pack` consecutive rows of one call)."""
+    cfg = tiny(model={"pack": 4}, loss={"r1_gamma": r1}, train={"steps": 3})
+    gan = build_gan(cfg, [2])
+    real_rows = {tuple(r) for r in torch.from_numpy(data.x_train).tolist()}
+    kinds = []
+    gan.D.register_forward_pre_hook(
+        lambda _m, args: kinds.append({tuple(r) in real_rows for r in args[0].detach().tolist()})
+    )
+    train(gan, cfg, _batches(cfg, data))
+    assert kinds and all(len(k) == 1 for k in kinds)  # no call holds both real and generated rows
+    assert {True} in kinds and {False} in kinds
