@@ -73,6 +73,10 @@ def test_repro_runs_every_stage_then_only_what_changed(project: Path):
     assert ran_stages(third.stdout) == ["evaluate", "export"]
     assert json.loads((project / "metrics/eval.json").read_text())["n_samples"] == 400
 
+    set_params(project, {"train": {"lr_g": 0.002}})  # a train.* change leaves the data stages alone
+    fourth = sh(project, "dvc", "repro")
+    assert sorted(ran_stages(fourth.stdout)) == ["evaluate", "export", "train"]
+
 
 def test_bad_params_fail_before_work_and_write_nothing(project: Path):
     set_params(project, {"train": {"lr_d": -1}})
