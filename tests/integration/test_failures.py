@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.integration.conftest import set_params, sh
 
@@ -63,3 +65,25 @@ def test_nan_loss_stops_the_run_and_marks_it_failed(project: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ganpipe").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_nan_mid_run_keeps_the_last_good_checkpoint(project: Path):
+    # three overflowing points among 4,000: one first lands in a batch at some seeded step, after checkpoints
+    x = np.random.default_rng(0).standard_normal((4000, 2)).astype(np.float32)
+    x[[7, 1000, 3000]] = 3e38
+    np.savez(project / "spiky.npz", x=x)
+    set_params(
+        project,
+        {"data": {"name": "npz", "path": "spiky.npz"}, "train": {"checkpoint_every": 5, "log_every": 5, "ema": 0.0}},
+    )
+    sh(project, sys.executable, "stages/prepare.py")
+    p = sh(project, sys.executable, "stages/train.py", check=False)
+    assert p.returncode == 1
+    err = p.stderr.strip().splitlines()[-1]
+    bad_step = int(re.search(r"step (\d+): loss/", err).group(1))
+    states = [torch.load(f, weights_only=False) for f in (project / ".ganpipe/ray").rglob("state.pt")]
+    assert states, "no checkpoint was kept"
+    last = max(states, key=lambda s: s["step"])
+    assert 0 < last["step"] < bad_step  # the last checkpoint is from before the bad step...
+    assert all(torch.isfinite(t).all() for part in ("G", "D") for t in last[part].values())  # ...and finite
+    assert not (project / "models").exists()
