@@ -234,10 +234,14 @@ def cheap_image_metrics(
     fake_probs: np.ndarray,
     num_classes: int,
 ) -> dict[str, float]:
-    """fid, class_modes, class_kl: milliseconds for a few thousand samples, for use during training.
-    The caller picks the (small) sample; FID is biased at small n, so keep n fixed across a run."""
+    """fid, precision, recall, class_modes, class_kl: milliseconds for a few thousand samples, for use
+    during training. The caller picks the (small) sample; FID is biased at small n, so keep n fixed
+    across a run. Recall catches what the class metrics cannot: a generator drawing one image per class."""
+    pr = manifold_metrics(real_feats, fake_feats, k_pr=3, k_dc=3)
     return {
         "fid": fid(real_feats, fake_feats),
+        "precision": pr["precision"],
+        "recall": pr["recall"],
         "class_modes": class_modes(fake_probs, num_classes),
         "class_kl": class_kl(fake_probs, class_histogram(real_probs, num_classes)),
     }

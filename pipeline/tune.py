@@ -39,7 +39,10 @@ CONTINUOUS = ("uniform", "loguniform")
 STATE_FILE = "state.pt"
 TRIAL_TAG = "ganpipe.trial_id"
 STATUS_TAG = "ganpipe.trial_status"
-LIVE_METRICS = ("w1", "modes", "hq_fraction", "reverse_kl", "fid", "class_modes", "class_kl", "label_accuracy")
+LIVE_METRICS = (
+    *("w1", "modes", "hq_fraction", "reverse_kl"),
+    *("fid", "precision", "recall", "class_modes", "class_kl", "label_accuracy"),
+)
 REPORTED = ("step", *LIVE_METRICS, "cycle_l1", "loss/D", "loss/G", "loss/cycle", "opt/lr_g", "opt/lr_d")
 METRICS = (*LIVE_METRICS, "cycle_l1", "loss/D", "loss/G", "loss/cycle")
 

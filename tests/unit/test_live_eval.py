@@ -148,6 +148,21 @@ def test_conditional_live_eval_reports_label_accuracy(digits):
     assert live(g, 8)["label_accuracy"] < 0.1
 
 
+def test_recall_exposes_a_conditional_generator_that_ignores_z(digits):
+    """One image per class: right classes, right labels, right class balance, and recall near 0."""
+    p, model = digits
+    live = live_eval.LiveEval(p.x_val, "digits", 300, 0, model, classifier=True, conditional_classes=10)
+    diverse = Replay(p.x_train)
+    diverse.labels = torch.tensor(p.y_train)
+    first = [int(np.flatnonzero(p.y_train == c)[0]) for c in range(10)]
+    collapsed = Replay(p.x_train[first])
+    collapsed.labels = torch.arange(10)
+    good, bad = live(diverse, 8), live(collapsed, 8)
+    assert bad["class_modes"] == 10 and bad["class_kl"] < 0.1 and bad["label_accuracy"] > 0.9
+    assert good["recall"] > 0.5 and bad["recall"] < 0.1
+    assert good["precision"] > 0.5
+
+
 def test_random_extractor_reports_only_fid(digits):
     p, _ = digits
     rand, _ = features.random_extractor(p.x_train.shape[1:], 0)

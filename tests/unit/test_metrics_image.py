@@ -229,8 +229,9 @@ def test_image_metrics_keys_and_values():
     assert m["coverage"] < 0.85 and m["fid"] > 1.0
     floor = M.image_metrics(real, pr, clusters(600, 2)[0], one_hot(clusters(600, 2)[1]), 10)
     assert floor["fid"] < m["fid"] and floor["coverage"] > m["coverage"] and floor["class_modes"] == 10
-    assert set(M.cheap_image_metrics(real, pr, fake, pf, 10)) == {"fid", "class_modes", "class_kl"}
-    assert M.cheap_image_metrics(real, pr, fake, pf, 10)["fid"] == m["fid"]
+    cheap = M.cheap_image_metrics(real, pr, fake, pf, 10)
+    assert set(cheap) == {"fid", "precision", "recall", "class_modes", "class_kl"}
+    assert all(cheap[k] == m[k] for k in ("fid", "precision", "recall", "class_modes", "class_kl"))
 
 
 def test_metrics_do_not_depend_on_sample_order():
