@@ -83,7 +83,7 @@ class AdaConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(3000, gt=0)
+    steps: int = Field(10_000, gt=0)
     batch_size: int = Field(256, gt=0, description="global batch, split across workers")
     lr_g: float = Field(1e-3, gt=0.0)
     lr_d: float = Field(1e-3, gt=0.0)
@@ -92,15 +92,15 @@ class TrainConfig(_Section):
     update: Literal["alternating", "simultaneous"] = "alternating"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
-    ema: float = Field(0.0, ge=0.0, lt=1.0, description="generator EMA decay, 0 = off")
+    ema: float = Field(0.999, ge=0.0, lt=1.0, description="generator EMA decay, 0 = off")
     ada: AdaConfig = AdaConfig()
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each Ray worker holds; torch uses as many threads")
     use_gpu: Literal["auto", True, False] = "auto"
-    checkpoint_every: int = Field(500, gt=0)
+    checkpoint_every: int = Field(1000, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0)
-    log_every: int = Field(100, gt=0)
+    log_every: int = Field(200, gt=0)
     pool_size: int = Field(50, ge=0, description="CycleGAN: history pool of past fakes per D, 0 = off")
 
     @field_validator("betas")
@@ -137,7 +137,7 @@ class TuneConfig(_Section):
 
 class EvalConfig(_Section):
     n_samples: int = Field(2500, gt=0)
-    every: int = Field(0, ge=0)  # in-training evaluation every N steps (and at the end); 0 = off
+    every: int = Field(1000, ge=0)  # in-training evaluation every N steps (and at the end); 0 = off
     live_samples: int = Field(1000, ge=50)  # samples per in-training evaluation
 
 
@@ -163,7 +163,7 @@ class StorageConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None = None
-    num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray; null = all")
+    num_cpus: int | None = Field(2, gt=0, description="CPUs for a local Ray; null = all")
 
 
 class Config(_Section):

@@ -8,6 +8,7 @@ to MLflow and print progress.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -52,7 +53,9 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> str:
     if address:
         ray.init(address=address, **common)
         return f"joined Ray cluster at {address}"
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
+    # "local": always a Ray of our own, never one that `ray start` (or another pipeline) left on this
+    # machine, so two pipelines from two clones can run side by side
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
     return f"started local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
 
 
@@ -86,6 +89,28 @@ def run_address(root: str, name: str) -> str:
     if root.startswith("s3://"):
         return f"{root.rstrip('/')}/{name}"
     return str(Path(root).expanduser().resolve() / name)
+
+
+def latest_checkpoint_step(root: str, endpoint_url: str | None, name: str) -> int | None:
+    """The step of the newest checkpoint of the Ray run `name` under `root`, or None when it has none
+    (or it cannot be read). Loads tensors and plain data only."""
+    import pyarrow.fs as pafs
+
+    storage_path, fs = storage_filesystem(root, endpoint_url)
+    fs = fs or pafs.LocalFileSystem()
+    base = f"{storage_path}/{name}"
+    try:
+        found = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+        dirs = sorted(
+            i.path for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+        )
+        for d in reversed(dirs):
+            with fs.open_input_file(f"{d}/{STATE_FILE}") as f:
+                blob = io.BytesIO(f.read())
+            return int(torch.load(blob, map_location="cpu", weights_only=True)["step"])
+    except Exception:  # best effort: it only words a message
+        return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -252,17 +277,20 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     if world > 1 and device.type == "cuda":  # batch statistics over the global batch (NCCL)
         gan.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.G)  # keeps the same parameter objects
         gan.D = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.D)
-    restarts = 0
+    restarts, record = 0, {"trained_s": 0.0, "finished_at": None}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+        record = {k: state.get(k, record[k]) for k in record}
         if len(state.get("pools_by_rank") or []) == world:  # CycleGAN: each worker continues its own pool
             state["pools"] = state["pools_by_rank"][rank]
         training.load_gan_state(gan, state, cfg)
         # a checkpoint written by this same fit() means Ray restarted the workers after a failure
         restarts = state.get("restarts", 0) + (state.get("fit_id") == job.fit_id)
-        if rank == 0:
+        if rank == 0 and gan.step >= cfg.train.steps:
+            print(f"[train] this run already finished (step {gan.step}): handing it back", flush=True)
+        elif rank == 0:
             print(f"[train] resuming from checkpoint at step {gan.step} (restarts so far: {restarts})", flush=True)
 
     shard = training.Shard(rank, world)
@@ -300,6 +328,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         print(f"[train] eval at step {g.step}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items()), flush=True)
         return values
 
+    t_fit = time.perf_counter()  # this fit's training time adds to the run's `trained_s`
+    handed_back = False
+
     def on_checkpoint(g: training.GAN, final: bool) -> None:
         if world > 1:  # every worker holds (and rank 0 saves) the same batch-norm running statistics
             for module in (g.G, g.D, g.G_ema):
@@ -313,7 +344,12 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as d:
-            extra = {"fit_id": job.fit_id, "restarts": restarts, "pools_by_rank": pools}
+            extra = {"fit_id": job.fit_id, "restarts": restarts, "pools_by_rank": pools, "handed_back": handed_back}
+            if not handed_back:  # a hand-back keeps the record of the fit that trained
+                extra["trained_s"] = record["trained_s"] + time.perf_counter() - t_fit
+                extra["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if final else None
+            else:
+                extra.update(record)
             torch.save({**training.gan_state(g), **extra}, Path(d) / STATE_FILE)
             ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
 
@@ -321,6 +357,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     if world > 1:
         hooks.sync_grads, hooks.reduce_stats = _allreduce_mean(world), _reduce_stats(world)
     if gan.step >= cfg.train.steps:  # already finished: hand the final state back again
+        handed_back = True
         on_checkpoint(gan, True)
         return
     training.train(gan, cfg, batches, hooks)

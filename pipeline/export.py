@@ -136,7 +136,7 @@ def export_translators(
     return files, diffs
 
 
-def translator_card(spec, manifest, cfg, train_info, eval_info, diffs, git, model_uris) -> dict:
+def translator_card(spec, manifest, cfg, train_info, record, eval_info, diffs, git, model_uris) -> dict:
     """The model card of a CycleGAN export: which file translates which way, and the lineage."""
     x, y = manifest["dataset"], manifest["target"]["dataset"]
     io = {"shape": ["N", *spec["sample_shape"]], "dtype": "float32", "range": "[-1, 1]"}
@@ -166,13 +166,13 @@ def translator_card(spec, manifest, cfg, train_info, eval_info, diffs, git, mode
             "n_train": manifest["n_train"],
             "n_train_target": manifest["target"]["n_train"],
         },
-        **_lineage(cfg, train_info, eval_info, diffs, git),
+        **_lineage(cfg, train_info, record, eval_info, diffs, git),
     }
     card["mlflow"]["model_uris"] = model_uris
     return card
 
 
-def model_card(spec, manifest, cfg, train_info, eval_info, diffs, git, model_uri) -> dict:
+def model_card(spec, manifest, cfg, train_info, record, eval_info, diffs, git, model_uri) -> dict:
     """What a user of the exported files needs to know, and the lineage to reproduce them."""
     image = manifest["kind"] == "images"
     card = {
@@ -197,18 +197,20 @@ def model_card(spec, manifest, cfg, train_info, eval_info, diffs, git, model_uri
             "content_hash": manifest["content_hash"],
             "n_train": manifest["n_train"],
         },
-        **_lineage(cfg, train_info, eval_info, diffs, git),
+        **_lineage(cfg, train_info, record, eval_info, diffs, git),
     }
     card["mlflow"]["model_uri"] = model_uri
     return card
 
 
-def _lineage(cfg, train_info, eval_info, diffs, git) -> dict:
-    """The model card's params, metrics, parity check, git commit and MLflow run."""
+def _lineage(cfg, train_info, record, eval_info, diffs, git) -> dict:
+    """The model card's params, metrics, parity check, git commit, MLflow run and how the model was
+    trained (the train stage's run record: run identity, resumed or handed back, training time)."""
     return {
         "params": cfg.to_dict(),
         "metrics": {"train": train_info, "eval": eval_info},
         "parity_max_abs_diff": diffs,
         "git": git,
-        "mlflow": {"run_id": train_info.get("mlflow_run_id"), "tracking_uri": train_info.get("mlflow_tracking_uri")},
+        "run": {k: v for k, v in record.items() if not k.startswith("mlflow_")},
+        "mlflow": {"run_id": record.get("mlflow_run_id"), "tracking_uri": record.get("mlflow_tracking_uri")},
     }

@@ -30,6 +30,12 @@ EXPORT = "export"
 TUNE = "tune"
 FEATURES = "data/features"
 FEATURE_METRICS = "metrics/features.json"
+RUN_RECORD = "run.json"  # in the models folder: MLflow run, Ray run, resumed / handed back, timings
+
+
+def read_run_record(models: str | Path) -> dict[str, Any]:
+    """The train stage's record of the run that produced `models` (see stages/train.py)."""
+    return read_json(Path(models) / RUN_RECORD, "run the train stage first")
 
 
 @contextlib.contextmanager

@@ -110,6 +110,15 @@ def lineage_tags(git: dict, data_hash: str, params_hash: str, stage: str, ray_ru
     return tags
 
 
+def last_step(uri: str, run_id: str, key: str) -> int | None:
+    """The last step at which `key` was logged in the run, or None (also when the server is away)."""
+    try:
+        history = _client(uri).get_metric_history(run_id, key)
+    except Exception:  # best effort: it only words a message
+        return None
+    return max((m.step for m in history), default=None)
+
+
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     """Params (credentials dropped), once per run: a resumed run already has them."""
     from mlflow.entities import Param

@@ -341,8 +341,9 @@ def check_tunable(cfg: Config) -> None:
         raise ConfigError(f"tune.metric: must be one the trials report ({', '.join(METRICS)}), got {cfg.tune.metric!r}")
 
 
-def sweep_name(cfg: Config, data_hash: str) -> str:
-    return f"ganpipe-tune-{cfg.data.name}-{cfg.fingerprint('seed', 'model', 'loss', 'train', 'tune')}-{data_hash[:12]}"
+def sweep_name(cfg: Config, identity_key: str) -> str:
+    """The sweep's Ray experiment name, from its run identity (pipeline.identity, TUNE_PARAMS)."""
+    return f"ganpipe-tune-{cfg.data.name}-{identity_key}"
 
 
 def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: str, callbacks=None):
@@ -395,13 +396,15 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
 
 
 def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:
-    """One row per trial: id, status, sampled values, final metrics, error."""
+    """One row per trial, in trial order: its number (`trial`, 1..N: the x of `dvc plots`), id, status,
+    sampled values, `score` (the final `tune.metric`: the y), final metrics, error."""
     rows = []
-    for r in results:
+    for r in sorted(results, key=trial_id):
         status, error = trial_status(r, cfg.train.steps)
         m = last_report(r)
-        row = {"trial_id": trial_id(r), "status": status}
+        row = {"trial": len(rows) + 1, "trial_id": trial_id(r), "status": status}
         row.update({k: r.config.get(k) for k in keys})
+        row["score"] = m.get(cfg.tune.metric)
         row.update({k: m.get(k) for k in REPORTED})
         row["error"] = error
         rows.append(row)

@@ -39,16 +39,46 @@ def inputs(p: argparse.ArgumentParser, *flags: str) -> None:
         path(p, flag, *INPUTS[flag])
 
 
+def repo_root() -> Path:
+    """The repository the embedded defaults (local MLflow store, Ray storage, unsent metrics) belong
+    to: DVC's DVC_ROOT, which is the main repository's root also for `dvc exp run --queue` and
+    `--temp` runs (they execute in a throwaway copy), else the working folder."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
 def config(args: argparse.Namespace) -> Config:
-    """The validated config, with the one S3 endpoint resolved (storage.s3_endpoint_url, else
-    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) and handed to MLflow's S3 client and child processes."""
+    """The validated config, resolved at the edge: the one S3 endpoint (storage.s3_endpoint_url, else
+    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), handed to MLflow's S3 client and child processes, and a
+    relative local storage.root anchored at the repository root (`repo_root`)."""
     cfg = load_config(args.params)
+    overrides: dict[str, str] = {}
     endpoint = s3.endpoint_url(cfg.storage.s3_endpoint_url)
     if endpoint != cfg.storage.s3_endpoint_url:
-        cfg = load_config(args.params, {"storage.s3_endpoint_url": endpoint})
+        overrides["storage.s3_endpoint_url"] = endpoint
+    root = cfg.storage.root
+    if not root.startswith("s3://") and not Path(root).expanduser().is_absolute():
+        overrides["storage.root"] = str(repo_root() / root)
+    if overrides:
+        cfg = load_config(args.params, overrides)
     for k, v in s3.tool_env(endpoint).items():
         os.environ.setdefault(k, v)  # an explicit per-tool variable still wins
     return cfg
+
+
+def portable(location: str) -> str:
+    """A path or URI as written into records: relative to the repository root when under it (no
+    absolute machine path in committed files), else as is with credentials removed."""
+    root = f"{repo_root()}/"
+    for scheme in ("sqlite:///", ""):
+        if location.startswith(scheme + root):
+            return scheme + location[len(scheme + root) :]
+    return tracking.redact(location)
+
+
+def dvc_experiment() -> dict[str, str]:
+    """MLflow tags naming the DVC experiment this stage runs in (`dvc exp run`), if any."""
+    names = {"DVC_EXP_NAME": "ganpipe.dvc_exp_name", "DVC_EXP_BASELINE_REV": "ganpipe.dvc_exp_baseline_rev"}
+    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
 def check_s3(cfg: Config, *keys: str) -> None:
@@ -63,7 +93,7 @@ def check_s3(cfg: Config, *keys: str) -> None:
 
 def tracking_uri(cfg: Config) -> str:
     """The MLflow tracking URI for this stage, checked to answer before any work starts."""
-    uri = tracking.resolve_uri(cfg.tracking.uri)
+    uri = tracking.resolve_uri(cfg.tracking.uri, cwd=repo_root())
     tracking.check_reachable(uri)
     return uri
 
@@ -74,7 +104,7 @@ UNSENT_DIR = ".ganpipe/unsent-metrics"
 def spill_path(name: str) -> Path:
     """Where a run keeps the metrics the MLflow server never took (absolute: Ray workers and Tune
     trials run in other working folders)."""
-    return (Path(UNSENT_DIR) / f"{name}.jsonl").resolve()
+    return repo_root() / UNSENT_DIR / f"{name}.jsonl"
 
 
 def deliver_spilled(stage: str, uri: str, spill: Path) -> None:

@@ -11,7 +11,7 @@ from stages import common
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("ganpipe evaluate", __doc__)
-    common.inputs(p, "--data", "--models", "--features", "--train-metrics")
+    common.inputs(p, "--data", "--models", "--features")
     common.path(p, "--metrics", outputs.EVAL_METRICS, "output metrics file")
     common.path(p, "--plots", outputs.PLOTS, "output plots folder")
     args = p.parse_args(argv)
@@ -23,10 +23,10 @@ def evaluate(args) -> None:
     uri = common.tracking_uri(cfg)
     prepared = data.load_prepared(args.data)
     G, spec = outputs.load_generator(f"{args.models}/generator.pt")
-    train_info = outputs.read_json(args.train_metrics, "run the train stage first")
+    run_id = outputs.read_run_record(args.models)["mlflow_run_id"]
     if spec.get("family") == "cyclegan":
         result = translation_scores(G, prepared, Path(args.features), Path(args.models), Path(args.plots), cfg)
-        return _finish(args, uri, train_info, result)
+        return _finish(args, uri, run_id, result)
     n = cfg.eval.n_samples
     # latents for evaluation are drawn apart from any training draw: seed + 1
     samples = training.sample(G, n, spec["z_dim"], cfg.seed + 1, num_classes=spec.get("num_classes"))
@@ -53,12 +53,11 @@ def evaluate(args) -> None:
             if dataset in ("ring", "grid"):
                 result.update(metrics2d.mode_metrics(samples, dataset))
     result["n_samples"] = n
-    _finish(args, uri, train_info, result)
+    _finish(args, uri, run_id, result)
 
 
-def _finish(args, uri: str, train_info: dict, result: dict) -> None:
+def _finish(args, uri: str, run_id: str, result: dict) -> None:
     outputs.write_json(args.metrics, result)
-    run_id = train_info["mlflow_run_id"]
     tracking.log_summary_metrics(uri, run_id, {f"eval/{k}": v for k, v in result.items()})
     tracking.log_artifacts(uri, run_id, [args.plots], "plots")
     print("[evaluate] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))

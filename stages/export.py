@@ -21,18 +21,21 @@ def run_export(args) -> None:
     cfg = common.config(args)
     manifest = outputs.read_json(Path(args.data) / "manifest.json", "run the prepare stage first")
     train_info = outputs.read_json(args.train_metrics, "run the train stage first")
+    record = outputs.read_run_record(args.models)
     eval_info = outputs.read_json(args.eval_metrics, "run the evaluate stage first")
     G, spec = outputs.load_generator(Path(args.models) / "generator.pt")
     uri = common.tracking_uri(cfg)
-    run_id = train_info["mlflow_run_id"]
+    run_id = record["mlflow_run_id"]
     if spec.get("family") == "cyclegan":
-        return _export_translators(args, cfg, G, spec, manifest, train_info, eval_info, uri, run_id)
+        return _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_info, uri)
     with outputs.atomic_dir(args.out) as tmp:
         files, diffs = export.export_all(G, spec["z_dim"], list(cfg.export.formats), tmp, spec.get("num_classes"))
         model_uri = None
         if "onnx" in files:
             model_uri = tracking.log_onnx_model(uri, run_id, files["onnx"], cfg.export.model_name)
-        card = export.model_card(spec, manifest, cfg, train_info, eval_info, diffs, outputs.git_commit(), model_uri)
+        card = export.model_card(
+            spec, manifest, cfg, train_info, record, eval_info, diffs, outputs.git_commit(), model_uri
+        )
         card["files"] = {fmt: f"{args.out}/{p.name}" for fmt, p in files.items()}
         outputs.write_json(tmp / "model_card.json", card)
         tracking.log_artifacts(uri, run_id, [tmp], "export")
@@ -40,10 +43,10 @@ def run_export(args) -> None:
     print(f"[export] {', '.join(card['files'].values())} ({shown}); model card {args.out}/model_card.json")
     if model_uri:
         print(f"[export] registered in MLflow as {model_uri}")
-    _summary(eval_info, train_info, uri)
+    _summary(eval_info, train_info, record, uri)
 
 
-def _export_translators(args, cfg, G, spec, manifest, train_info, eval_info, uri, run_id) -> None:
+def _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_info, uri) -> None:
     """CycleGAN: generator_xy (G: X -> Y) and generator_yx (F: Y -> X), each registered in MLflow as
     `<export.model_name>-xy` / `-yx`."""
     with outputs.atomic_dir(args.out) as tmp:
@@ -52,32 +55,45 @@ def _export_translators(args, cfg, G, spec, manifest, train_info, eval_info, uri
         for stem in export.TRANSLATORS:
             if f"{stem}.onnx" in files:
                 name = f"{cfg.export.model_name}-{export.TRANSLATORS[stem]}"
-                model_uris[stem] = tracking.log_onnx_model(uri, run_id, files[f"{stem}.onnx"], name, stem)
+                model_uris[stem] = tracking.log_onnx_model(
+                    uri, record["mlflow_run_id"], files[f"{stem}.onnx"], name, stem
+                )
         card = export.translator_card(
-            spec, manifest, cfg, train_info, eval_info, diffs, outputs.git_commit(), model_uris
+            spec, manifest, cfg, train_info, record, eval_info, diffs, outputs.git_commit(), model_uris
         )
         card["files"] = {key: f"{args.out}/{p.name}" for key, p in files.items()}
         outputs.write_json(tmp / "model_card.json", card)
-        tracking.log_artifacts(uri, run_id, [tmp], "export")
+        tracking.log_artifacts(uri, record["mlflow_run_id"], [tmp], "export")
     shown = ", ".join(f"{k} max|diff|={v:.2e}" for k, v in diffs.items())
     print(f"[export] {', '.join(card['files'].values())} ({shown}); model card {args.out}/model_card.json")
     for stem, model_uri in model_uris.items():
         print(f"[export] {stem} ({card['generators'][stem]['direction']}) registered in MLflow as {model_uri}")
-    _summary(eval_info, train_info, uri, "generator_xy / generator_yx (.onnx, .pt), model_card.json")
+    _summary(eval_info, train_info, record, uri, "generator_xy / generator_yx (.onnx, .pt), model_card.json")
 
 
-def _summary(eval_info: dict, train_info: dict, uri: str, model: str = "") -> None:
+def _summary(eval_info: dict, train_info: dict, record: dict, uri: str, model: str = "") -> None:
     """What a user wants to see when the pipeline ends."""
     shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(eval_info.items()))
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else tracking.redact(uri)
     print(
         "\n== ganpipe summary ==\n"
         f"metrics   {shown}\n"
-        f"training  {train_info['steps']} steps in {train_info['wall_time_s']}s, MLflow run {train_info['mlflow_run_id']}\n"
+        f"training  {_trained(train_info, record)}, MLflow run {record['mlflow_run_id']}\n"
         "plots     plots/samples.png, plots/losses.png   (dvc plots show: all of them as HTML)\n"
         f"model     {model or 'export/generator.onnx, export/generator.pt, export/model_card.json'}\n"
         f"MLflow UI {ui}"
     )
+
+
+def _trained(train_info: dict, record: dict) -> str:
+    """How the model came to be, honestly: trained now, resumed, or handed back from an earlier run."""
+    how = "trained"
+    if record.get("handed_back"):
+        how = "reused finished run, trained"
+    elif record.get("resumed"):
+        how = "resumed and trained"
+    when = f" (finished {record['finished_at']})" if record.get("finished_at") else ""
+    return f"{train_info['steps']} steps, {how} in {record['trained_s']:.0f}s{when}"
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from pathlib import Path
 
-from pipeline import cyclegan, data, distributed, live_eval, outputs, plots, tracking, training
+from pipeline import cyclegan, data, distributed, identity, live_eval, outputs, plots, tracking, training
 from pipeline.models import build_generator
 from stages import common
 
@@ -30,22 +31,27 @@ def train(args) -> None:
     cycle = cfg.model.family == "cyclegan"
     if cycle and prepared.b is None:
         raise ValueError("model.family: cyclegan needs two domains; rerun prepare with data.target set")
-    # same params + same data -> same Ray run name and MLflow run: a rerun resumes, never restarts
-    key = f"{cfg.fingerprint('seed', 'model', 'loss', 'train', 'eval.every', 'eval.live_samples')}-{data_hash[:12]}"
-    name = f"ganpipe-{cfg.data.name}-{key}"
+    # the run identity (result params, data, code): the same identity resumes or hands back its Ray
+    # run and MLflow run; any change to one of them starts a new run from step 0
+    ident = identity.identity(
+        cfg.to_dict(), identity.TRAIN_PARAMS, data_hash, identity.code_fingerprint(identity.TRAIN_SOURCES)
+    )
+    name = f"ganpipe-{cfg.data.name}-{identity.key(ident)}"
     uri = common.tracking_uri(cfg)
     # the Ray run lives at storage root + name; its MLflow run is found by that same address
     ray_run = distributed.run_address(cfg.storage.root, name)
-    run_id, resumed = tracking.start_or_resume_run(
-        uri,
-        cfg.tracking.experiment,
-        hashlib.sha256(ray_run.encode()).hexdigest()[:16],
-        name,
-        tracking.lineage_tags(outputs.git_commit(), data_hash, cfg.fingerprint(), "train", ray_run),
+    tags = tracking.lineage_tags(outputs.git_commit(), data_hash, cfg.fingerprint(), "train", common.portable(ray_run))
+    tags.update(
+        {"ganpipe.identity": identity.key(ident), "ganpipe.code": ident["code"][:16], **common.dvc_experiment()}
     )
+    run_id, resumed = tracking.start_or_resume_run(
+        uri, cfg.tracking.experiment, hashlib.sha256(ray_run.encode()).hexdigest()[:16], name, tags
+    )
+    if resumed and common.dvc_experiment():  # the experiment that asked for the run this time
+        tracking.set_tags(uri, run_id, common.dvc_experiment())
     tracking.log_params(uri, run_id, {**cfg.flat(), "data.content_hash": data_hash})
-    tracking.log_dict(uri, run_id, cfg.to_dict(), "config.json")
-    print(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {tracking.redact(uri)}")
+    tracking.log_dict(uri, run_id, {"config": cfg.to_dict(), "identity": ident}, "config.json")
+    print(f"[train] MLflow run {run_id} ({'found' if resumed else 'new'}) at {tracking.redact(uri)}")
     print(f"[train] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}; {cfg.train.num_workers} worker(s)")
 
     # CycleGAN trials and runs are scored by the evaluate stage (translations are not sampled from z)
@@ -66,10 +72,20 @@ def train(args) -> None:
             spill_path=str(spill),
             x_train_b=prepared.b.x_train if cycle else None,
         )
+    except KeyboardInterrupt:
+        tracking.end_run(uri, run_id, "KILLED")
+        at = distributed.latest_checkpoint_step(cfg.storage.root, cfg.storage.s3_endpoint_url, name)
+        logged = tracking.last_step(uri, run_id, "loss/D")
+        where = f"at step {logged} " if logged else ""
+        resume = f"from its last checkpoint (step {at})" if at else "from step 0 (no checkpoint was written yet)"
+        raise RuntimeError(
+            f"training interrupted {where}of {cfg.train.steps}; rerun (dvc repro) to resume {resume}"
+        ) from None
     except BaseException as e:
-        tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracking.end_run(uri, run_id, "FAILED")
         raise RuntimeError(f"training failed: {e}") from None
     wall = time.perf_counter() - t0
+    handed_back = bool(state.get("handed_back"))
 
     use_ema = state["G_ema"] is not None
     G = build_generator(state["spec"])
@@ -89,27 +105,43 @@ def train(args) -> None:
             samples = training.sample(G, n, spec["z_dim"], cfg.seed, num_classes=spec.get("num_classes"))
             _sample_plot(samples, prepared, cfg.data.name, tmp / "samples.png")
     final = state["history"][-1] if state["history"] else {}
+    # metrics/train.json: numbers that diff meaningfully; the facts about this execution go to the
+    # run record beside the model
     summary = {
         "steps": state["step"],
-        "wall_time_s": round(wall, 2),
         "loss_D": final.get("loss/D"),
         "loss_G": final.get("loss/G"),
         **({"loss_cycle": final.get("loss/cycle"), "loss_identity": final.get("loss/identity")} if cycle else {}),
         "D_real": final.get("D/real"),
         "D_fake": final.get("D/fake"),
-        "mlflow_run_id": run_id,
-        "mlflow_tracking_uri": tracking.redact(uri),
-        "ray_result_path": result_path,
-        "resumed": resumed,
-        "restarts": state.get("restarts", 0),
     }
+    record = {
+        "mlflow_run_id": run_id,
+        "mlflow_tracking_uri": common.portable(uri),
+        "ray_result_path": common.portable(result_path),
+        "identity": identity.key(ident),
+        "resumed": resumed and not handed_back,
+        "handed_back": handed_back,
+        "restarts": state.get("restarts", 0),
+        "trained_s": round(state.get("trained_s") or wall, 2),
+        "finished_at": state.get("finished_at"),
+        "wall_time_s": round(wall, 2),
+        **common.dvc_experiment(),
+    }
+    outputs.write_json(Path(args.models) / outputs.RUN_RECORD, record)
     outputs.write_json(args.metrics, summary)
     tracking.log_artifacts(uri, run_id, [args.models], "models")
     tracking.log_summary_metrics(
-        uri, run_id, {"train/wall_time_s": wall, "sys/restarts": summary["restarts"]}, state["step"]
+        uri, run_id, {"train/wall_time_s": record["trained_s"], "sys/restarts": record["restarts"]}, state["step"]
     )
     tracking.end_run(uri, run_id)
-    print(f"[train] done: {state['step']} steps in {wall:.1f}s -> {args.models}, {args.metrics}")
+    if handed_back:
+        print(
+            f"[train] reused finished run {run_id} (same params, data and code), trained in "
+            f"{record['trained_s']:.0f} s on {record['finished_at'] or 'an earlier run'} -> {args.models}, {args.metrics}"
+        )
+    else:
+        print(f"[train] done: {state['step']} steps in {wall:.1f}s -> {args.models}, {args.metrics}")
     common.deliver_spilled("train", uri, spill)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import data, distributed, live_eval, outputs, tracking, tune
+from pipeline import data, distributed, identity, live_eval, outputs, tracking, tune
 from pipeline.config import deep_merge, read_yaml, unflatten
 from stages import common
 
@@ -32,13 +32,17 @@ def run(args) -> None:
     parsed = tune.parse_space(cfg.tune.search_space, raw)  # refuses a bad space before anything starts
     prepared = data.load_prepared(args.data)
     uri = common.tracking_uri(cfg)
-    name = tune.sweep_name(cfg, prepared.manifest["content_hash"])
+    data_hash = prepared.manifest["content_hash"]
+    # the sweep's identity: everything the tune stage depends on (params, data, code)
+    ident = identity.identity(
+        cfg.to_dict(), identity.TUNE_PARAMS, data_hash, identity.code_fingerprint(identity.TUNE_SOURCES)
+    )
+    name = tune.sweep_name(cfg, identity.key(ident))
     storage_path, fs = distributed.storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
     sweep_key = hashlib.sha256(distributed.run_address(cfg.storage.root, name).encode()).hexdigest()[:16]
-    parent, resumed = tracking.start_or_resume_run(
-        uri, cfg.tracking.experiment, sweep_key, name, {"ganpipe.kind": "sweep"}
-    )
-    tracking.log_params(uri, parent, {**cfg.flat(), "data.content_hash": prepared.manifest["content_hash"]})
+    tags = {"ganpipe.kind": "sweep", "ganpipe.identity": identity.key(ident), **common.dvc_experiment()}
+    parent, resumed = tracking.start_or_resume_run(uri, cfg.tracking.experiment, sweep_key, name, tags)
+    tracking.log_params(uri, parent, {**cfg.flat(), "data.content_hash": data_hash})
     exp_id = tracking.experiment_id(uri, cfg.tracking.experiment)
     print(
         f"[tune] sweep {name}: {cfg.tune.num_samples} sample(s) over {', '.join(parsed)}; "
@@ -50,7 +54,7 @@ def run(args) -> None:
     live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.model.family != "cyclegan" else None
     b = prepared.b
     job = tune.SweepJob(
-        raw,
+        cfg.to_dict(),  # the resolved params (storage root anchored at the repository root)
         list(parsed),
         prepared.x_train,
         live,

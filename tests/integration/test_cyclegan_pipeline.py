@@ -72,9 +72,10 @@ def test_cyclegan_stages_end_to_end(project: Path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    history = client.get_metric_history(train["mlflow_run_id"], "loss/cycle")
+    run_id = json.loads((project / "models/run.json").read_text())["mlflow_run_id"]
+    history = client.get_metric_history(run_id, "loss/cycle")
     assert [m.step for m in history] == [10, 20]
-    assert client.get_metric_history(train["mlflow_run_id"], "loss/identity")
+    assert client.get_metric_history(run_id, "loss/identity")
 
 
 def test_cyclegan_two_workers_match_one_and_keep_each_pool(tmp_path: Path):

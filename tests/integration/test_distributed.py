@@ -89,3 +89,6 @@ def test_two_worker_run_stopped_at_a_checkpoint_resumes_to_the_same_weights(ray_
     assert again["history"] == resumed["history"] and all(
         torch.equal(again["G"][k], resumed["G"][k]) for k in again["G"]
     )
+    # and says so, keeping the record of the fit that trained it
+    assert again["handed_back"] and not resumed["handed_back"]
+    assert again["finished_at"] == resumed["finished_at"] and again["trained_s"] == resumed["trained_s"] > 0

@@ -23,8 +23,11 @@ def test_repro_runs_every_stage_then_only_what_changed(project: Path):
 
     manifest = json.loads((project / "data/prepared/manifest.json").read_text())
     assert manifest["n_train"] + manifest["n_val"] == 2000 and manifest["sample_shape"] == [2]
-    train = json.loads((project / "metrics/train.json").read_text())
-    assert train["steps"] == 300 and train["mlflow_run_id"]
+    assert json.loads((project / "metrics/train.json").read_text())["steps"] == 300
+    train = json.loads((project / "models/run.json").read_text())  # the run record: ids and paths
+    assert train["mlflow_run_id"] and not train["handed_back"] and not train["resumed"]
+    assert train["ray_result_path"].startswith(".ganpipe/ray/ganpipe-grid-")  # relative: no machine path
+    assert train["mlflow_tracking_uri"] == "sqlite:///mlflow.db"
     ev = json.loads((project / "metrics/eval.json").read_text())
     assert set(ev) >= {"modes", "hq_fraction", "reverse_kl", "w1"} and ev["n_samples"] == 500
     assert 0 <= ev["modes"] <= 25 and 0.0 <= ev["hq_fraction"] <= 1.0 and ev["w1"] > 0

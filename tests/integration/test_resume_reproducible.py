@@ -106,9 +106,9 @@ def test_killed_run_resumes_to_identical_weights(project: Path):
     assert all(torch.equal(da[k], db[k]) for k in da)
 
     # the interrupted training continued its own MLflow run rather than opening a second one
-    info_a = json.loads((project / "metrics-a/train.json").read_text())
-    info_b = json.loads((project / "metrics-b/train.json").read_text())
-    assert info_b["resumed"] is True and info_a["resumed"] is False
+    info_a = json.loads((project / "models-a/run.json").read_text())
+    info_b = json.loads((project / "models-b/run.json").read_text())
+    assert info_b["resumed"] is True and info_a["resumed"] is False and not info_b["handed_back"]
     assert info_a["mlflow_run_id"] != info_b["mlflow_run_id"]
 
     np.testing.assert_array_equal(exported_outputs(project, "a"), exported_outputs(project, "b"))

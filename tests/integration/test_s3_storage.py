@@ -65,12 +65,12 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(project: Path, s3_en
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="team", Prefix="ganpipe/ray/").get("Contents", [])]
     states = [k for k in keys if k.endswith("/state.pt")]
     assert states, keys
-    info = json.loads((project / "metrics/train.json").read_text())
+    info = json.loads((project / "models/run.json").read_text())
     assert info["ray_result_path"].startswith("team/ganpipe/ray/")
     assert len(states) <= 2  # train.keep_checkpoints
 
     second = sh(project, sys.executable, "stages/train.py", extra_env=AWS)
-    assert "resuming from checkpoint at step 300" in second.stdout, first.stdout + second.stdout
+    assert "this run already finished (step 300): handing it back" in second.stdout, first.stdout + second.stdout
     # credentials never reach MLflow params
     from mlflow.tracking import MlflowClient
 

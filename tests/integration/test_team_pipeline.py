@@ -97,7 +97,7 @@ def test_team_pipeline_on_s3_with_lineage_registry_dvc_remote_and_no_leaked_secr
     for k, v in env.items():  # for this test's own MLflow client
         monkeypatch.setenv(k, v)
     client = MlflowClient(tracking_uri=stack.tracking_uri)
-    train = json.loads((project / "metrics/train.json").read_text())
+    train = json.loads((project / "models/run.json").read_text())
     manifest = json.loads((project / "data/prepared/manifest.json").read_text())
     run = client.get_run(train["mlflow_run_id"])
     run_id = run.info.run_id

@@ -118,7 +118,7 @@ def test_server_stopped_mid_training_loses_no_metric_step(project: Path, tmp_pat
         logged = [int(r["step"]) for r in csv.DictReader(open(project / "models/history.csv"))]
         assert logged == list(range(log_every, steps + 1, log_every))
 
-        run_id = json.loads((project / "metrics/train.json").read_text())["mlflow_run_id"]
+        run_id = json.loads((project / "models/run.json").read_text())["mlflow_run_id"]
         client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
         for key in ("loss/D", "loss/G"):
             history = client.get_metric_history(run_id, key)

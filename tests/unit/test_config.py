@@ -92,6 +92,11 @@ def test_empty_and_none_give_defaults():
     assert build_config(None) == build_config({}) == Config()
 
 
+def test_the_schema_defaults_are_params_yaml():
+    # a key left out of params.yaml (or a partial params file) means what params.yaml says
+    assert Config() == build_config(read_yaml(PARAMS))
+
+
 def test_cross_checks_accept_good_combinations():
     # the refusals above are specific: the neighbouring good settings pass
     build_config({"loss": {"name": "wgan-gp"}, "model": {"d_norm": "layer"}})

@@ -268,7 +268,10 @@ def test_sample_deterministic_and_restores_mode(data):
     b = sample(gan.G, 50, 2, seed=3)
     c = sample(gan.G, 50, 2, seed=4)
     assert a.shape == (50, 2) and a.dtype == np.float32
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # the same call draws the same samples; another batching only reorders float sums (BLAS kernels
+    # differ by batch size), another seed draws others
+    assert np.array_equal(b, sample(gan.G, 50, 2, seed=3)) and np.allclose(a, b, rtol=0, atol=1e-6)
+    assert not np.allclose(a, c, atol=1e-3)
     assert gan.G.training
 
 

@@ -1,0 +1,128 @@
+"""What a run *is*: the one place that says which params and which source files shape results.
+
+A training run, a sweep and a trial are identified by
+  - the result-shaping params (`TRAIN_PARAMS`, `TUNE_PARAMS`): everything that changes the numbers;
+  - the content hash of the prepared data;
+  - a fingerprint of the source files that shape results (`TRAIN_SOURCES`, `TUNE_SOURCES`).
+A finished run is handed back only when all three match; an interrupted run with the same identity
+resumes. The same lists are the `params` and code `deps` of the train and tune stages in dvc.yaml
+(a test keeps the two equal), so DVC reruns a stage exactly when its identity may have changed.
+
+Operational keys (`OPERATIONAL`: logging and checkpoint cadence, checkpoints kept, workers and CPUs
+per worker, failures allowed, GPU choice) decide where and how a run executes, not its numbers: they
+are in neither list, so changing them reruns no stage and never restarts a training from step 0.
+
+The source fingerprint hashes each file's syntax tree without comments, docstrings or formatting:
+an edit that changes behaviour gives a new identity, a comment or a reflow does not.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+# source files (relative to the repository root) whose behaviour shapes a training's numbers
+TRAIN_SOURCES = (
+    "stages/train.py",
+    "pipeline/training.py",
+    "pipeline/models.py",
+    "pipeline/losses.py",
+    "pipeline/cyclegan.py",
+    "pipeline/distributed.py",
+    "pipeline/live_eval.py",
+    "pipeline/augment.py",
+    "pipeline/metrics2d.py",
+    "pipeline/metrics_image.py",
+    "pipeline/features.py",
+)
+TUNE_SOURCES = tuple(s for s in TRAIN_SOURCES if s != "stages/train.py") + ("stages/tune.py", "pipeline/tune.py")
+
+# train.* keys that decide where and how a run executes; every other train.* key shapes results
+OPERATIONAL = (
+    "train.num_workers",
+    "train.cpus_per_worker",
+    "train.use_gpu",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_failures",
+    "train.log_every",
+)
+# the result-shaping train.* keys, in params.yaml's order
+TRAIN_RESULT_KEYS = (
+    "train.steps",
+    "train.batch_size",
+    "train.lr_g",
+    "train.lr_d",
+    "train.betas",
+    "train.n_critic",
+    "train.update",
+    "train.precision",
+    "train.channels_last",
+    "train.ema",
+    "train.ada",
+    "train.pool_size",
+)
+TRAIN_PARAMS = ("seed", "model", "loss", *TRAIN_RESULT_KEYS, "eval.every", "eval.live_samples")
+# a sweep also depends on its report cadence (ASHA's rungs, PBT's perturbation interval) and on tune.*
+TUNE_PARAMS = ("seed", "model", "loss", *TRAIN_RESULT_KEYS, "train.checkpoint_every", "tune", "eval.live_samples")
+
+
+def pick(params: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """{dotted key: value} for each key, a whole section when the key names one."""
+    out = {}
+    for key in keys:
+        node: Any = params
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+                if isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_hash(source: str) -> str:
+    """Hash of a Python source's behaviour: its syntax tree without comments, docstrings and layout."""
+    tree = _strip_docstrings(ast.parse(source))
+    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
+
+
+def source_fingerprint(root: str | Path, sources: tuple[str, ...]) -> str:
+    """One hash over the behaviour of every file in `sources` (paths relative to `root`).
+    Raises FileNotFoundError naming a missing file."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for rel in sorted(sources):
+        path = root / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: a source file of the run identity is missing")
+        h.update(f"{rel}\0{code_hash(path.read_text())}\0".encode())
+    return h.hexdigest()
+
+
+CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose code is running
+
+
+def code_fingerprint(sources: tuple[str, ...]) -> str:
+    """The fingerprint of the running checkout's `sources`."""
+    return source_fingerprint(CODE_ROOT, sources)
+
+
+def identity(params: dict[str, Any], keys: tuple[str, ...], data_hash: str, code: str) -> dict[str, Any]:
+    """The identity record: the result params, the data hash and the code fingerprint."""
+    return {"params": pick(params, keys), "data_hash": data_hash, "code": code}
+
+
+def key(ident: dict[str, Any]) -> str:
+    """Short stable hash of an identity record (names the Ray run and finds the MLflow run)."""
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

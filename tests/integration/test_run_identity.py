@@ -1,0 +1,83 @@
+"""One run identity through real `dvc repro`: a code change retrains, a comment or an operational
+setting does not; the run record says what happened."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.conftest import set_params, sh
+from tests.integration.test_dvc_pipeline import ran_stages
+
+pytestmark = pytest.mark.integration
+
+
+def record(project: Path) -> dict:
+    return json.loads((project / "models/run.json").read_text())
+
+
+def weights(project: Path) -> dict:
+    return torch.load(project / "models/generator.pt", weights_only=True)["state_dict"]
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_code_edits_retrain_comments_and_operational_keys_do_not(project: Path):
+    sh(project, "dvc", "repro")
+    first, w1 = record(project), weights(project)
+    metrics = (project / "metrics/train.json").read_text()
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "first run")
+
+    # operational keys: no stage reruns
+    set_params(
+        project,
+        {
+            "train": {
+                "log_every": 25,
+                "checkpoint_every": 150,
+                "keep_checkpoints": 3,
+                "max_failures": 1,
+                "num_workers": 2,
+            }
+        },
+    )
+    assert "up to date" in sh(project, "dvc", "status").stdout.lower()
+    assert ran_stages(sh(project, "dvc", "repro").stdout) == []
+    sh(project, "git", "checkout", "params.yaml")
+
+    # a comment-only edit of a result module: DVC reruns train, which hands the finished run back
+    losses = project / "pipeline/losses.py"
+    text = losses.read_text()
+    losses.write_text(text + "\n# a comment changes no number\n")
+    out = sh(project, "dvc", "repro").stdout
+    assert "train" in ran_stages(out)
+    assert f"reused finished run {first['mlflow_run_id']}" in out, out
+    again = record(project)
+    assert again["handed_back"] and again["mlflow_run_id"] == first["mlflow_run_id"]
+    assert again["finished_at"] == first["finished_at"] and again["trained_s"] == first["trained_s"]
+    assert same(weights(project), w1) and (project / "metrics/train.json").read_text() == metrics
+
+    # the bug report's edit: the generator's loss multiplied by 0. A new run, new weights.
+    old = "lambda f: F.softplus(-f).mean()"
+    assert old in text
+    losses.write_text(text.replace(old, "lambda f: 0 * F.softplus(-f).mean()"))
+    out = sh(project, "dvc", "repro").stdout
+    assert "reused finished run" not in out and "resuming" not in out, out
+    new = record(project)
+    assert new["mlflow_run_id"] != first["mlflow_run_id"] and new["identity"] != first["identity"]
+    assert not new["handed_back"] and not new["resumed"]
+    assert not same(weights(project), w1)
+    assert json.loads((project / "metrics/train.json").read_text())["loss_G"] == 0.0
+
+    # the MLflow runs carry their identity
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    for r in (first, new):
+        assert client.get_run(r["mlflow_run_id"]).data.tags["ganpipe.identity"] == r["identity"]
