@@ -8,7 +8,6 @@ to MLflow and print progress.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tempfile
@@ -53,10 +52,33 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> str:
     if address:
         ray.init(address=address, **common)
         return f"joined Ray cluster at {address}"
-    # "local": always a Ray of our own, never one that `ray start` (or another pipeline) left on this
-    # machine, so two pipelines from two clones can run side by side
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
+    _start_own_ray(num_cpus, common)
     return f"started local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def _start_own_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
+    """A local Ray of our own, never one that `ray start` or another pipeline runs on this machine
+    (address "local"). Its processes are told its address up front: Ray Train's helper actors look
+    their cluster up by address, and with two local Rays on one machine (two pipelines from two
+    clones) they would otherwise fail with "Found multiple active Ray instances"."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    own = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
+    saved = {k: os.environ.get(k) for k in own}
+    os.environ.update(own)  # inherited by the Ray processes started now, not kept by this process
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def resolve_use_gpu(setting: str | bool) -> bool:
@@ -92,25 +114,23 @@ def run_address(root: str, name: str) -> str:
 
 
 def latest_checkpoint_step(root: str, endpoint_url: str | None, name: str) -> int | None:
-    """The step of the newest checkpoint of the Ray run `name` under `root`, or None when it has none
-    (or it cannot be read). Loads tensors and plain data only."""
+    """The step of the checkpoint a rerun of the Ray run `name` under `root` resumes from (the latest
+    one Ray Train registered, from its checkpoint manager snapshot), or None when there is none."""
+    import json
+
     import pyarrow.fs as pafs
 
     storage_path, fs = storage_filesystem(root, endpoint_url)
     fs = fs or pafs.LocalFileSystem()
-    base = f"{storage_path}/{name}"
     try:
-        found = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-        dirs = sorted(
-            i.path for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-        )
-        for d in reversed(dirs):
-            with fs.open_input_file(f"{d}/{STATE_FILE}") as f:
-                blob = io.BytesIO(f.read())
-            return int(torch.load(blob, map_location="cpu", weights_only=True)["step"])
-    except Exception:  # best effort: it only words a message
+        with fs.open_input_stream(f"{storage_path}/{name}/{_RAY_SNAPSHOT}") as f:
+            snapshot = json.loads(f.read())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except Exception:  # best effort: it only words a message (no snapshot, an older Ray's layout)
         return None
-    return None
+
+
+_RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def train(args) -> None:
             spill_path=str(spill),
             x_train_b=prepared.b.x_train if cycle else None,
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Ray's handler may turn it into SystemExit)
         tracking.end_run(uri, run_id, "KILLED")
         at = distributed.latest_checkpoint_step(cfg.storage.root, cfg.storage.s3_endpoint_url, name)
         logged = tracking.last_step(uri, run_id, "loss/D")

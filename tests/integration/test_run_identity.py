@@ -81,3 +81,20 @@ def test_code_edits_retrain_comments_and_operational_keys_do_not(project: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     for r in (first, new):
         assert client.get_run(r["mlflow_run_id"]).data.tags["ganpipe.identity"] == r["identity"]
+
+
+def test_two_pipelines_from_two_clones_run_at_once(project: Path, tmp_path: Path):
+    """Each starts a local Ray of its own; Ray Train's helpers must find their own among two."""
+    import shutil
+
+    from tests.integration.conftest import spawn
+
+    other = tmp_path / "other"
+    shutil.copytree(project, other)
+    procs = [spawn(p, "dvc", "repro", "train") for p in (project, other)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+        assert "Traceback" not in out and "multiple active Ray instances" not in out, out
+    assert record(project)["identity"] == record(other)["identity"]  # the same run, trained twice
+    assert same(weights(project), weights(other))
