@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -67,7 +68,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out or ROOT / ".bench" / args.preset).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    # a clean run: never a Ray run or MLflow store of an earlier benchmark to hand back
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     params = deep_merge(read_yaml(ROOT / "params.yaml"), read_yaml(ROOT / "presets" / f"{args.preset}.yaml"))
     params = deep_merge(params, {"storage": {"root": str(out / "ray")}, "eval": {"n_samples": 2500}})
     if args.steps:
