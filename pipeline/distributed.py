@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config, build_config
+from pipeline.outputs import load_tensors
 
 STATE_FILE = "state.pt"
 
@@ -201,7 +202,7 @@ def fit(
     except TrainingFailedError as e:
         raise RuntimeError(_worker_error(e)) from None
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_tensors(Path(d) / STATE_FILE)
     return state, result.path
 
 
@@ -301,7 +302,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+            state = load_tensors(Path(d) / STATE_FILE, map_location=device)
         record = {k: state.get(k, record[k]) for k in record}
         if len(state.get("pools_by_rank") or []) == world:  # CycleGAN: each worker continues its own pool
             state["pools"] = state["pools_by_rank"][rank]

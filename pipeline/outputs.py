@@ -104,6 +104,24 @@ def git_commit(cwd: str | Path = ".") -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+class UnsafeFile(ValueError):
+    """A file that holds more than tensors and plain data (it could run code when loaded)."""
+
+
+def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load restricted to tensors and plain data (dicts, lists, numbers, strings): a file from
+    shared storage (a checkpoint under storage.root, a model in a bucket) can be written by anyone
+    with access to it, and a pickle may run code when loaded. Anything else is refused with one line
+    naming the file."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UnsafeFile(f"{path}: refused to load: it holds more than tensors and plain data ({reason})") from None
+
+
 def save_generator(G: torch.nn.Module, spec: dict[str, Any], path: Path, ema: bool) -> None:
     torch.save({"spec": spec, "state_dict": G.state_dict(), "ema": ema}, path)
 
@@ -113,7 +131,7 @@ def load_generator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; run the train stage first (dvc repro train)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = load_tensors(path)
     G = build_generator(blob["spec"])
     G.load_state_dict(blob["state_dict"])
     return G.eval(), blob["spec"]

@@ -394,9 +394,11 @@ def log_onnx_model(uri: str, run_id: str, onnx_path: str | Path, registered_name
     return f"models:/{registered_name}/{version}"
 
 
-def nested_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str, name: str, params: dict) -> str:
+def nested_run(
+    uri: str, experiment_id: str, parent_run_id: str, trial_id: str, name: str, params: dict, tags: dict | None = None
+) -> str:
     """The MLflow run of one sweep trial, nested under the sweep's run; created (with its sampled
-    params) on the trial's first start, found again after a restore or a PBT exploit."""
+    params and `tags`) on the trial's first start, found again after a restore or a PBT exploit."""
     client = _client(uri)
     found = client.search_runs(
         [experiment_id],
@@ -406,7 +408,9 @@ def nested_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str, 
     if found:
         return found[0].info.run_id
     run = client.create_run(
-        experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id, "ganpipe.trial_id": trial_id}
+        experiment_id,
+        run_name=name,
+        tags={"mlflow.parentRunId": parent_run_id, "ganpipe.trial_id": trial_id, **(tags or {})},
     )
     log_params(uri, run.info.run_id, params)
     return run.info.run_id

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
+from pipeline.outputs import load_tensors
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 CONTINUOUS = ("uniform", "loguniform")
@@ -161,6 +162,13 @@ def cycle_metrics(G: torch.nn.Module, cfg: Config, x_val: np.ndarray, x_val_b: n
     return {"cycle_l1": float(np.mean(errs))}
 
 
+def trial_tags(job: SweepJob, overrides: dict[str, Any]) -> dict[str, str]:
+    """A trial's identity: its sweep's (params, data, code: in the sweep name) and its sampled values."""
+    from pipeline import identity
+
+    return {"ganpipe.identity": identity.key({"sweep": job.sweep_name, "trial": overrides})}
+
+
 def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     """The Tune trainable: build, restore (own or PBT donor's checkpoint), train, report per tick."""
     from ray import tune
@@ -179,10 +187,16 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            training.load_gan_state(gan, torch.load(Path(d) / STATE_FILE, weights_only=False), cfg)
+            training.load_gan_state(gan, load_tensors(Path(d) / STATE_FILE), cfg)
     trial_id = tune.get_context().get_trial_id()
     run_id = tracking.nested_run(
-        job.tracking_uri, job.experiment_id, job.parent_run_id, trial_id, tune.get_context().get_trial_name(), overrides
+        job.tracking_uri,
+        job.experiment_id,
+        job.parent_run_id,
+        trial_id,
+        tune.get_context().get_trial_name(),
+        overrides,
+        trial_tags(job, overrides),
     )
     hp = {f"hp/{k}": float(v) for k, v in overrides.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     last: dict[str, float] = {}
@@ -233,7 +247,13 @@ def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
 
     ctx = tune.get_context()
     run_id = tracking.nested_run(
-        job.tracking_uri, job.experiment_id, job.parent_run_id, ctx.get_trial_id(), ctx.get_trial_name(), overrides
+        job.tracking_uri,
+        job.experiment_id,
+        job.parent_run_id,
+        ctx.get_trial_id(),
+        ctx.get_trial_name(),
+        overrides,
+        trial_tags(job, overrides),
     )
     every = build_config(deep_merge(cfg.to_dict(), {"eval": {"every": cfg.train.checkpoint_every}}))
     distributed.fit(

@@ -60,6 +60,11 @@ def test_asha_sweep_writes_outputs_tracks_nested_runs_and_resumes(project: Path)
         run = by_id[r["mlflow_run_id"]]
         assert run.info.status == expected[r["status"]] and run.data.tags["ganpipe.trial_status"] == r["status"]
         assert run.data.params["train.lr_g"]  # sampled values logged once as params
+    # identities: the sweep's (params, data, code), each trial's its own
+    assert len(parents[0].data.tags["ganpipe.identity"]) == 16
+    assert len({c.data.tags["ganpipe.identity"] for c in children}) == 4
+    # trials.csv: a trial number (x) and its score (y, the final tune.metric) for dvc plots
+    assert [int(r["trial"]) for r in rows] == [1, 2, 3, 4] and all(r["score"] == r["w1"] for r in rows)
     history = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "w1")) for c in children}
 
     # a rerun resumes the finished sweep: no trial runs again
