@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "check":
-            print(json.dumps(load_config(args.params).to_dict(), indent=2))
+            print(json.dumps(load_config(args.params).public_dict(), indent=2))
         elif args.command == "preset":
             apply_preset(args.name, args.params, args.presets_dir)
         elif args.command == "apply-best":

@@ -235,6 +235,12 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def public_dict(self) -> dict[str, Any]:
+        """`to_dict` with credentials removed (pipeline.secrets): the form every written copy takes."""
+        from pipeline.secrets import redact_tree
+
+        return redact_tree(self.to_dict())
+
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, as MLflow params."""
         return flatten(self.to_dict())

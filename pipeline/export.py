@@ -207,7 +207,7 @@ def _lineage(cfg, train_info, record, eval_info, diffs, git) -> dict:
     """The model card's params, metrics, parity check, git commit, MLflow run and how the model was
     trained (the train stage's run record: run identity, resumed or handed back, training time)."""
     return {
-        "params": cfg.to_dict(),
+        "params": cfg.public_dict(),
         "metrics": {"train": train_info, "eval": eval_info},
         "parity_max_abs_diff": diffs,
         "git": git,

@@ -11,13 +11,13 @@ continues it instead of opening a new one.
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
+from pipeline import secrets
+
 RUN_KEY_TAG = "ganpipe.run_key"
-_SECRET = re.compile(r"(secret|password|token|credential|access_key|key_id)", re.I)
 
 
 def resolve_uri(config_uri: str | None, env: dict[str, str] | None = None, cwd: str | Path | None = None) -> str:
@@ -52,8 +52,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def redact(uri: str) -> str:
-    """A URI fit for logs: user:password@ removed."""
-    return re.sub(r"//[^/@]*@", "//***@", uri)
+    """A URI fit for logs: user:password@ and secret query values removed (pipeline.secrets)."""
+    return secrets.redact(uri)
 
 
 def _client(uri: str):
@@ -125,7 +125,11 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
 
     client = _client(uri)
     have = client.get_run(run_id).data.params
-    todo = [Param(k, redact(str(v))[:6000]) for k, v in params.items() if k not in have and not _SECRET.search(k)]
+    todo = [
+        Param(k, redact(str(v))[:6000])
+        for k, v in params.items()
+        if k not in have and not secrets.SECRET_NAME.search(k)
+    ]
     for i in range(0, len(todo), 100):
         client.log_batch(run_id, params=todo[i : i + 100])
 

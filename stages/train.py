@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from pipeline import cyclegan, data, distributed, identity, live_eval, outputs, plots, tracking, training
+from pipeline.config import flatten
 from pipeline.models import build_generator
 from stages import common
 
@@ -49,8 +50,8 @@ def train(args) -> None:
     )
     if resumed and common.dvc_experiment():  # the experiment that asked for the run this time
         tracking.set_tags(uri, run_id, common.dvc_experiment())
-    tracking.log_params(uri, run_id, {**cfg.flat(), "data.content_hash": data_hash})
-    tracking.log_dict(uri, run_id, {"config": cfg.to_dict(), "identity": ident}, "config.json")
+    tracking.log_params(uri, run_id, {**flatten(cfg.public_dict()), "data.content_hash": data_hash})
+    tracking.log_dict(uri, run_id, {"config": cfg.public_dict(), "identity": ident}, "config.json")
     print(f"[train] MLflow run {run_id} ({'found' if resumed else 'new'}) at {tracking.redact(uri)}")
     print(f"[train] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}; {cfg.train.num_workers} worker(s)")
 

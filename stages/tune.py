@@ -10,7 +10,8 @@ from pathlib import Path
 import yaml
 
 from pipeline import data, distributed, identity, live_eval, outputs, tracking, tune
-from pipeline.config import deep_merge, read_yaml, unflatten
+from pipeline.config import deep_merge, flatten, read_yaml, unflatten
+from pipeline.secrets import redact_tree
 from stages import common
 
 STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
@@ -42,7 +43,7 @@ def run(args) -> None:
     sweep_key = hashlib.sha256(distributed.run_address(cfg.storage.root, name).encode()).hexdigest()[:16]
     tags = {"ganpipe.kind": "sweep", "ganpipe.identity": identity.key(ident), **common.dvc_experiment()}
     parent, resumed = tracking.start_or_resume_run(uri, cfg.tracking.experiment, sweep_key, name, tags)
-    tracking.log_params(uri, parent, {**cfg.flat(), "data.content_hash": data_hash})
+    tracking.log_params(uri, parent, {**flatten(cfg.public_dict()), "data.content_hash": data_hash})
     exp_id = tracking.experiment_id(uri, cfg.tracking.experiment)
     print(
         f"[tune] sweep {name}: {cfg.tune.num_samples} sample(s) over {', '.join(parsed)}; "
@@ -89,7 +90,7 @@ def run(args) -> None:
         raise RuntimeError(f"no trial reported a finite {cfg.tune.metric}; see the MLflow sweep run {parent}")
 
     out = Path(args.out)
-    best_raw = deep_merge(raw, unflatten({k: best[k] for k in parsed}))
+    best_raw = redact_tree(deep_merge(raw, unflatten({k: best[k] for k in parsed})))
     best_yaml = yaml.safe_dump(best_raw, sort_keys=False)
     outputs.write_text(
         out / "best_params.yaml",
