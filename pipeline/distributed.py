@@ -350,7 +350,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         return values
 
     t_fit = time.perf_counter()  # this fit's training time adds to the run's `trained_s`
-    handed_back = False
+    handed_back, resumed_from = False, gan.step
 
     def on_checkpoint(g: training.GAN, final: bool) -> None:
         if world > 1:  # every worker holds (and rank 0 saves) the same batch-norm running statistics
@@ -365,7 +365,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as d:
-            extra = {"fit_id": job.fit_id, "restarts": restarts, "pools_by_rank": pools, "handed_back": handed_back}
+            extra = {"fit_id": job.fit_id, "restarts": restarts, "pools_by_rank": pools}
+            extra.update({"handed_back": handed_back, "resumed_from": resumed_from})
             if not handed_back:  # a hand-back keeps the record of the fit that trained
                 extra["trained_s"] = record["trained_s"] + time.perf_counter() - t_fit
                 extra["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if final else None

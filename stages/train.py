@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from pathlib import Path
 
 from pipeline import cyclegan, data, distributed, identity, live_eval, outputs, plots, tracking, training
 from pipeline.config import flatten
@@ -86,7 +85,7 @@ def train(args) -> None:
         tracking.end_run(uri, run_id, "FAILED")
         raise RuntimeError(f"training failed: {e}") from None
     wall = time.perf_counter() - t0
-    handed_back = bool(state.get("handed_back"))
+    record = _run_record(state, run_id, uri, result_path, identity.key(ident), wall)
 
     use_ema = state["G_ema"] is not None
     G = build_generator(state["spec"])
@@ -98,6 +97,7 @@ def train(args) -> None:
         torch.save({"state_dict": state["D"]}, tmp / "discriminator.pt")
         outputs.write_csv(tmp / "history.csv", state["history"])
         outputs.write_csv(tmp / "evals.csv", state.get("evals", []))
+        outputs.write_json(tmp / outputs.RUN_RECORD, record)
         spec = state["spec"]
         if cycle:  # x | G(x) | F(G(x)) | y | F(y) | G(F(y)) on validation images
             plots.image_grid(cyclegan.triplets(G, prepared.x_val, prepared.b.x_val), tmp / "samples.png", nrow=6)
@@ -116,27 +116,13 @@ def train(args) -> None:
         "D_real": final.get("D/real"),
         "D_fake": final.get("D/fake"),
     }
-    record = {
-        "mlflow_run_id": run_id,
-        "mlflow_tracking_uri": common.portable(uri),
-        "ray_result_path": common.portable(result_path),
-        "identity": identity.key(ident),
-        "resumed": resumed and not handed_back,
-        "handed_back": handed_back,
-        "restarts": state.get("restarts", 0),
-        "trained_s": round(state.get("trained_s") or wall, 2),
-        "finished_at": state.get("finished_at"),
-        "wall_time_s": round(wall, 2),
-        **common.dvc_experiment(),
-    }
-    outputs.write_json(Path(args.models) / outputs.RUN_RECORD, record)
     outputs.write_json(args.metrics, summary)
     tracking.log_artifacts(uri, run_id, [args.models], "models")
     tracking.log_summary_metrics(
         uri, run_id, {"train/wall_time_s": record["trained_s"], "sys/restarts": record["restarts"]}, state["step"]
     )
     tracking.end_run(uri, run_id)
-    if handed_back:
+    if record["handed_back"]:
         print(
             f"[train] reused finished run {run_id} (same params, data and code), trained in "
             f"{record['trained_s']:.0f} s on {record['finished_at'] or 'an earlier run'} -> {args.models}, {args.metrics}"
@@ -144,6 +130,26 @@ def train(args) -> None:
     else:
         print(f"[train] done: {state['step']} steps in {wall:.1f}s -> {args.models}, {args.metrics}")
     common.deliver_spilled("train", uri, spill)
+
+
+def _run_record(state: dict, run_id: str, uri: str, result_path: str, identity_key: str, wall: float) -> dict:
+    """How this model came to be (models/run.json): where its runs are, whether this stage trained it,
+    resumed it (from step `resumed_from`) or handed a finished run back, and the training time."""
+    handed_back = bool(state.get("handed_back"))
+    return {
+        "mlflow_run_id": run_id,
+        "mlflow_tracking_uri": common.portable(uri),
+        "ray_result_path": common.portable(result_path),
+        "identity": identity_key,
+        "resumed": not handed_back and state.get("resumed_from", 0) > 0,
+        "resumed_from": state.get("resumed_from", 0),
+        "handed_back": handed_back,
+        "restarts": state.get("restarts", 0),
+        "trained_s": round(state.get("trained_s") or wall, 2),
+        "finished_at": state.get("finished_at"),
+        "wall_time_s": round(wall, 2),
+        **common.dvc_experiment(),
+    }
 
 
 def _sample_plot(samples, prepared, dataset: str, path) -> None:
