@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,7 +133,11 @@ class TuneConfig(_Section):
     metric: str = "w1"
     mode: Literal["min", "max"] = "min"
     max_concurrent: int = Field(2, gt=0)
-    search_space: dict[str, Any] = {}
+    # the documented `dvc repro pipelines/tune/dvc.yaml` runs as is: a search over the learning rates
+    search_space: dict[str, Any] = {
+        "train.lr_g": {"loguniform": [0.0001, 0.01]},
+        "train.lr_d": {"loguniform": [0.0001, 0.01]},
+    }
 
 
 class EvalConfig(_Section):
@@ -159,6 +164,16 @@ class TrackingConfig(_Section):
 class StorageConfig(_Section):
     root: str = ".ganpipe/ray"
     s3_endpoint_url: str | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        # `s3:/b`, `S3://b` or `gs://b` would otherwise become a local folder of that name
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]+:/", v) and not v.startswith("s3://"):
+            raise ValueError(f"must be s3://bucket/prefix or a local path, got {v!r}")
+        if v.startswith("s3://") and not v[len("s3://") :].split("/")[0]:
+            raise ValueError(f"names no bucket, got {v!r}")
+        return v
 
 
 class RayConfig(_Section):
@@ -254,10 +269,11 @@ class Config(_Section):
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> values. A mapping whose own keys are dotted (tune.search_space) is one value."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict) and v and not any("." in str(sub) for sub in v):
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
@@ -301,12 +317,27 @@ def build_config(raw: dict[str, Any] | None) -> Config:
         raise ConfigError("\n".join(_describe(err) for err in e.errors())) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{key}: given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     return data or {}
@@ -314,6 +345,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
     raw = read_yaml(path)
+    if not raw:  # an emptied params.yaml must not silently mean "all defaults"
+        raise ConfigError(f"{path}: empty; it must hold the params (see the repository's params.yaml)")
     if overrides:
         raw = deep_merge(raw, unflatten(overrides))
     return build_config(raw)

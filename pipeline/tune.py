@@ -55,7 +55,7 @@ def parse_space(space: dict[str, Any], base_raw: dict[str, Any]) -> dict[str, tu
     """{key: (distribution, args)}; raises ConfigError naming every bad key at once."""
     if not space:
         raise ConfigError(
-            "tune.search_space: empty; give at least one key, e.g. train.lr_g: {loguniform: [1e-4, 1e-2]}"
+            "tune.search_space: empty; give at least one key, e.g. train.lr_g: {loguniform: [0.0001, 0.01]}"
         )
     known = flatten(build_config(base_raw).to_dict())
     parsed, errors = {}, []
@@ -290,7 +290,9 @@ def scheduler(cfg: Config, parsed: dict[str, tuple[str, list]]):
 
     t = cfg.train
     if cfg.tune.scheduler == "asha":
-        grace = max(t.checkpoint_every, t.steps // 4)
+        # trials report at every checkpoint and at the last step: no rung before the first report,
+        # none past the end (a checkpoint interval longer than the run means one report, at the end)
+        grace = min(max(t.checkpoint_every, t.steps // 4), t.steps)
         return ASHAScheduler(time_attr="step", max_t=t.steps, grace_period=grace, reduction_factor=2)
     if cfg.tune.scheduler == "pbt":
         from ray import tune

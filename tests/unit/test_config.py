@@ -167,7 +167,8 @@ def test_flatten_unflatten_round_trip():
     d = build_config(read_yaml(PARAMS)).to_dict()
     flat = flatten(d)
     assert "train.ada.target" in flat and "train.lr_d" in flat
-    assert all(not isinstance(v, dict) or v == {} for v in flat.values())
+    # every section is flattened; tune.search_space (keyed by dotted params keys) stays one value
+    assert all(not isinstance(v, dict) or v == {} or k == "tune.search_space" for k, v in flat.items())
     assert unflatten(flat) == d
     assert build_config(unflatten(flat)) == build_config(d)
 
@@ -182,3 +183,27 @@ def test_fingerprint_stable_and_sensitive():
     assert c.fingerprint("train") != a.fingerprint("train")
     assert c.fingerprint("model") == a.fingerprint("model")  # only the named sections count
     assert len(a.fingerprint()) == 12
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr_g: 0.001\n  steps: 10\n  lr_g: 0.002\n")
+    with pytest.raises(ConfigError, match=r"lr_g: given twice \(line 4\)"):
+        load_config(path)
+
+
+def test_an_empty_params_file_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("root", ["s3:/bucket/x", "S3://bucket/x", "gs://bucket/x", "s3://", "http://host/x"])
+def test_storage_root_with_an_unknown_scheme_is_refused(root):
+    assert _error({"storage": {"root": root}}).startswith("storage.root: ")
+
+
+@pytest.mark.parametrize("root", [".ganpipe/ray", "/mnt/shared/ray", "s3://team/ray", "C:/ray"])
+def test_storage_root_local_paths_and_s3_pass(root):
+    assert build_config({"storage": {"root": root}}).storage.root == root

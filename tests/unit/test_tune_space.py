@@ -58,3 +58,19 @@ def test_best_row_prefers_finished_trials_and_skips_failed():
     ]
     assert best_row(rows, "w1", "min")["trial_id"] == "c"
     assert best_row(rows[:2], "w1", "max")["trial_id"] == "b"
+
+
+@pytest.mark.parametrize("steps, every", [(400, 1000), (10_000, 1000), (300, 100), (50, 50)])
+def test_asha_rungs_fit_inside_the_run(steps: int, every: int):
+    from pipeline.config import build_config
+    from pipeline.tune import scheduler
+
+    cfg = build_config({"train": {"steps": steps, "checkpoint_every": every}})
+    # Ray refuses a grace period past max_t ("grace_period must be <= max_t!")
+    asha = scheduler(cfg, parse_space(cfg.tune.search_space, cfg.to_dict()))
+    assert asha._max_t == steps
+
+
+def test_the_committed_params_have_a_search_space_that_parses():
+    raw = read_yaml(Path(__file__).resolve().parents[2] / "params.yaml")
+    assert set(parse_space(raw["tune"]["search_space"], raw)) == {"train.lr_g", "train.lr_d"}
