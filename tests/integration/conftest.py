@@ -72,20 +72,26 @@ def set_params(project: Path, update: dict) -> None:
     path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), update), sort_keys=False))
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    proj = tmp_path / "proj"
+def make_project(proj: Path, params: dict | None = None) -> Path:
+    """A git + DVC repository at `proj` holding this checkout's code, params.yaml (with `params`
+    merged in) and dvc.yaml, committed; no stores, no outputs."""
     proj.mkdir()
     for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, proj / name)
     for d in ("pipeline", "stages", "presets"):
         shutil.copytree(ROOT / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
-    set_params(proj, TINY)
+    if params:
+        set_params(proj, params)
     sh(proj, "git", "init", "-q")
     sh(proj, "dvc", "init", "-q")
     sh(proj, "git", "add", "-A")
     sh(proj, "git", "commit", "-qm", "init")
     return proj
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "proj", TINY)
 
 
 def free_port() -> int:

@@ -15,13 +15,12 @@ figures then move within the seed-to-seed spread, and this test is expected to f
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.integration.conftest import ROOT, sh
+from tests.integration.conftest import ROOT, make_project, sh
 
 pytestmark = pytest.mark.integration
 
@@ -41,16 +40,7 @@ def lock_inputs(lock: dict) -> dict:
 
 
 def test_default_dvc_repro_reproduces_the_committed_metrics_and_lock(tmp_path: Path):
-    proj = tmp_path / "clean"
-    proj.mkdir()
-    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, proj / name)
-    for d in ("pipeline", "stages", "presets"):
-        shutil.copytree(ROOT / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
-    sh(proj, "git", "init", "-q")
-    sh(proj, "dvc", "init", "-q")
-    sh(proj, "git", "add", "-A")
-    sh(proj, "git", "commit", "-qm", "clean copy")
+    proj = make_project(tmp_path / "clean")  # the committed params, untouched
 
     out = sh(proj, "dvc", "repro", timeout=900).stdout
     assert "reused finished run" not in out and "resuming" not in out  # nothing to hand back here
