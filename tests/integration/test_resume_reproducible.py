@@ -64,7 +64,11 @@ def kill_after_step(project: Path, tag: str, step: int) -> None:
 def exported_outputs(project: Path, tag: str) -> np.ndarray:
     for stage, extra in (
         ("evaluate", ["--metrics", f"metrics-{tag}/eval.json", "--plots", f"plots-{tag}"]),
-        ("export", ["--eval-metrics", f"metrics-{tag}/eval.json", "--out", f"export-{tag}"]),
+        (
+            "export",
+            ["--train-metrics", f"metrics-{tag}/train.json", "--eval-metrics", f"metrics-{tag}/eval.json"]
+            + ["--out", f"export-{tag}"],
+        ),
     ):
         sh(
             project,
@@ -74,8 +78,6 @@ def exported_outputs(project: Path, tag: str) -> np.ndarray:
             f"params-{tag}.yaml",
             "--models",
             f"models-{tag}",
-            "--train-metrics",
-            f"metrics-{tag}/train.json",
             *extra,
         )
     import onnxruntime as ort
