@@ -50,12 +50,14 @@ def kill_after_step(project: Path, tag: str, step: int) -> None:
     """Start the train stage and SIGKILL its whole process group once it has logged `step`."""
     cmd = train_cmd(tag)
     p = spawn(project, *cmd)
+    seen = []
     try:
         for line in p.stdout:
+            seen.append(line)
             if line.startswith("[train] step ") and int(line.split()[2].split("/")[0]) >= step:
                 break
         else:
-            raise AssertionError("training ended before it could be interrupted")
+            raise AssertionError("training ended before it could be interrupted:\n" + "".join(seen)[-3000:])
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
