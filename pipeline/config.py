@@ -273,7 +273,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and not any("." in str(sub) for sub in v):
+        if isinstance(v, dict) and v and not _keyed_by_params(v):
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
@@ -353,14 +353,20 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """A new dict: `update` merged into `base`, nested mappings merged key by key."""
+    """A new dict: `update` merged into `base`, nested mappings merged key by key; a mapping keyed by
+    dotted params keys (tune.search_space) replaces the old one whole (two distributions for one key
+    would make no sense)."""
     out = copy.deepcopy(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not _keyed_by_params(v):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def _keyed_by_params(d: dict[str, Any]) -> bool:
+    return any("." in str(k) for k in d)
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:

@@ -24,10 +24,9 @@ TINY = {
 
 
 def merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    from pipeline.config import deep_merge  # the pipeline's own rule (a search space is replaced whole)
+
+    return deep_merge(base, update)
 
 
 def env(extra: dict[str, str] | None = None, project: Path | None = None) -> dict[str, str]:

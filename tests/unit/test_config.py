@@ -207,3 +207,9 @@ def test_storage_root_with_an_unknown_scheme_is_refused(root):
 @pytest.mark.parametrize("root", [".ganpipe/ray", "/mnt/shared/ray", "s3://team/ray", "C:/ray"])
 def test_storage_root_local_paths_and_s3_pass(root):
     assert build_config({"storage": {"root": root}}).storage.root == root
+
+
+def test_a_search_space_is_replaced_whole_by_a_merge():
+    base = {"tune": {"search_space": {"train.lr_g": {"loguniform": [0.0001, 0.01]}}, "num_samples": 8}}
+    got = deep_merge(base, {"tune": {"search_space": {"train.lr_g": {"grid": [0.001, 0.002]}}}})
+    assert got == {"tune": {"search_space": {"train.lr_g": {"grid": [0.001, 0.002]}}, "num_samples": 8}}
