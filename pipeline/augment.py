@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from typing import Any
 
 import torch
 
@@ -34,28 +35,47 @@ class Draws:
 
     Every draw is made for all `world * n` samples of the global batch and sliced to rows
     [rank * n, (rank + 1) * n), so N workers augment exactly as one worker with the whole batch.
+    `source` is a `torch.Generator` or a `pipeline.draws.Stream` (the same values, staged on the
+    training device in one copy per step).
     """
 
-    def __init__(self, generator: torch.Generator, rank: int = 0, world: int = 1):
-        self.g, self.rank, self.world = generator, rank, world
+    def __init__(self, source: Any, rank: int = 0, world: int = 1):
+        self.src = _GeneratorSource(source) if isinstance(source, torch.Generator) else source
+        self.rank, self.world = rank, world
 
     def _rows(self, t: torch.Tensor, n: int) -> torch.Tensor:
         return t[self.rank * n : (self.rank + 1) * n]
 
     def rand(self, n: int, *rest: int) -> torch.Tensor:
-        return self._rows(torch.rand(n * self.world, *rest, generator=self.g, device=self.g.device), n)
+        return self._rows(self.src.rand(n * self.world, *rest), n)
 
     def randn(self, n: int, *rest: int) -> torch.Tensor:
-        return self._rows(torch.randn(n * self.world, *rest, generator=self.g, device=self.g.device), n)
+        return self._rows(self.src.randn(n * self.world, *rest), n)
 
     def randint(self, low: int, high: int, n: int) -> torch.Tensor:
-        return self._rows(torch.randint(low, high, (n * self.world,), generator=self.g, device=self.g.device), n)
+        return self._rows(self.src.randint(low, high, (n * self.world,)), n)
+
+
+class _GeneratorSource:
+    """A torch.Generator with the `Stream` methods (draws on the generator's device)."""
+
+    def __init__(self, g: torch.Generator):
+        self.g = g
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.g, device=self.g.device)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.g, device=self.g.device)
+
+    def randint(self, low: int, high: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randint(low, high, shape, generator=self.g, device=self.g.device)
 
 
 def augment(
     x: torch.Tensor,
     p: float,
-    generator: torch.Generator,
+    generator: Any,
     ops: Collection[str] | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
@@ -71,7 +91,7 @@ def augment(
     border, set to 0). Point ops: rotation about the origin by N(0, (5 deg)^2); jitter
     (+ N(0, 0.01^2) per coordinate).
     p == 0 returns values equal to x, p == 1 applies every op to every sample. Randomness is drawn
-    on the generator's device; the draws depend only on x's shape and `ops`, not on p.
+    on the generator's device (a `pipeline.draws.Stream`: staged on the training device); the draws depend only on x's shape and `ops`, not on p.
     `shard` = (rank, world): x is this worker's slice of a global batch of world * N samples (see
     `Draws`).
     """

@@ -98,6 +98,9 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each Ray worker holds; torch uses as many threads")
     use_gpu: Literal["auto", True, False] = "auto"
+    deterministic: bool = Field(
+        True, description="GPUs: deterministic algorithms and no TF32, so a rerun repeats bit for bit (CPU always is)"
+    )
     checkpoint_every: int = Field(1000, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0)
@@ -239,6 +242,8 @@ class Config(_Section):
             )
         if self.train.precision == "fp16" and self.train.update == "simultaneous":
             raise ValueError("train.precision: fp16 supports alternating updates only; use bf16 or fp32")
+        if self.train.use_gpu is True:
+            check_on_gpu(self)
         if self.loss.name in ("wgan", "wgan-gp") and self.model.d_norm == "batch":
             raise ValueError(
                 f"model.d_norm: batch norm couples the samples of a batch, but a {self.loss.name} critic must "
@@ -303,6 +308,17 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{key}: required"
     return f"{key}: {err['msg'].lower()}, got {got!r}"
+
+
+def check_on_gpu(cfg: Config) -> None:
+    """Refusals that hold only when training runs on GPUs (checked by the validator for
+    `train.use_gpu: true`, and once `auto` is resolved to GPUs)."""
+    if cfg.train.num_workers > 1 and cfg.model.d_norm == "batch" and cfg.loss.r1_gamma > 0:
+        raise ValueError(
+            "model.d_norm: batch norm on 2+ GPU workers becomes SyncBatchNorm, which has no second derivative, "
+            f"but R1 (loss.r1_gamma: {cfg.loss.r1_gamma}) differentiates D's gradient; use none, layer, instance "
+            "or spectral, set loss.r1_gamma: 0, or train on one GPU worker, got batch"
+        )
 
 
 def build_config(raw: dict[str, Any] | None) -> Config:

@@ -166,6 +166,10 @@ class ImagePool:
 # ---- evaluation ----------------------------------------------------------------------------------
 
 
+def _device(net: nn.Module) -> torch.device:
+    return next((p.device for p in net.parameters()), torch.device("cpu"))
+
+
 def _batched(fn, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
     return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)]) if len(x) else x
 
@@ -175,7 +179,8 @@ def translate(net: nn.Module, x: np.ndarray | torch.Tensor) -> np.ndarray:
     """net(x) in eval mode, in batches; images in, images out (numpy float32)."""
     was = net.training
     net.eval()
-    out = _batched(net, torch.as_tensor(np.asarray(x, np.float32))).numpy()
+    device = _device(net)
+    out = _batched(net, torch.as_tensor(np.asarray(x, np.float32)).to(device)).cpu().numpy()
     net.train(was)
     return out
 
@@ -195,9 +200,10 @@ def cycle_diagnostics(
     """
     was = forward.training, backward.training
     forward.eval(), backward.eval()
-    x = torch.as_tensor(np.asarray(x, np.float32))
+    device = _device(forward)  # a model being trained on a GPU is scored there
+    x = torch.as_tensor(np.asarray(x, np.float32)).to(device)
     y = _batched(forward, x)
-    noise = noise_std * torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    noise = noise_std * torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     clean = float((_batched(backward, y) - x).abs().mean())
     noisy = float((_batched(backward, y + noise) - x).abs().mean())
     forward.train(was[0]), backward.train(was[1])

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from pipeline.collectives import Collectives
 from pipeline.config import Config, build_config
 from pipeline.outputs import load_tensors
 
@@ -57,6 +58,41 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> str:
     return f"started local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
 
 
+def tracking_placement_problem(uri: str, here: str, node_ips: list[str]) -> str | None:
+    """Why `uri` cannot serve a cluster whose nodes are at `node_ips` (this driver at `here`), or None.
+
+    Rank 0 of a training, and every Tune trial, logs from whichever node Ray puts it on. A file
+    store (sqlite, file:, a path) or a server on loopback exists on this machine only: from another
+    node, metrics would land on that node's disk, or nowhere.
+    """
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    local_file = parsed.scheme in ("", "file", "sqlite") or len(parsed.scheme) == 1  # a Windows drive
+    loopback = (parsed.hostname or "") in ("localhost", "::1") or (parsed.hostname or "").startswith("127.")
+    others = sorted({ip for ip in node_ips if ip != here})
+    if not others or not (local_file or loopback):
+        return None
+    from pipeline.secrets import redact
+
+    what = "a file on this machine" if local_file else "a server on this machine's loopback"
+    return (
+        f"tracking.uri: {redact(uri)} is {what}, but the Ray cluster has nodes at {', '.join(others)}, where "
+        "rank 0 or a trial may run and could not log to it; set tracking.uri to an MLflow server every node "
+        "reaches (http://<host>:5000; `ganpipe stack` starts one)"
+    )
+
+
+def check_tracking_placement(uri: str) -> None:
+    """`tracking_placement_problem` for the Ray cluster this process is connected to (an error)."""
+    import ray
+
+    nodes = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
+    problem = tracking_placement_problem(uri, ray.util.get_node_ip_address(), nodes)
+    if problem:
+        raise ValueError(problem)
+
+
 def _start_own_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
     """A local Ray of our own, never one that `ray start` or another pipeline runs on this machine
     (address "local"). Its processes are told its address up front: Ray Train's helper actors look
@@ -82,15 +118,42 @@ def _start_own_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
                 os.environ[k] = v
 
 
-def resolve_use_gpu(setting: str | bool) -> bool:
+def plan_gpu(setting: str | bool, num_workers: int, gpus: float) -> tuple[bool, str | None]:
+    """(train on GPUs?, a note for the user or None) for `train.use_gpu` and a cluster with `gpus`.
+
+    Each worker takes one whole GPU (two NCCL ranks cannot share one), so GPUs are used only when
+    there is one per worker: `auto` falls back to CPU with a note rather than asking Ray for GPUs that
+    do not exist (it would wait for them for ever), and `true` is refused with one line.
+    """
+    if setting is False:
+        return False, None
+    if gpus >= num_workers:  # num_workers >= 1, so there are GPUs
+        return True, None
+    if setting is True:
+        raise ValueError(
+            f"train.use_gpu: true needs one GPU per worker: train.num_workers is {num_workers}, "
+            f"the Ray cluster has {gpus:g} GPU(s); lower train.num_workers or set train.use_gpu: false"
+        )
+    if gpus < 1:
+        return False, None
+    return False, (
+        f"train.use_gpu: auto: the Ray cluster has {gpus:g} GPU(s) for {num_workers} workers (one each is needed); "
+        "training on CPU. Set train.num_workers to at most the GPUs to use them"
+    )
+
+
+def resolve_use_gpu(cfg: Config, num_workers: int | None = None) -> bool:
+    """`plan_gpu` for this cluster, printing its note; refuses what cannot run on GPUs."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if setting == "auto":
-        return gpus >= 1
-    if setting and gpus < 1:
-        raise RuntimeError("train.use_gpu: true, but the Ray cluster has no GPUs")
-    return bool(setting)
+    from pipeline.config import check_on_gpu
+
+    use, note = plan_gpu(cfg.train.use_gpu, num_workers or cfg.train.num_workers, ray.cluster_resources().get("GPU", 0))
+    if note:
+        print(f"[train] {note}", flush=True)
+    if use:
+        check_on_gpu(cfg)
+    return use
 
 
 def storage_filesystem(root: str, endpoint_url: str | None):
@@ -184,7 +247,7 @@ def fit(
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
-            use_gpu=resolve_use_gpu(t.use_gpu),
+            use_gpu=resolve_use_gpu(cfg),
             resources_per_worker={"CPU": t.cpus_per_worker},
         ),
         run_config=RunConfig(
@@ -220,60 +283,6 @@ def _worker_error(e: Exception) -> str:
 # ---- inside a worker ------------------------------------------------------------------------
 
 
-def _mean_in_place(tensors: list[torch.Tensor], world: int) -> None:
-    """Replace each tensor by its mean over the workers: one all-reduce for the lot."""
-    import torch.distributed as dist
-
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def _allreduce_mean(world: int):
-    def sync(module: torch.nn.Module) -> None:
-        _mean_in_place([p.grad for p in module.parameters() if p.grad is not None], world)
-
-    return sync
-
-
-def _average_buffers(module: torch.nn.Module | None, world: int) -> None:
-    """Average floating-point buffers (batch-norm running mean/var) across workers.
-
-    On CPU (gloo) batch norm normalises with each worker's own slice of the batch (torch's
-    SyncBatchNorm needs GPUs); its running statistics are averaged here so that workers agree.
-    """
-    if module is not None:
-        _mean_in_place([b for b in module.buffers() if b.is_floating_point()], world)
-
-
-def _reduce_stats(world: int):
-    import torch.distributed as dist
-
-    def reduce(stats: dict[str, float]) -> dict[str, float]:
-        keys = sorted(stats)
-        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        return dict(zip(keys, (t / world).tolist()))
-
-    return reduce
-
-
-def _gather(value: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [value]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, value)
-    return out
-
-
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray
     import ray.train
@@ -289,9 +298,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    numerics = training.configure_numerics(cfg.train.deterministic, device)
     x, y, num_classes, x_b = ray.get(job.data_ref)
-    x, y = x.to(device), None if y is None else y.to(device)
-    x_b = None if x_b is None else x_b.to(device)
+    x, y, x_b = (training.place_data(t, device) for t in (x, y, x_b))
     num_classes = num_classes if cfg.model.conditional else None
 
     gan = training.build_gan(cfg, list(x.shape[1:]), device, num_classes)
@@ -315,16 +324,29 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             print(f"[train] resuming from checkpoint at step {gan.step} (restarts so far: {restarts})", flush=True)
 
     shard = training.Shard(rank, world)
-    batches = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, shard, y, num_classes or 0, x_b)
+    batches = training.Batches(
+        x,
+        cfg.train.batch_size,
+        cfg.model.z_dim,
+        cfg.seed,
+        shard,
+        y,
+        num_classes or 0,
+        x_b,
+        device,
+        channels_last=cfg.train.channels_last and x.dim() == 4,
+    )
     metrics = None
     if rank == 0:
         metrics = MetricBuffer(job.tracking_uri, job.run_id, job.spill_path, cfg.tracking.flush_timeout_s)
     progress = _Progress(cfg.train.steps, gan.step)
-    pids = _gather(os.getpid(), world)
+    comm = Collectives(world, device)
+    pids = comm.gather(os.getpid())
     if rank == 0:
         print(
             f"[train] {world} worker(s) on {device} (pids {' '.join(map(str, pids))}), "
-            f"torch threads per worker {torch.get_num_threads()}, cluster {ray.get_runtime_context().gcs_address}",
+            f"torch threads per worker {torch.get_num_threads()}, cluster {ray.get_runtime_context().gcs_address}"
+            + (f", deterministic {cfg.train.deterministic}" if numerics["flags_set"] else ""),
             flush=True,
         )
         if restarts:
@@ -355,10 +377,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     def on_checkpoint(g: training.GAN, final: bool) -> None:
         if world > 1:  # every worker holds (and rank 0 saves) the same batch-norm running statistics
             for module in (g.G, g.D, g.G_ema):
-                _average_buffers(module, world)
+                comm.average_buffers(module)
         report = {"step": g.step, **latest}
         # CycleGAN history pools are per worker: rank 0's checkpoint carries every rank's
-        pools = _gather({k: p.state_dict() for k, p in g.pools.items()}, world) if g.pools and world > 1 else None
+        pools = comm.gather({k: p.state_dict() for k, p in g.pools.items()}) if g.pools and world > 1 else None
         if metrics is not None:
             metrics.flush(wait=final)
         if rank != 0:
@@ -377,7 +399,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     hooks = training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval)
     if world > 1:
-        hooks.sync_grads, hooks.reduce_stats = _allreduce_mean(world), _reduce_stats(world)
+        hooks.sync_grads, hooks.reduce_stats = comm.sync_grads, comm.reduce_stats
     if gan.step >= cfg.train.steps:  # already finished: hand the final state back again
         handed_back = True
         on_checkpoint(gan, True)

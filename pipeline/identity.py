@@ -61,6 +61,7 @@ TRAIN_RESULT_KEYS = (
     "train.update",
     "train.precision",
     "train.channels_last",
+    "train.deterministic",
     "train.ema",
     "train.ada",
     "train.pool_size",

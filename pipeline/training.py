@@ -21,6 +21,7 @@ import torch
 from pipeline import cyclegan
 from pipeline.augment import ada_adjust, augment, overfit_signal
 from pipeline.config import Config
+from pipeline.draws import StepDraws, step_generator
 from pipeline.losses import LOSSES, gradient_penalty, r1_penalty
 from pipeline.models import build_discriminator, build_generator, generator_spec
 
@@ -80,6 +81,40 @@ def build_gan(
     return gan
 
 
+def configure_numerics(deterministic: bool, device: torch.device | str) -> dict[str, Any]:
+    """Set PyTorch's process-wide numerics for training on `device`; returns the flags in effect.
+
+    On CPU nothing is set: with one torch thread per CPU a worker holds, CPU runs repeat bit for bit.
+    On CUDA, `deterministic` (train.deterministic) asks for deterministic algorithms (a warning names
+    any op that has none), deterministic cuDNN without autotuning, IEEE float32 for matmuls and
+    convolutions (no TF32: about 1e-3 relative drift per op) and cuBLAS's fixed workspace; a rerun on
+    the same GPU model, driver and library versions then repeats the same numbers. Without it, cuDNN
+    autotunes and TF32 is on for matmuls and convolutions: faster, and reruns differ in the last bits,
+    which GAN training amplifies to seed-to-seed differences.
+    """
+    if torch.device(device).type != "cuda":
+        return {"deterministic": deterministic, "device": "cpu", "flags_set": False}
+    import os
+
+    precision = "ieee" if deterministic else "tf32"
+    if deterministic:  # read when cuBLAS first starts in this process
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    return {
+        "deterministic": deterministic,
+        "device": str(device),
+        "flags_set": True,
+        "matmul_fp32_precision": precision,
+        "conv_fp32_precision": precision,
+        "cudnn_benchmark": not deterministic,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
+
+
 def autocast(cfg: Config, device: torch.device):
     """Mixed-precision context for forward passes (a no-op for fp32)."""
     if cfg.train.precision == "fp32":
@@ -103,7 +138,7 @@ def gan_state(gan: GAN) -> dict[str, Any]:
         "scaler_d": None if gan.scaler_d is None else gan.scaler_d.state_dict(),
         "scaler_g": None if gan.scaler_g is None else gan.scaler_g.state_dict(),
         "ada_p": gan.ada_p,
-        "ada_acc": list(gan.ada_acc),
+        "ada_acc": [float(a) for a in gan.ada_acc],
         "pools": {k: p.state_dict() for k, p in gan.pools.items()},
     }
 
@@ -128,11 +163,6 @@ def load_gan_state(gan: GAN, state: dict[str, Any], cfg: Config) -> None:
     gan.evals = list(state.get("evals", []))
     for k, pool_state in state.get("pools", {}).items():
         gan.pools[k].load_state_dict(pool_state)
-
-
-def step_generator(seed: int, step: int, phase: int) -> torch.Generator:
-    # a bijective mix of (seed, step, phase) so that streams never coincide
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + phase)
 
 
 @dataclass
@@ -165,9 +195,26 @@ class Hooks:
     reduce_stats: Callable[[dict[str, float]], dict[str, float]] = lambda s: s
 
 
+DEVICE_DATA_BYTES = 1 << 30  # training data up to this size live on the GPU; larger stay in host memory
+
+
+def place_data(t: torch.Tensor | None, device: torch.device | str, limit: int = DEVICE_DATA_BYTES):
+    """`t` on `device` when it is at most `limit` bytes (batches are then indexed there), else left in
+    host memory (each step then copies only its batch): a user's large dataset is not copied whole to
+    every GPU."""
+    if t is None or torch.device(device).type == "cpu" or t.numel() * t.element_size() > limit:
+        return t
+    return t.to(device)
+
+
 @dataclass
 class Batches:
-    """Draws global batches from in-memory training data, sliced to one worker."""
+    """Draws global batches from the training data, sliced to one worker, on `device`.
+
+    The data stay where they are given: on the device when they fit there (indexed there), or in
+    host memory (indexed there, and only the batch is copied). Every random draw comes from
+    `draws` (pipeline.draws): the same values on every device, staged in one copy per step.
+    """
 
     x: torch.Tensor
     batch_size: int  # global
@@ -177,38 +224,55 @@ class Batches:
     y: torch.Tensor | None = None  # labels of x, for conditional models
     num_classes: int = 0
     x_b: torch.Tensor | None = None  # CycleGAN: domain B (Y) images, unpaired with x (X)
+    device: torch.device | None = None  # where training runs (default: x's device)
+    channels_last: bool = False  # image batches in channels-last memory format, like the models
 
-    def _index(self, step: int, phase: int) -> torch.Tensor:
-        g = step_generator(self.seed, step, phase)
-        return self.shard.take(torch.randint(len(self.x), (self.batch_size,), generator=g))
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device or self.x.device)
+        self.draws = StepDraws(self.seed, self.device)
+
+    def begin(self, step: int) -> None:
+        """Stage every draw of `step` (see pipeline.draws.StepDraws)."""
+        self.draws.begin(step)
+
+    def stream(self, step: int, phase: int):
+        return self.draws.stream(step, phase)
+
+    def _index(self, step: int, phase: int, n: int, on: torch.Tensor) -> torch.Tensor:
+        host = on.device.type == "cpu" and self.device.type != "cpu"
+        return self.shard.take(self.stream(step, phase).randint(0, n, (self.batch_size,), host=host))
+
+    def _take(self, data: torch.Tensor, step: int, phase: int) -> torch.Tensor:
+        rows = data[self._index(step, phase, len(data), data)]
+        if rows.device != self.device:  # data in host memory: copy only the batch
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        if self.channels_last and rows.dim() == 4:
+            rows = rows.contiguous(memory_format=torch.channels_last)
+        return rows
 
     def reals(self, step: int, phase: int) -> torch.Tensor:
-        return self.x[self._index(step, phase)]
+        return self._take(self.x, step, phase)
 
     def reals_b(self, step: int, phase: int) -> torch.Tensor:
         """A batch of domain B, drawn independently of domain A's (unpaired)."""
         assert self.x_b is not None, "CycleGAN batches need domain B images (x_b)"
-        g = step_generator(self.seed, step, phase)
-        return self.x_b[self.shard.take(torch.randint(len(self.x_b), (self.batch_size,), generator=g))]
+        return self._take(self.x_b, step, phase)
 
     def real_labels(self, step: int, phase: int) -> torch.Tensor | None:
         """The labels of `reals(step, phase)` (None when unlabelled)."""
-        return None if self.y is None else self.y[self._index(step, phase)]
+        return None if self.y is None else self._take(self.y, step, phase)
 
     def random_labels(self, step: int, phase: int) -> torch.Tensor | None:
         """Labels uniform over the classes, for the generator step (None when unconditional)."""
         if not self.num_classes:
             return None
-        g = step_generator(self.seed, step, phase)
-        return self.shard.take(torch.randint(self.num_classes, (self.batch_size,), generator=g)).to(self.x.device)
+        return self.shard.take(self.stream(step, phase).randint(0, self.num_classes, (self.batch_size,)))
 
     def latents(self, step: int, phase: int) -> torch.Tensor:
-        g = step_generator(self.seed, step, phase)
-        return self.shard.take(torch.randn(self.batch_size, self.z_dim, generator=g)).to(self.x.device)
+        return self.shard.take(self.stream(step, phase).randn(self.batch_size, self.z_dim))
 
     def uniform(self, step: int, phase: int) -> torch.Tensor:
-        g = step_generator(self.seed, step, phase)
-        return self.shard.take(torch.rand(self.batch_size, generator=g)).to(self.x.device)
+        return self.shard.take(self.stream(step, phase).rand(self.batch_size))
 
 
 def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -257,21 +321,21 @@ def _y(y: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
 def _ada(gan: GAN, cfg: Config, batches: Batches, x: torch.Tensor, step: int, phase: int) -> torch.Tensor:
     if not cfg.train.ada.enabled:
         return x
-    g = step_generator(cfg.seed, step, phase)
-    return augment(x, gan.ada_p, g, shard=(batches.shard.rank, batches.shard.world))
+    return augment(x, gan.ada_p, batches.stream(step, phase), shard=(batches.shard.rank, batches.shard.world))
 
 
 def _ada_tick(gan: GAN, cfg: Config, stats: dict[str, torch.Tensor], reduce: Callable) -> None:
     """Accumulate r_t; every `interval` steps move p from the workers' mean r_t."""
-    ada = cfg.train.ada
-    gan.ada_acc[0] += float(stats["ada/r_t"])
+    ada, r_t = cfg.train.ada, stats["ada/r_t"]
+    # summed in float64 on r_t's device: the host reads it once per interval, not at every step
+    gan.ada_acc[0] = gan.ada_acc[0] + r_t.double()
     gan.ada_acc[1] += 1
     if gan.step % ada.interval == 0:
-        r_t = reduce({"ada/r_t": gan.ada_acc[0] / gan.ada_acc[1]})["ada/r_t"]
-        p = ada_adjust(gan.ada_p, r_t, ada.target, cfg.train.batch_size, ada.interval, ada.speed_img)
+        mean = reduce({"ada/r_t": float(gan.ada_acc[0]) / gan.ada_acc[1]})["ada/r_t"]
+        p = ada_adjust(gan.ada_p, mean, ada.target, cfg.train.batch_size, ada.interval, ada.speed_img)
         gan.ada_p = min(p, ada.p_max)
         gan.ada_acc = [0.0, 0.0]
-    stats["ada/p"] = torch.tensor(gan.ada_p)
+    stats["ada/p"] = torch.full((), gan.ada_p, device=r_t.device)
 
 
 def _backward_apply(
@@ -441,6 +505,7 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
     gan.D.train()
     while gan.step < t.steps:
         step = gan.step
+        batches.begin(step)
         if cfg.model.family == "cyclegan":
             stats = cycle_step(gan, cfg, batches, step, hooks.sync_grads)
         elif t.update == "simultaneous":
@@ -458,7 +523,8 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
         count += 1
         last = gan.step == t.steps
         if gan.step % t.log_every == 0 or gan.step % t.checkpoint_every == 0 or last:
-            means = {k: float(v) / count for k, v in sums.items()}
+            # one copy to the host for all of them (float32 sums, divided in float64 as always)
+            means = dict(zip(sums, (v / count for v in torch.stack([v.double() for v in sums.values()]).tolist())))
             _check_finite(gan.step, {k: torch.tensor(v) for k, v in means.items()})
             if gan.step % t.log_every == 0 or last:
                 now = time.perf_counter()

@@ -180,14 +180,17 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     if cfg.train.num_workers > 1:
         return _fit_trial(cfg, overrides, job)
     torch.set_num_threads(cfg.train.cpus_per_worker)
-    x = torch.tensor(job.x_train)  # a copy: arrays from the object store are read-only
-    y = None if job.y_train is None else torch.tensor(job.y_train)
+    device = _trial_device()
+    training.configure_numerics(cfg.train.deterministic, device)
+    # copies (arrays from the object store are read-only), on the trial's GPU when they fit there
+    x = training.place_data(torch.tensor(job.x_train), device)
+    y = None if job.y_train is None else training.place_data(torch.tensor(job.y_train), device)
     num_classes = job.num_classes if cfg.model.conditional else None
-    gan = training.build_gan(cfg, list(x.shape[1:]), num_classes=num_classes)
+    gan = training.build_gan(cfg, list(x.shape[1:]), device, num_classes)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            training.load_gan_state(gan, load_tensors(Path(d) / STATE_FILE), cfg)
+            training.load_gan_state(gan, load_tensors(Path(d) / STATE_FILE, map_location=device), cfg)
     trial_id = tune.get_context().get_trial_id()
     run_id = tracking.nested_run(
         job.tracking_uri,
@@ -223,9 +226,17 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
             torch.save(training.gan_state(g), Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    x_b = None if job.x_train_b is None else torch.tensor(job.x_train_b)
+    x_b = None if job.x_train_b is None else training.place_data(torch.tensor(job.x_train_b), device)
     batches = training.Batches(
-        x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, y=y, num_classes=num_classes or 0, x_b=x_b
+        x,
+        cfg.train.batch_size,
+        cfg.model.z_dim,
+        cfg.seed,
+        y=y,
+        num_classes=num_classes or 0,
+        x_b=x_b,
+        device=device,
+        channels_last=cfg.train.channels_last and x.dim() == 4,
     )
     start = gan.step
     try:
@@ -236,6 +247,13 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
             on_checkpoint(gan, True)
     finally:
         sent.close()
+
+
+def _trial_device() -> torch.device:
+    """The GPU Ray gave this trial (its resources asked for one), else the CPU."""
+    import ray
+
+    return torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
 
 
 def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
@@ -363,6 +381,19 @@ def check_tunable(cfg: Config) -> None:
         raise ConfigError(f"tune.metric: must be one the trials report ({', '.join(METRICS)}), got {cfg.tune.metric!r}")
 
 
+def trial_gpus(cfg: Config) -> bool:
+    """Single-worker trials take one GPU each when `train.use_gpu` (resolved on this cluster) says
+    so; multi-worker trials resolve it in their own Ray Train run."""
+    import ray
+
+    from pipeline.distributed import plan_gpu
+
+    use, note = plan_gpu(cfg.train.use_gpu, 1, ray.cluster_resources().get("GPU", 0))
+    if note:
+        print(f"[tune] {note}", flush=True)
+    return use
+
+
 def sweep_name(cfg: Config, identity_key: str) -> str:
     """The sweep's Ray experiment name, from its run identity (pipeline.identity, TUNE_PARAMS)."""
     return f"ganpipe-tune-{cfg.data.name}-{identity_key}"
@@ -378,6 +409,8 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
     t = cfg.train
     # (Tune refuses an empty request: the driver asks for one byte of memory instead of a CPU)
     need = {"cpu": t.cpus_per_worker} if t.num_workers == 1 else {"cpu": 0, "memory": 1}
+    if t.num_workers == 1 and trial_gpus(cfg):
+        need["gpu"] = 1
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), need)
     path = os.path.join(storage_path, name)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):

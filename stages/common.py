@@ -98,6 +98,16 @@ def tracking_uri(cfg: Config) -> str:
     return uri
 
 
+def start_ray(cfg: Config, uri: str) -> str:
+    """Start or join Ray (`ray.address`), and refuse a tracking store the cluster's nodes cannot reach
+    (before any MLflow run is opened). Returns what was done."""
+    from pipeline import distributed
+
+    done = distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    distributed.check_tracking_placement(uri)
+    return done
+
+
 UNSENT_DIR = ".ganpipe/unsent-metrics"
 
 

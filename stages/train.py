@@ -38,6 +38,7 @@ def train(args) -> None:
     )
     name = f"ganpipe-{cfg.data.name}-{identity.key(ident)}"
     uri = common.tracking_uri(cfg)
+    print(f"[train] {common.start_ray(cfg, uri)}; {cfg.train.num_workers} worker(s)")
     # the Ray run lives at storage root + name; its MLflow run is found by that same address
     ray_run = distributed.run_address(cfg.storage.root, name)
     tags = tracking.lineage_tags(outputs.git_commit(), data_hash, cfg.fingerprint(), "train", common.portable(ray_run))
@@ -52,7 +53,6 @@ def train(args) -> None:
     tracking.log_params(uri, run_id, {**flatten(cfg.public_dict()), "data.content_hash": data_hash})
     tracking.log_dict(uri, run_id, {"config": cfg.public_dict(), "identity": ident}, "config.json")
     print(f"[train] MLflow run {run_id} ({'found' if resumed else 'new'}) at {tracking.redact(uri)}")
-    print(f"[train] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}; {cfg.train.num_workers} worker(s)")
 
     # CycleGAN trials and runs are scored by the evaluate stage (translations are not sampled from z)
     live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.eval.every and not cycle else None

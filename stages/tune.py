@@ -33,6 +33,7 @@ def run(args) -> None:
     parsed = tune.parse_space(cfg.tune.search_space, raw)  # refuses a bad space before anything starts
     prepared = data.load_prepared(args.data)
     uri = common.tracking_uri(cfg)
+    print(f"[tune] {common.start_ray(cfg, uri)}")
     data_hash = prepared.manifest["content_hash"]
     # the sweep's identity: everything the tune stage depends on (params, data, code)
     ident = identity.identity(
@@ -50,7 +51,6 @@ def run(args) -> None:
         f"scheduler {cfg.tune.scheduler}, search {cfg.tune.search_alg}; MLflow run {parent}"
         f"{' (resumed)' if resumed else ''}"
     )
-    print(f"[tune] {distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)}")
 
     live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.model.family != "cyclegan" else None
     b = prepared.b
