@@ -298,6 +298,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":  # NCCL's object collectives (the pids, CycleGAN pools) use the current device
+        torch.cuda.set_device(device)
     numerics = training.configure_numerics(cfg.train.deterministic, device)
     x, y, num_classes, x_b = ray.get(job.data_ref)
     x, y, x_b = (training.place_data(t, device) for t in (x, y, x_b))
