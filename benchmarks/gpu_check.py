@@ -128,13 +128,15 @@ def make_data(cfg: Config, size: int, n: int = 512, seed: int = 0):
     return x, y, 10, x_b
 
 
-def run_gan(cfg: Config, device, data, shard=None, hooks=None, gan=None, ada_p: float = 0.0):
+def run_gan(cfg: Config, device, data, shard=None, hooks=None, gan=None, ada_p: float = 0.0, batches=None):
+    """Train `gan` (a new one by default) to cfg.train.steps on `device`; `batches` continues the
+    staging plan of an earlier call (no directly drawn first step)."""
     x, y, k, x_b = (None if t is None else (training.place_data(t, device) if torch.is_tensor(t) else t) for t in data)
     k = k if cfg.model.conditional else None
     if gan is None:
         gan = training.build_gan(cfg, list(x.shape[1:]), device, k)
         gan.ada_p = ada_p
-    batches = training.Batches(
+    batches = batches or training.Batches(
         x,
         cfg.train.batch_size,
         cfg.model.z_dim,
@@ -431,7 +433,7 @@ def throughput(args, deadline) -> dict:
                 torch.backends.cudnn.conv.fp32_precision = prec
                 torch.cuda.reset_peak_memory_stats(dev)
             data = make_data(cfg, 8 if args.quick else 28, n=4096)
-            gan, _ = run_gan(cfg, dev, data)  # warm-up (cuDNN autotuning, allocator)
+            gan, staged = run_gan(cfg, dev, data)  # warm-up (cuDNN autotuning, allocator, the draw plan)
             timed = make_cfg(over, warm + n, batch=batch, deterministic=det)
             timed = build_config(deep_merge(timed.to_dict(), {"train": {"log_every": 10**9}}))
             syncs = 0
@@ -441,7 +443,7 @@ def throughput(args, deadline) -> dict:
                     torch.cuda.synchronize(dev)
                     torch.cuda.set_sync_debug_mode("warn")
                 t0 = time.perf_counter()
-                run_gan(timed, dev, data, gan=gan)
+                run_gan(timed, dev, data, gan=gan, batches=staged)
                 if cuda:
                     torch.cuda.set_sync_debug_mode(0)
                     torch.cuda.synchronize(dev)
@@ -451,7 +453,7 @@ def throughput(args, deadline) -> dict:
                 "steps_per_s": round(n / dt, 2),
                 "images_per_s": round(n * batch / dt, 1),
                 "peak_memory_mib": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if cuda else None,
-                # the last step's log tick reads the losses once: counted, divided over the steps
+                # counted over the timed steps; the last one's log tick reads the losses (one sync)
                 "host_syncs_per_step": round(syncs / n, 3) if cuda else None,
             }
     training.configure_numerics(True, dev)

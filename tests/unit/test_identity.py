@@ -154,3 +154,32 @@ def test_pick_takes_sections_and_leaves():
     d = build_config(PARAMS).to_dict()
     got = identity.pick(d, ("seed", "train.ada", "train.lr_g"))
     assert got == {"seed": d["seed"], "train.ada": d["train"]["ada"], "train.lr_g": d["train"]["lr_g"]}
+
+
+def _imported(rel: str) -> set[str]:
+    """The repository modules `rel` imports (top-level and inside functions)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse((ROOT / rel).read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "stages"):
+            names = [node.module] if "." in node.module else [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] in ("pipeline", "stages")]
+        out |= {n.replace(".", "/") + ".py" for n in names if (ROOT / (n.replace(".", "/") + ".py")).is_file()}
+    return out
+
+
+@pytest.mark.parametrize(
+    "stage_file,sources", [("stages/train.py", identity.TRAIN_SOURCES), ("stages/tune.py", identity.TUNE_SOURCES)]
+)
+def test_every_module_a_stage_runs_is_in_its_identity_or_declared_not_to_shape_results(stage_file, sources):
+    seen, todo = set(), [stage_file]
+    while todo:
+        rel = todo.pop()
+        if rel not in seen:
+            seen.add(rel)
+            todo += sorted(_imported(rel))
+    missing = seen - set(sources) - set(identity.NOT_RESULT_SHAPING)
+    assert not missing, f"{stage_file} runs {sorted(missing)}: add them to the identity's sources (and dvc.yaml)"
