@@ -26,7 +26,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a string where a bool or a number belongs (`yes`, "3"), a float where an integer
+    # belongs (1.0) and non-finite numbers are refused, never coerced
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -88,7 +90,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(256, gt=0, description="global batch, split across workers")
     lr_g: float = Field(1e-3, gt=0.0)
     lr_d: float = Field(1e-3, gt=0.0)
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: tuple[float, float] = Field((0.5, 0.999), strict=False)  # a YAML list; its items stay strict
     n_critic: int = Field(1, ge=1)
     update: Literal["alternating", "simultaneous"] = "alternating"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -288,6 +290,19 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _OPS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
+_TYPES = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "finite_number": "a finite number",
+    "tuple_type": "a list",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+}
+
+
 def _describe(err: dict[str, Any]) -> str:
     """One pydantic error -> `key: must be ..., got X`."""
     key = ".".join(str(p) for p in err["loc"])
@@ -307,6 +322,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{key}: {msg}" if key else msg
     if kind == "missing":
         return f"{key}: required"
+    if kind in _TYPES:
+        return f"{key}: must be {_TYPES[kind]}, got {got!r}"
     return f"{key}: {err['msg'].lower()}, got {got!r}"
 
 
@@ -334,7 +351,9 @@ def build_config(raw: dict[str, Any] | None) -> Config:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last)."""
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last), and
+    reading scalars as YAML 1.2 does, like DVC (ruamel.yaml): only true/false are booleans (`yes`,
+    `on` stay strings, which the schema then refuses), and 1e-4 is a number, not a string."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -344,6 +363,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise ConfigError(f"{key}: given twice (line {key_node.start_mark.line + 1})")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_UniqueKeyLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -114,6 +114,12 @@ def _check_values(key: str, values: list, base_raw: dict[str, Any]) -> str | Non
     return None
 
 
+def plain(value: Any) -> Any:
+    """A sampled value as the Python type params hold (Ray and Optuna may hand numpy scalars, which
+    the strict params schema refuses)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def ray_space(parsed: dict[str, tuple[str, list]]) -> dict[str, Any]:
     from ray import tune
 
@@ -175,7 +181,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
 
     from pipeline import tracking, training
 
-    overrides = {k: config[k] for k in job.keys}
+    overrides = {k: plain(config[k]) for k in job.keys}
     cfg = build_config(deep_merge(job.base_raw, unflatten(overrides)))
     if cfg.train.num_workers > 1:
         return _fit_trial(cfg, overrides, job)
@@ -458,7 +464,7 @@ def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:
         status, error = trial_status(r, cfg.train.steps)
         m = last_report(r)
         row = {"trial": len(rows) + 1, "trial_id": trial_id(r), "status": status}
-        row.update({k: r.config.get(k) for k in keys})
+        row.update({k: plain(r.config.get(k)) for k in keys})
         row["score"] = m.get(cfg.tune.metric)
         row.update({k: m.get(k) for k in REPORTED})
         row["error"] = error

@@ -213,3 +213,36 @@ def test_a_search_space_is_replaced_whole_by_a_merge():
     base = {"tune": {"search_space": {"train.lr_g": {"loguniform": [0.0001, 0.01]}}, "num_samples": 8}}
     got = deep_merge(base, {"tune": {"search_space": {"train.lr_g": {"grid": [0.001, 0.002]}}}})
     assert got == {"tune": {"search_space": {"train.lr_g": {"grid": [0.001, 0.002]}}, "num_samples": 8}}
+
+
+@pytest.mark.parametrize(
+    "text,line",
+    [
+        ("model:\n  conditional: yes\n", "model.conditional: must be true or false, got 'yes'"),
+        ("train:\n  ada:\n    enabled: on\n", "train.ada.enabled: must be true or false, got 'on'"),
+        ("train:\n  steps: 1.0\n", "train.steps: must be an integer, got 1.0"),
+        ("train:\n  steps: '400'\n", "train.steps: must be an integer, got '400'"),
+        ("train:\n  lr_g: .nan\n", "train.lr_g: must be a finite number, got nan"),
+        ("loss:\n  gp_weight: .inf\n", "loss.gp_weight: must be a finite number, got inf"),
+        ("train:\n  betas: ['0.5', 0.999]\n", "train.betas.0: must be a number, got '0.5'"),
+        ("train:\n  use_gpu: yes\n", "train.use_gpu: must be one of 'auto', True or False, got 'yes'"),
+        ("seed: true\n", "seed: must be an integer, got True"),
+    ],
+)
+def test_a_wrong_type_is_refused_never_coerced(tmp_path, text, line):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == line
+
+
+def test_yaml_reads_numbers_and_booleans_as_dvc_does(tmp_path):
+    """YAML 1.2, as DVC's ruamel.yaml: 1e-4 is a number (YAML 1.1 reads it as a string), `yes` a string."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr_g: 1e-4\n  lr_d: 2.5E-3\n  steps: 1_000\n  ada:\n    enabled: True\n")
+    cfg = load_config(path)
+    assert (cfg.train.lr_g, cfg.train.lr_d, cfg.train.steps, cfg.train.ada.enabled) == (1e-4, 2.5e-3, 1000, True)
+    assert read_yaml(path)["train"]["lr_g"] == 1e-4
+    path.write_text("tune:\n  search_space:\n    train.lr_g: {loguniform: [1e-4, 1e-2]}\n")
+    assert read_yaml(path)["tune"]["search_space"]["train.lr_g"] == {"loguniform": [1e-4, 1e-2]}
