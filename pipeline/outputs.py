@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -38,39 +38,71 @@ def read_run_record(models: str | Path) -> dict[str, Any]:
     return read_json(Path(models) / RUN_RECORD, "run the train stage first")
 
 
+TMP_PREFIX = ".ganpipe-tmp-"  # temporary siblings of outputs; .gitignore keeps a crash's leftovers out of git
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder that replaces `path` only if the block succeeds."""
+    """Yield a temporary folder that replaces `path` only if the block succeeds. Its files are flushed
+    to disk before the rename that publishes them, so a crash leaves the old folder or the new one,
+    never a half-written one; a temporary folder left by an earlier crash is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    for stale in path.parent.glob(f"{TMP_PREFIX}{path.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent))
     try:
         yield tmp
+        _fsync_tree(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(Path(dirpath) / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened for fsync
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` through a temporary sibling, flushed to disk, then renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def write_csv_atomic(path: str | Path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_csv(tmp, rows)
-    os.replace(tmp, path)
+    _replace_atomically(Path(path), lambda tmp: write_csv(tmp, rows))
 
 
 def read_json(path: str | Path, what: str) -> dict[str, Any]:

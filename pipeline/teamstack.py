@@ -8,6 +8,10 @@ logs to a file in the work directory, and is stopped by signalling only that gro
         os.environ.update(stack.env())
         ...
 
+With auth, the pipeline gets its own non-admin MLflow user (PIPELINE_USERNAME); the admin's password
+stays in workdir/basic_auth.ini. No password is ever put on a command line (where `ps` shows it):
+servers and helpers get them through 0600 files, the environment or stdin.
+
 `start_postgres(workdir)` starts a throwaway PostgreSQL 15 cluster to back the MLflow server, as a
 team would run it; MLflow then needs a PostgreSQL driver (psycopg2 or psycopg) in this environment.
 """
@@ -36,6 +40,8 @@ BIN = Path(sys.executable).parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DEFAULT_BUCKET = "ganpipe"
 ADMIN_USERNAME = "admin"
+# the non-admin MLflow user Stack.env() hands the pipeline when auth is on
+PIPELINE_USERNAME = "ganpipe"
 # The local stack's own fake S3 credentials (moto accepts any).
 LOCAL_AWS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -208,6 +214,8 @@ class Stack:
     auth: bool = False
     admin_username: str | None = None
     admin_password: str | None = field(default=None, repr=False)
+    pipeline_username: str | None = None
+    pipeline_password: str | None = field(default=None, repr=False)
     processes: list[ManagedProcess] = field(default_factory=list, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
@@ -225,10 +233,37 @@ class Stack:
             "AWS_ENDPOINT_URL_S3": self.s3_endpoint_url,
             **LOCAL_AWS,
         }
-        if self.auth:
-            e["MLFLOW_TRACKING_USERNAME"] = self.admin_username or ADMIN_USERNAME
-            e["MLFLOW_TRACKING_PASSWORD"] = self.admin_password or ""
+        if self.auth:  # the pipeline's own user: it can track and register, not manage users
+            e["MLFLOW_TRACKING_USERNAME"] = self.pipeline_username or PIPELINE_USERNAME
+            e["MLFLOW_TRACKING_PASSWORD"] = self.pipeline_password or ""
         return e
+
+    def write_env_file(self, path: Path | None = None) -> Path:
+        """Write env() as `export` lines to a shell file (mode 0600; default workdir/env.sh).
+
+        For a user to `source`: printing the exports instead would put the password on screen and
+        in terminal scrollback, and pasting them would put it in the shell history.
+        """
+        path = Path(path) if path is not None else self.workdir / "env.sh"
+        lines = ["# the environment for this ganpipe stack: source this file (it holds a password)"]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in self.env().items()]
+        _private_write(path, "\n".join(lines) + "\n")
+        return path
+
+    def admin_client(self):
+        """MLflow's auth client (users, permissions) signed in as the admin; needs auth."""
+        if not self.auth or not self.admin_password:
+            raise RuntimeError("this stack runs without auth: it has no admin")
+        return _admin_client(self.tracking_uri, self.admin_username or ADMIN_USERNAME, self.admin_password)
+
+    def grant_pipeline_user(self, experiments=(), models=()) -> list[str]:
+        """Let the pipeline user edit these experiments and registered models where they exist and it
+        cannot edit them yet (made by the admin or another user); returns what it granted.
+
+        A creator manages what it creates, but anything else is only `default_permission` (READ) to
+        the pipeline user, which is too little to log a run or register a version.
+        """
+        return _grant_edit(self.admin_client(), self.pipeline_username or PIPELINE_USERNAME, experiments, models)
 
     def params(self) -> dict[str, dict[str, str]]:
         """The params.yaml settings that send Ray checkpoints to this stack's S3."""
@@ -341,6 +376,7 @@ def _private_write(path: Path, text: str) -> None:
 def _secret_file(path: Path) -> str:
     """A random secret kept in `path` (mode 0600), made on first use."""
     if path.exists() and (value := path.read_text().strip()):
+        os.chmod(path, 0o600)  # a copy put back by hand may have come with looser rights
         return value
     value = secrets.token_urlsafe(32)
     _private_write(path, value + "\n")
@@ -375,6 +411,103 @@ def _write_auth_config(workdir: Path) -> tuple[Path, str]:
     return ini, password
 
 
+def _admin_client(tracking_uri: str, username: str, password: str):
+    """MLflow's AuthServiceClient with these credentials.
+
+    MLflow's client reads its credentials from the process environment only; the admin's must not go
+    there (the pipeline and every child process would inherit them), so this one is given them.
+    """
+    from mlflow.exceptions import RestException
+    from mlflow.server.auth.client import AuthServiceClient
+    from mlflow.utils.rest_utils import MlflowHostCreds, http_request, verify_rest_response
+
+    creds = MlflowHostCreds(tracking_uri, username=username, password=password)
+
+    class AdminClient(AuthServiceClient):
+        def _request(self, endpoint, method, *, expected_status: int = 200, **kwargs):
+            resp = http_request(creds, endpoint, method, **kwargs)
+            if expected_status == 200:  # MLflow < 3.17's verify_rest_response takes no status
+                resp = verify_rest_response(resp, endpoint)
+            else:
+                resp = verify_rest_response(resp, endpoint, expected_status=expected_status)
+            return resp.json() if resp.content else {}
+
+        def _lookup(self, endpoint: str, **params) -> dict | None:
+            try:
+                return self._request(endpoint, "GET", params=params)
+            except RestException as e:
+                if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return None
+                raise
+
+        def experiment_id(self, name: str) -> str | None:
+            found = self._lookup("/api/2.0/mlflow/experiments/get-by-name", experiment_name=name)
+            return found["experiment"]["experiment_id"] if found else None
+
+        def registered_model_exists(self, name: str) -> bool:
+            return self._lookup("/api/2.0/mlflow/registered-models/get", name=name) is not None
+
+    return AdminClient(tracking_uri)
+
+
+def _ensure_user(admin, username: str, password: str) -> None:
+    """Create a non-admin user with this password, or (a second start on the same workdir) give the
+    existing one this password back and take any admin rights away."""
+    from mlflow.exceptions import RestException
+
+    try:
+        admin.create_user(username, password)
+    except RestException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        admin.update_user_password(username, password)
+        admin.update_user_admin(username, False)
+
+
+def _permission(admin, username: str, kind: str, key: str) -> str | None:
+    """The user's permission on an experiment (id) or registered model (name); None: none granted."""
+    from mlflow.exceptions import RestException
+
+    if hasattr(admin, "get_user_permission"):  # MLflow >= 3.17: the effective permission
+        return admin.get_user_permission(username, kind, key).permission
+    get = admin.get_experiment_permission if kind == "experiment" else admin.get_registered_model_permission
+    try:
+        return get(key, username).permission
+    except RestException:
+        return None
+
+
+def _grant(admin, username: str, kind: str, key: str, permission: str, had: str | None) -> None:
+    if hasattr(admin, "grant_user_permission"):  # MLflow >= 3.17
+        admin.grant_user_permission(username, kind, key, permission)
+        return
+    # MLflow < 3.17: one create/update call per resource kind
+    verb = "update" if had is not None else "create"
+    noun = "experiment" if kind == "experiment" else "registered_model"
+    getattr(admin, f"{verb}_{noun}_permission")(key, username, permission)
+
+
+def _grant_edit(admin, username: str, experiments, models) -> list[str]:
+    granted = []
+    wanted = [("experiment", name, admin.experiment_id(name)) for name in experiments]
+    wanted += [("registered_model", name, name if admin.registered_model_exists(name) else None) for name in models]
+    for kind, name, key in wanted:
+        if key is None:  # not made yet: whoever makes it manages it
+            continue
+        had = _permission(admin, username, kind, key)
+        if had not in ("EDIT", "MANAGE"):  # never lower a permission
+            _grant(admin, username, kind, key, "EDIT", had)
+            granted.append(f"{kind} {name}")
+    return granted
+
+
+def pipeline_defaults() -> tuple[str, str]:
+    """(tracking.experiment, export.model_name) as params.yaml has them by default."""
+    from pipeline.config import ExportConfig, TrackingConfig
+
+    return TrackingConfig.model_fields["experiment"].default, ExportConfig.model_fields["model_name"].default
+
+
 def start_stack(
     workdir: Path,
     *,
@@ -385,12 +518,17 @@ def start_stack(
     workers: int = 1,
     jobs: bool = False,
     timeout: float = 120.0,
+    experiments: tuple[str, ...] | None = None,
+    models: tuple[str, ...] | None = None,
 ) -> Stack:
     """Start moto's S3 server and an MLflow server (artifacts proxied to s3://<bucket>/mlflow) on `host`.
 
     The MLflow backend store is `postgres_uri` if given, else sqlite in workdir/mlflow.db. With
-    `auth`, MLflow runs with `--app-name basic-auth`; its admin (see Stack.env()) gets a generated
-    password written to workdir/basic_auth.ini (mode 0600), the auth store is workdir/basic_auth.db.
+    `auth`, MLflow runs with `--app-name basic-auth`; its admin gets a generated password written to
+    workdir/basic_auth.ini (mode 0600), the auth store is workdir/basic_auth.db. The admin then makes
+    the pipeline's own non-admin user (Stack.env()), its password kept in workdir/pipeline_user.pw
+    (mode 0600), and lets it edit those of `experiments` and registered `models` that already exist
+    (default: the pipeline's default experiment and model name; see Stack.grant_pipeline_user).
     """
     if auth and (why := auth_unavailable()):
         raise RuntimeError(f"cannot start MLflow with basic auth: {why}")
@@ -452,6 +590,18 @@ def start_stack(
         if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
             s3.create_bucket(Bucket=bucket)
         _wait_until(server, _http_ok(f"{tracking_uri}/health"), timeout)
+        pipeline_password = None
+        if auth:
+            pipeline_password = _secret_file(workdir / "pipeline_user.pw")
+            admin = _admin_client(tracking_uri, ADMIN_USERNAME, admin_password)
+            _ensure_user(admin, PIPELINE_USERNAME, pipeline_password)
+            default_experiment, default_model = pipeline_defaults()
+            _grant_edit(
+                admin,
+                PIPELINE_USERNAME,
+                (default_experiment,) if experiments is None else experiments,
+                (default_model,) if models is None else models,
+            )
     except BaseException:
         for p in reversed(procs):
             p.stop()
@@ -467,6 +617,8 @@ def start_stack(
         auth=auth,
         admin_username=ADMIN_USERNAME if auth else None,
         admin_password=admin_password,
+        pipeline_username=PIPELINE_USERNAME if auth else None,
+        pipeline_password=pipeline_password,
         processes=procs,
     )
 
@@ -636,8 +788,12 @@ def start_postgres(
         else:
             password = secrets.token_urlsafe(18)
             psql = [str(PG_BIN / "psql"), "-h", str(run), "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
-            _run_pg([*psql, "-qd", "postgres", "-c", f"CREATE ROLE mlflow LOGIN PASSWORD '{password}'"], "create role")
-            _run_pg([*psql, "-qd", "postgres", "-c", f'CREATE DATABASE "{database}" OWNER mlflow'], "create database")
+            # SQL on stdin, not -c: a command line is visible to every user in `ps`
+            sql = f"CREATE ROLE mlflow LOGIN PASSWORD '{password}';\n"
+            _run_pg([*psql, "-qd", "postgres"], "create role", input=sql)
+            _run_pg(
+                [*psql, "-qd", "postgres"], "create database", input=f'CREATE DATABASE "{database}" OWNER mlflow;\n'
+            )
             _private_write(role_pw, password + "\n")
     except BaseException:
         stop()
@@ -649,9 +805,14 @@ def start_postgres(
 # CLI
 
 
-def describe(stack: Stack) -> str:
-    lines = ["# environment for this stack:"]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in stack.env().items()]
+def describe(stack: Stack, env_file: Path) -> str:
+    """What `ganpipe stack` prints: never a password (the environment is in `env_file`)."""
+    who = f" (as the MLflow user {stack.pipeline_username}; the file is mode 0600: it holds the password)"
+    lines = [
+        f"# environment for this stack{who if stack.auth else ''}:",
+        f"source {shlex.quote(str(env_file))}",
+        f"# it sets {' '.join(stack.env())}",
+    ]
     lines += [
         "",
         "# params (Ray checkpoints on this stack's S3):",
@@ -669,7 +830,11 @@ def describe(stack: Stack) -> str:
         f"# MLflow UI: {stack.tracking_uri}    logs and stores: {stack.workdir}",
     ]
     if stack.auth:
-        lines.append(f"# admin password is also in {stack.workdir / 'basic_auth.ini'}")
+        lines += [
+            f"# the pipeline user {stack.pipeline_username} is no admin: it manages what it creates and reads the rest;",
+            f"# the MLflow admin ({stack.admin_username}: users, permissions) has its password in "
+            f"{stack.workdir / 'basic_auth.ini'}",
+        ]
     return "\n".join(lines)
 
 
@@ -682,6 +847,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--postgres", action="store_true", help="back MLflow with a throwaway PostgreSQL 15 cluster")
     ap.add_argument("--auth", action="store_true", help="MLflow basic auth (users, per-experiment permissions)")
     ap.add_argument("--bucket", default=DEFAULT_BUCKET)
+    default_experiment, default_model = pipeline_defaults()
+    ap.add_argument(
+        "--experiment",
+        action="append",
+        metavar="NAME",
+        help=f"with --auth: an experiment made earlier (e.g. by the admin) that the pipeline user may edit; "
+        f"repeatable (default: {default_experiment})",
+    )
+    ap.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        help=f"with --auth: the same for a registered model (default: {default_model})",
+    )
     args = ap.parse_args(argv)
 
     workdir = (args.dir or Path(tempfile.mkdtemp(prefix="ganpipe-stack-"))).resolve()
@@ -701,8 +880,15 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:
                 print(f"ganpipe stack: {e}", file=sys.stderr)
                 return 2
-        stack = start_stack(workdir, postgres_uri=pg_uri, auth=args.auth, bucket=args.bucket)
-        print(describe(stack), flush=True)
+        stack = start_stack(
+            workdir,
+            postgres_uri=pg_uri,
+            auth=args.auth,
+            bucket=args.bucket,
+            experiments=None if args.experiment is None else tuple(args.experiment),
+            models=None if args.model is None else tuple(args.model),
+        )
+        print(describe(stack, stack.write_env_file()), flush=True)
         print("\n# running; Ctrl-C (or SIGTERM) stops it", flush=True)
         while True:
             stack.check()

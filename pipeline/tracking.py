@@ -10,6 +10,7 @@ continues it instead of opening a new one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -49,11 +50,77 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise ConnectionError(f"tracking.uri: cannot reach the MLflow server at {redact(uri)} ({reason})") from None
+    check_credentials(uri, timeout)
+
+
+def check_credentials(uri: str, timeout: float = 5.0, env: dict[str, str] | None = None) -> None:
+    """One authenticated call (a one-row experiment search), so that a wrong user or password stops
+    the stage before any work, not at its first logged value. Credentials are MLflow's own:
+    MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME / _PASSWORD, or user:password@ in the URI."""
+    import base64
+    import urllib.error
+    import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    env = os.environ if env is None else env
+    parts = urlsplit(uri)
+    user, password = env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD")
+    if parts.username:
+        user, password = unquote(parts.username), unquote(parts.password or "")
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    req = urllib.request.Request(
+        base + "/api/2.0/mlflow/experiments/search",
+        data=b'{"max_results": 1}',
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    who = "no credentials"
+    if env.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", f"Bearer {env['MLFLOW_TRACKING_TOKEN']}")
+        who = "MLFLOW_TRACKING_TOKEN"
+    elif user:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode())
+        who = f"user {user!r}"
+    try:
+        urllib.request.urlopen(req, timeout=timeout).close()
+    except urllib.error.HTTPError as e:  # any other answer: the server took the credentials
+        if e.code == 401:
+            raise ConnectionError(
+                f"tracking.uri: the MLflow server at {redact(uri)} refused the credentials ({who}); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to a valid user"
+            ) from None
+        if e.code == 403:
+            raise ConnectionError(
+                f"tracking.uri: the MLflow server at {redact(uri)} took the credentials ({who}) but denies "
+                "them access to experiments"
+            ) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(f"tracking.uri: cannot reach the MLflow server at {redact(uri)} ({reason})") from None
 
 
 def redact(uri: str) -> str:
     """A URI fit for logs: user:password@ and secret query values removed (pipeline.secrets)."""
     return secrets.redact(uri)
+
+
+def redact_text(text: str) -> str:
+    """Any text fit for logs: every URI in it without credentials (pipeline.secrets)."""
+    return secrets.redact(text)
+
+
+def is_server_error(e: BaseException) -> bool:
+    """An error raised by MLflow's client or the HTTP stack under it (a server that failed or refused)."""
+    return type(e).__module__.split(".")[0] in ("mlflow", "requests", "urllib3")
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an MLflow client error: its gist without MLflow's retry chatter, credentials removed."""
+    text = " ".join(str(e).split())
+    if "Max retries exceeded" in text or "Connection refused" in text or "NewConnectionError" in text:
+        text = "the server did not answer (" + (text.split("(Caused by ")[-1].rstrip(")")[:160]) + ")"
+    return redact_text(text[:400])
 
 
 def _client(uri: str):
@@ -158,6 +225,33 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
+class Interrupted(RuntimeError):
+    """A stage stopped by the user (Ctrl-C); its message says how to continue."""
+
+
+@contextlib.contextmanager
+def closing_run(uri: str, run_id: str):
+    """The stage's work on an MLflow run: when it raises, the run is ended FAILED (KILLED when the
+    user interrupted), so it never stays RUNNING after the stage exits. One quick attempt: the
+    server may be what failed; then a rerun of the stage finds the run and ends it."""
+    try:
+        yield
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, (KeyboardInterrupt, Interrupted)) else "FAILED"
+        saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        try:
+            end_run(uri, run_id, status)
+        except Exception:  # noqa: BLE001 - best effort; the error that stopped the stage is what matters
+            pass
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+            else:
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+        raise
+
+
 def log_summary_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     from mlflow.entities import Metric
 
@@ -197,6 +291,7 @@ class MetricBuffer:
         self._closed = False
         self.delivered = 0  # metric values the server accepted
         self.spilled = 0  # metric values written to `spill` (or dropped) instead
+        self.spill_failed = False  # writing the spill file failed (said once in a warning)
         self._send = self._http_sender() if uri.startswith(("http://", "https://")) else self._store_sender()
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
@@ -331,11 +426,15 @@ class MetricBuffer:
         n = sum(len(b) for b in batches)
         self.spilled += n
         if self.spill is not None:
-            write_spill(self.spill, self.run_id, [m for b in batches for m in b])
+            try:
+                write_spill(self.spill, self.run_id, [m for b in batches for m in b])
+            except OSError as e:  # the sender goes on; the loss is said once, naming the file
+                why = f"{why}; and writing {self.spill} failed: {e}"
+                self.spill_failed = True
         if why in self._warned:  # one warning per reason, not one per log tick
             return
         self._warned.add(why)
-        kept = f"; they are kept in {self.spill}" if self.spill is not None else ""
+        kept = f"; they are kept in {self.spill}" if self.spill is not None and not self.spill_failed else ""
         self.log(f"[mlflow] warning: {n} metric values were not logged ({why}){kept}", flush=True)
 
 
@@ -350,17 +449,52 @@ def write_spill(path: Path, run_id: str, metrics: list) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
-def deliver_spilled(uri: str, path: str | Path) -> int:
-    """Send the metrics kept in a spill file (see MetricBuffer); remove the file when all are logged.
-    Returns how many are still undelivered (0 when there was no file)."""
+def _read_spill(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """(metric rows, [(line number, text)] of the lines that are not one)."""
     import json
+
+    rows, bad = [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            float(r["value"]), int(r["step"]), int(r["timestamp"]), str(r["key"]), str(r["run_id"])
+            rows.append(r)
+        except (ValueError, TypeError, KeyError):
+            bad.append((i, line))
+    return rows, bad
+
+
+def deliver_spilled(uri: str, path: str | Path, log=None) -> int:
+    """Send the metrics kept in a spill file (see MetricBuffer); remove the file when all are logged.
+    Returns how many are still undelivered (0 when there was no file). Unreadable lines (a file cut
+    short by a crash, or damaged) are reported naming the file, moved to `<file>.corrupt`, and skipped.
+    """
+    import json
+    import sys
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     from mlflow.entities import Metric
 
     path = Path(path)
     if not path.is_file():
         return 0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, bad = _read_spill(path)
+    if bad:  # a truncated or corrupt file: the readable lines still go; the others are kept apart
+        corrupt = path.with_name(path.name + ".corrupt")
+        with open(corrupt, "a") as fh:
+            fh.writelines(line + "\n" for _, line in bad)
+        log(
+            f"[mlflow] warning: {path}: {len(bad)} line(s) unreadable (first: line {bad[0][0]}), skipped; "
+            f"kept in {corrupt}"
+        )
+        if rows:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            path.unlink()
+            return 0
     try:
         check_reachable(uri)  # one quick look, not MLflow's minutes of retries
     except ConnectionError:

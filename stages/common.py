@@ -12,6 +12,11 @@ from pipeline import outputs, s3, tracking
 from pipeline.config import Config, ConfigError, load_config
 
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter in the terminal
+# a server that goes away makes an MLflow call fail within seconds (backoff 1, 2 s), not after
+# minutes of retries; the per-step metrics have their own patient sender (tracking.MetricBuffer)
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -136,5 +141,10 @@ def run(body: Callable[[], None]) -> int:
         print(f"error: invalid params:\n{e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, RuntimeError, ConnectionError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {tracking.redact_text(str(e))}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if not tracking.is_server_error(e):
+            raise
+        print(f"error: MLflow: {tracking.describe_error(e)}", file=sys.stderr)
         return 1

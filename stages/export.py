@@ -30,15 +30,16 @@ def run_export(args) -> None:
         return _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_info, uri)
     with outputs.atomic_dir(args.out) as tmp:
         files, diffs = export.export_all(G, spec["z_dim"], list(cfg.export.formats), tmp, spec.get("num_classes"))
-        model_uri = None
-        if "onnx" in files:
-            model_uri = tracking.log_onnx_model(uri, run_id, files["onnx"], cfg.export.model_name)
-        card = export.model_card(
-            spec, manifest, cfg, train_info, record, eval_info, diffs, outputs.git_commit(), model_uri
-        )
+        card = export.model_card(spec, manifest, cfg, train_info, record, eval_info, diffs, outputs.git_commit(), None)
         card["files"] = {fmt: f"{args.out}/{p.name}" for fmt, p in files.items()}
         outputs.write_json(tmp / "model_card.json", card)
-        tracking.log_artifacts(uri, run_id, [tmp], "export")
+    # the registry learns of the model only once the export folder is complete on disk
+    model_uri = None
+    if "onnx" in files:
+        model_uri = tracking.log_onnx_model(uri, run_id, Path(args.out) / files["onnx"].name, cfg.export.model_name)
+        card["mlflow"]["model_uri"] = model_uri
+        outputs.write_json(Path(args.out) / "model_card.json", card)  # atomic: the folder stays complete
+    tracking.log_artifacts(uri, run_id, [args.out], "export")
     shown = ", ".join(f"{k} max|diff|={v:.2e}" for k, v in diffs.items())
     print(f"[export] {', '.join(card['files'].values())} ({shown}); model card {args.out}/model_card.json")
     if model_uri:
@@ -51,19 +52,22 @@ def _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_i
     `<export.model_name>-xy` / `-yx`."""
     with outputs.atomic_dir(args.out) as tmp:
         files, diffs = export.export_translators(G, spec["sample_shape"], list(cfg.export.formats), tmp)
-        model_uris = {}
-        for stem in export.TRANSLATORS:
-            if f"{stem}.onnx" in files:
-                name = f"{cfg.export.model_name}-{export.TRANSLATORS[stem]}"
-                model_uris[stem] = tracking.log_onnx_model(
-                    uri, record["mlflow_run_id"], files[f"{stem}.onnx"], name, stem
-                )
         card = export.translator_card(
-            spec, manifest, cfg, train_info, record, eval_info, diffs, outputs.git_commit(), model_uris
+            spec, manifest, cfg, train_info, record, eval_info, diffs, outputs.git_commit(), {}
         )
         card["files"] = {key: f"{args.out}/{p.name}" for key, p in files.items()}
         outputs.write_json(tmp / "model_card.json", card)
-        tracking.log_artifacts(uri, record["mlflow_run_id"], [tmp], "export")
+    # the registry learns of the models only once the export folder is complete on disk
+    model_uris = {}
+    for stem in export.TRANSLATORS:
+        if f"{stem}.onnx" in files:
+            name = f"{cfg.export.model_name}-{export.TRANSLATORS[stem]}"
+            onnx_file = Path(args.out) / files[f"{stem}.onnx"].name
+            model_uris[stem] = tracking.log_onnx_model(uri, record["mlflow_run_id"], onnx_file, name, stem)
+    if model_uris:
+        card["mlflow"]["model_uris"] = model_uris
+        outputs.write_json(Path(args.out) / "model_card.json", card)  # atomic: the folder stays complete
+    tracking.log_artifacts(uri, record["mlflow_run_id"], [args.out], "export")
     shown = ", ".join(f"{k} max|diff|={v:.2e}" for k, v in diffs.items())
     print(f"[export] {', '.join(card['files'].values())} ({shown}); model card {args.out}/model_card.json")
     for stem, model_uri in model_uris.items():

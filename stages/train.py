@@ -48,6 +48,12 @@ def train(args) -> None:
     run_id, resumed = tracking.start_or_resume_run(
         uri, cfg.tracking.experiment, hashlib.sha256(ray_run.encode()).hexdigest()[:16], name, tags
     )
+    # from here on the MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops
+    with tracking.closing_run(uri, run_id):
+        _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, cycle)
+
+
+def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, cycle) -> None:
     if resumed and common.dvc_experiment():  # the experiment that asked for the run this time
         tracking.set_tags(uri, run_id, common.dvc_experiment())
     tracking.log_params(uri, run_id, {**flatten(cfg.public_dict()), "data.content_hash": data_hash})
@@ -73,16 +79,14 @@ def train(args) -> None:
             x_train_b=prepared.b.x_train if cycle else None,
         )
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Ray's handler may turn it into SystemExit)
-        tracking.end_run(uri, run_id, "KILLED")
         at = distributed.latest_checkpoint_step(cfg.storage.root, cfg.storage.s3_endpoint_url, name)
         logged = tracking.last_step(uri, run_id, "loss/D")
         where = f"at step {logged} " if logged else ""
         resume = f"from its last checkpoint (step {at})" if at else "from step 0 (no checkpoint was written yet)"
-        raise RuntimeError(
+        raise tracking.Interrupted(
             f"training interrupted {where}of {cfg.train.steps}; rerun (dvc repro) to resume {resume}"
         ) from None
-    except BaseException as e:
-        tracking.end_run(uri, run_id, "FAILED")
+    except Exception as e:
         raise RuntimeError(f"training failed: {e}") from None
     wall = time.perf_counter() - t0
     record = _run_record(state, run_id, uri, result_path, identity.key(ident), wall)
@@ -117,11 +121,21 @@ def train(args) -> None:
         "D_fake": final.get("D/fake"),
     }
     outputs.write_json(args.metrics, summary)
-    tracking.log_artifacts(uri, run_id, [args.models], "models")
-    tracking.log_summary_metrics(
-        uri, run_id, {"train/wall_time_s": record["trained_s"], "sys/restarts": record["restarts"]}, state["step"]
-    )
-    tracking.end_run(uri, run_id)
+    try:
+        tracking.log_artifacts(uri, run_id, [args.models], "models")
+        tracking.log_summary_metrics(
+            uri, run_id, {"train/wall_time_s": record["trained_s"], "sys/restarts": record["restarts"]}, state["step"]
+        )
+        tracking.end_run(uri, run_id)
+    except Exception as e:
+        if not (tracking.is_server_error(e) or isinstance(e, OSError)):
+            raise
+        kept = f"; metrics it never took are in {spill}" if spill.is_file() else ""
+        raise RuntimeError(
+            f"the MLflow server at {tracking.redact(uri)} failed after training ({tracking.describe_error(e)}); "
+            f"{args.models} and {args.metrics} are written and the finished run is kept{kept}. Rerun `dvc repro` "
+            "when the server answers: it hands the run back and logs it"
+        ) from None
     if record["handed_back"]:
         print(
             f"[train] reused finished run {run_id} (same params, data and code), trained in "

@@ -44,78 +44,83 @@ def run(args) -> None:
     sweep_key = hashlib.sha256(distributed.run_address(cfg.storage.root, name).encode()).hexdigest()[:16]
     tags = {"ganpipe.kind": "sweep", "ganpipe.identity": identity.key(ident), **common.dvc_experiment()}
     parent, resumed = tracking.start_or_resume_run(uri, cfg.tracking.experiment, sweep_key, name, tags)
-    tracking.log_params(uri, parent, {**flatten(cfg.public_dict()), "data.content_hash": data_hash})
-    exp_id = tracking.experiment_id(uri, cfg.tracking.experiment)
-    print(
-        f"[tune] sweep {name}: {cfg.tune.num_samples} sample(s) over {', '.join(parsed)}; "
-        f"scheduler {cfg.tune.scheduler}, search {cfg.tune.search_alg}; MLflow run {parent}"
-        f"{' (resumed)' if resumed else ''}"
-    )
+    # from here on the sweep's MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops
+    with tracking.closing_run(uri, parent):
+        tracking.log_params(uri, parent, {**flatten(cfg.public_dict()), "data.content_hash": data_hash})
+        exp_id = tracking.experiment_id(uri, cfg.tracking.experiment)
+        print(
+            f"[tune] sweep {name}: {cfg.tune.num_samples} sample(s) over {', '.join(parsed)}; "
+            f"scheduler {cfg.tune.scheduler}, search {cfg.tune.search_alg}; MLflow run {parent}"
+            f"{' (resumed)' if resumed else ''}"
+        )
 
-    live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.model.family != "cyclegan" else None
-    b = prepared.b
-    job = tune.SweepJob(
-        cfg.to_dict(),  # the resolved params (storage root anchored at the repository root)
-        list(parsed),
-        prepared.x_train,
-        live,
-        uri,
-        exp_id,
-        parent,
-        prepared.y_train,
-        prepared.manifest["classes"],
-        name,
-        None if b is None else b.x_train,
-        None if b is None else b.x_val,
-        prepared.x_val,
-        str(common.spill_path(parent)),
-    )
-    try:
-        results = tune.run_sweep(cfg, parsed, job, storage_path, fs, name)
-    except BaseException as e:
-        tracking.end_run(uri, parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise RuntimeError(f"sweep failed: {e}") from None
+        live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.model.family != "cyclegan" else None
+        b = prepared.b
+        job = tune.SweepJob(
+            cfg.to_dict(),  # the resolved params (storage root anchored at the repository root)
+            list(parsed),
+            prepared.x_train,
+            live,
+            uri,
+            exp_id,
+            parent,
+            prepared.y_train,
+            prepared.manifest["classes"],
+            name,
+            None if b is None else b.x_train,
+            None if b is None else b.x_val,
+            prepared.x_val,
+            str(common.spill_path(parent)),
+        )
+        try:
+            results = tune.run_sweep(cfg, parsed, job, storage_path, fs, name)
+        except KeyboardInterrupt:
+            raise tracking.Interrupted("sweep interrupted; rerun the same command to resume it") from None
+        except Exception as e:
+            raise RuntimeError(f"sweep failed: {e}") from None
 
-    rows = tune.summarise(results, list(parsed), cfg)
-    runs = tracking.child_runs(uri, exp_id, parent)
-    for row in rows:
-        row["mlflow_run_id"] = runs.get(row["trial_id"])
-        if row["mlflow_run_id"]:
-            tags = {tune.STATUS_TAG: row["status"], **({"ganpipe.trial_error": row["error"]} if row["error"] else {})}
-            tracking.set_tags(uri, row["mlflow_run_id"], tags)
-            tracking.end_run(uri, row["mlflow_run_id"], STATUS[row["status"]])
-    best = tune.best_row(rows, cfg.tune.metric, cfg.tune.mode)
-    if best is None:
-        tracking.end_run(uri, parent, "FAILED")
-        raise RuntimeError(f"no trial reported a finite {cfg.tune.metric}; see the MLflow sweep run {parent}")
+        rows = tune.summarise(results, list(parsed), cfg)
+        runs = tracking.child_runs(uri, exp_id, parent)
+        for row in rows:
+            row["mlflow_run_id"] = runs.get(row["trial_id"])
+            if row["mlflow_run_id"]:
+                tags = {
+                    tune.STATUS_TAG: row["status"],
+                    **({"ganpipe.trial_error": row["error"]} if row["error"] else {}),
+                }
+                tracking.set_tags(uri, row["mlflow_run_id"], tags)
+                tracking.end_run(uri, row["mlflow_run_id"], STATUS[row["status"]])
+        best = tune.best_row(rows, cfg.tune.metric, cfg.tune.mode)
+        if best is None:
+            raise RuntimeError(f"no trial reported a finite {cfg.tune.metric}; see the MLflow sweep run {parent}")
 
-    out = Path(args.out)
-    best_raw = redact_tree(deep_merge(raw, unflatten({k: best[k] for k in parsed})))
-    best_yaml = yaml.safe_dump(best_raw, sort_keys=False)
-    outputs.write_text(
-        out / "best_params.yaml",
-        "# the full params with the best trial's values merged in; apply with `ganpipe apply-best`\n" + best_yaml,
-    )
-    outputs.write_csv_atomic(out / "trials.csv", rows)
-    _plot(rows, list(parsed), cfg.tune.metric, out / "results.png")
-    tracking.log_summary_metrics(uri, parent, {f"best/{cfg.tune.metric}": best[cfg.tune.metric]})
-    tracking.set_tags(uri, parent, {"ganpipe.best_trial": best["trial_id"]})
-    tracking.log_artifacts(uri, parent, [out / "best_params.yaml", out / "trials.csv", out / "results.png"], "tune")
-    tracking.end_run(uri, parent)
-    common.deliver_spilled("tune", uri, common.spill_path(parent))
-    counts = {s: sum(r["status"] == s for r in rows) for s in STATUS}
-    print(
-        f"[tune] {len(rows)} trials: {counts['finished']} finished, {counts['stopped_early']} stopped early, "
-        f"{counts['failed']} failed"
-    )
-    print(
-        f"[tune] best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4g} with "
-        + ", ".join(f"{k}={best[k]}" for k in parsed)
-    )
-    print(
-        f"[tune] wrote {out}/best_params.yaml, {out}/trials.csv, {out}/results.png; "
-        "`ganpipe apply-best` puts the best values into params.yaml"
-    )
+        out = Path(args.out)
+        best_raw = redact_tree(deep_merge(raw, unflatten({k: best[k] for k in parsed})))
+        best_yaml = yaml.safe_dump(best_raw, sort_keys=False)
+        outputs.write_text(
+            out / "best_params.yaml",
+            "# the full params with the best trial's values merged in; apply with `ganpipe apply-best`\n" + best_yaml,
+        )
+        outputs.write_csv_atomic(out / "trials.csv", rows)
+        _plot(rows, list(parsed), cfg.tune.metric, out / "results.png")
+        tracking.log_summary_metrics(uri, parent, {f"best/{cfg.tune.metric}": best[cfg.tune.metric]})
+        tracking.set_tags(uri, parent, {"ganpipe.best_trial": best["trial_id"]})
+        tracking.log_artifacts(uri, parent, [out / "best_params.yaml", out / "trials.csv", out / "results.png"], "tune")
+        tracking.end_run(uri, parent)
+        common.deliver_spilled("tune", uri, common.spill_path(parent))
+        counts = {s: sum(r["status"] == s for r in rows) for s in STATUS}
+        print(
+            f"[tune] {len(rows)} trials: {counts['finished']} finished, {counts['stopped_early']} stopped early, "
+            f"{counts['failed']} failed"
+        )
+        print(
+            f"[tune] best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4g} with "
+            + ", ".join(f"{k}={best[k]}" for k in parsed)
+        )
+        print(
+            f"[tune] wrote {out}/best_params.yaml, {out}/trials.csv, {out}/results.png; "
+            "`ganpipe apply-best` puts the best values into params.yaml"
+        )
 
 
 def _plot(rows, keys, metric, path) -> None:
