@@ -89,9 +89,10 @@ def _explain(e: Exception, what: str, uri: str, endpoint: str | None) -> S3Error
     return S3Error(f"{what}: {type(e).__name__} for {uri}{at}: {e}")
 
 
-def check(uri: str, what: str, endpoint: str | None, *, object_: bool = False) -> None:
+def check(uri: str, what: str, endpoint: str | None, *, object_: bool = False, writable: bool = False) -> None:
     """Raise S3Error unless the bucket of `uri` exists and answers (and, with `object_`, the object
-    exists). Cheap HEAD requests, meant to run before any work starts."""
+    exists; with `writable`, these credentials can write under `uri`: a probe object is written and
+    deleted). Cheap requests, meant to run before any work starts."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split(uri)
@@ -100,6 +101,15 @@ def check(uri: str, what: str, endpoint: str | None, *, object_: bool = False) -
         s3.head_bucket(Bucket=bucket)
     except (BotoCoreError, ClientError) as e:
         raise _explain(e, what, f"s3://{bucket}", endpoint) from None
+    if writable:
+        import uuid
+
+        probe = f"{key.rstrip('/')}/.ganpipe-write-probe-{uuid.uuid4().hex}".lstrip("/")
+        try:
+            s3.put_object(Bucket=bucket, Key=probe, Body=b"")
+            s3.delete_object(Bucket=bucket, Key=probe)
+        except (BotoCoreError, ClientError) as e:
+            raise _explain(e, f"{what} (a test write)", f"s3://{bucket}/{probe}", endpoint) from None
     if object_:
         try:
             s3.head_object(Bucket=bucket, Key=key)

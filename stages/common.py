@@ -86,14 +86,29 @@ def dvc_experiment() -> dict[str, str]:
     return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
-def check_s3(cfg: Config, *keys: str) -> None:
-    """Before any work: every s3:// location among `keys` ("storage.root", "data.path") must be
-    reachable, its bucket must exist and be ours to use; raises S3Error naming the key and bucket."""
+def check_locations(cfg: Config, *keys: str) -> None:
+    """Before any work (and before an MLflow run is opened): every location among `keys`
+    ("storage.root", "data.path") must be usable. An s3:// one must be reachable, its bucket must
+    exist, and storage.root must take a test write (S3Error naming the key and bucket); a local
+    storage.root must be a folder this user can write."""
     where = {"storage.root": cfg.storage.root, "data.path": cfg.data.path}
     for key in keys:
         uri = where[key]
         if uri and uri.startswith("s3://"):
-            s3.check(uri, key, cfg.storage.s3_endpoint_url, object_=key == "data.path")
+            s3.check(uri, key, cfg.storage.s3_endpoint_url, object_=key == "data.path", writable=key == "storage.root")
+        elif uri and key == "storage.root":
+            _check_local_writable(Path(uri), key)
+
+
+def _check_local_writable(path: Path, key: str) -> None:
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".ganpipe-write-probe-"):
+            pass
+    except OSError as e:
+        raise OSError(f"{key}: cannot write to {path} ({e.strerror or e})") from None
 
 
 def tracking_uri(cfg: Config) -> str:

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = common.config(args)
-        common.check_s3(cfg, "data.path")
+        common.check_locations(cfg, "data.path")
         fetch = functools.partial(s3.read_bytes, endpoint=cfg.storage.s3_endpoint_url)
         prepared = data.prepare(cfg.data, cfg.seed, fetch)
         with outputs.atomic_dir(args.out) as tmp:

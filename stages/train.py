@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args) -> None:
     cfg = common.config(args)
-    common.check_s3(cfg, "storage.root")
+    common.check_locations(cfg, "storage.root")
     prepared = data.load_prepared(args.data)
     data_hash = prepared.manifest["content_hash"]
     if cfg.model.conditional and prepared.y_train is None:

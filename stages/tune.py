@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> None:
     cfg = common.config(args)
-    common.check_s3(cfg, "storage.root")
+    common.check_locations(cfg, "storage.root")
     raw = read_yaml(args.params)
     tune.check_tunable(cfg)
     parsed = tune.parse_space(cfg.tune.search_space, raw)  # refuses a bad space before anything starts

@@ -167,3 +167,53 @@ def test_denied_access_stops_the_train_stage_before_any_work(project: Path, s3_e
     assert AWS["AWS_SECRET_ACCESS_KEY"] not in p.stdout + p.stderr
     assert not (project / "models").exists() and not (project / "metrics/train.json").exists()
     assert not (project / "mlflow.db").exists()
+
+
+@pytest.fixture
+def s3_read_only_user():
+    """moto with IAM: a bucket, and a user whose policy lets it list and read it but not write."""
+    setup_actions = 4  # requests moto takes without credentials checks: the set-up below
+    for endpoint in moto({"INITIAL_NO_AUTH_ACTION_COUNT": str(setup_actions)}):
+        s3_client(endpoint).create_bucket(Bucket="team")
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", **_boto_keys(AWS))
+        iam.create_user(UserName="reader")
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["s3:List*", "s3:Get*", "s3:Head*"], "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        yield endpoint, {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
+def _boto_keys(env_vars: dict[str, str]) -> dict[str, str]:
+    return {
+        "aws_access_key_id": env_vars["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env_vars["AWS_SECRET_ACCESS_KEY"],
+    }
+
+
+def test_credentials_that_cannot_write_stop_the_train_stage_before_any_work(project: Path, s3_read_only_user):
+    endpoint, keys = s3_read_only_user
+    sh(project, sys.executable, "stages/prepare.py")
+    set_params(project, {"storage": {"root": "s3://team/ganpipe/ray", "s3_endpoint_url": endpoint}})
+    p = sh(project, sys.executable, "stages/train.py", check=False, extra_env={**AWS, **keys})
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    line = p.stderr.strip()
+    assert line.startswith(
+        f"error: storage.root (a test write): access denied to S3 bucket 'team' at {endpoint} "
+        "(s3://team/ganpipe/ray/.ganpipe-write-probe-"
+    ), line
+    assert keys["AWS_SECRET_ACCESS_KEY"] not in p.stdout + p.stderr
+    assert not (project / "mlflow.db").exists() and not (project / "models").exists()
+
+
+def test_a_local_storage_root_that_cannot_be_written_stops_the_stage_before_any_work(project: Path):
+    sh(project, sys.executable, "stages/prepare.py")
+    set_params(project, {"storage": {"root": "params.yaml/ray"}})  # under a file: no folder can be made
+    p = sh(project, sys.executable, "stages/train.py", check=False)
+    assert p.returncode == 1
+    assert p.stderr.strip().startswith(f"error: storage.root: cannot write to {project / 'params.yaml/ray'}")
+    assert not (project / "mlflow.db").exists()
