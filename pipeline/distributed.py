@@ -170,6 +170,16 @@ def storage_filesystem(root: str, endpoint_url: str | None):
     return root[len("s3://") :].rstrip("/"), s3.arrow_filesystem(endpoint_url, region)
 
 
+def run_lease(root: str, endpoint_url: str | None, name: str, what: str):
+    """The lease (pipeline.lease) on the Ray run `name` under storage root `root`."""
+    import pyarrow.fs as pafs
+
+    from pipeline.lease import Lease
+
+    storage_path, fs = storage_filesystem(root, endpoint_url)
+    return Lease(fs or pafs.LocalFileSystem(), f"{storage_path}/{name}", what)
+
+
 def run_address(root: str, name: str) -> str:
     """Where Ray keeps a run: the identity of a training across reruns."""
     if root.startswith("s3://"):

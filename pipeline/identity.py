@@ -48,6 +48,7 @@ NOT_RESULT_SHAPING = {
     "pipeline/config.py": "the params schema: the values reach the identity as params",
     "pipeline/data.py": "the prepared data reach the identity by their content hash",
     "pipeline/identity.py": "computes the identity",
+    "pipeline/lease.py": "who may run a run at a time",
     "pipeline/outputs.py": "writes files",
     "pipeline/plots.py": "draws plots",
     "pipeline/s3.py": "storage I/O",

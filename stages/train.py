@@ -45,12 +45,14 @@ def train(args) -> None:
     tags.update(
         {"ganpipe.identity": identity.key(ident), "ganpipe.code": ident["code"][:16], **common.dvc_experiment()}
     )
-    run_id, resumed = tracking.start_or_resume_run(
-        uri, cfg.tracking.experiment, hashlib.sha256(ray_run.encode()).hexdigest()[:16], name, tags
-    )
-    # from here on the MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops
-    with tracking.closing_run(uri, run_id):
-        _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, cycle)
+    # one process at a time per run: a second one would resume, prune and overwrite its checkpoints
+    with distributed.run_lease(cfg.storage.root, cfg.storage.s3_endpoint_url, name, f"the run {name}"):
+        run_id, resumed = tracking.start_or_resume_run(
+            uri, cfg.tracking.experiment, hashlib.sha256(ray_run.encode()).hexdigest()[:16], name, tags
+        )
+        # from here on the MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops
+        with tracking.closing_run(uri, run_id):
+            _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, cycle)
 
 
 def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, cycle) -> None:

@@ -43,6 +43,13 @@ def run(args) -> None:
     storage_path, fs = distributed.storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
     sweep_key = hashlib.sha256(distributed.run_address(cfg.storage.root, name).encode()).hexdigest()[:16]
     tags = {"ganpipe.kind": "sweep", "ganpipe.identity": identity.key(ident), **common.dvc_experiment()}
+    # one process at a time per sweep: a second one would restore and overwrite its trials
+    lease = distributed.run_lease(cfg.storage.root, cfg.storage.s3_endpoint_url, name, f"the sweep {name}")
+    with lease:
+        _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path, fs, sweep_key, tags)
+
+
+def _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path, fs, sweep_key, tags) -> None:
     parent, resumed = tracking.start_or_resume_run(uri, cfg.tracking.experiment, sweep_key, name, tags)
     # from here on the sweep's MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops
     with tracking.closing_run(uri, parent):

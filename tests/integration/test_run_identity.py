@@ -98,3 +98,39 @@ def test_two_pipelines_from_two_clones_run_at_once(project: Path, tmp_path: Path
         assert "Traceback" not in out and "multiple active Ray instances" not in out, out
     assert record(project)["identity"] == record(other)["identity"]  # the same run, trained twice
     assert same(weights(project), weights(other))
+
+
+def test_a_second_run_of_the_same_identity_on_a_shared_storage_root_refuses_and_leaves_the_first_alone(
+    project: Path, tmp_path: Path
+):
+    """Two clones, one storage.root (a team's shared store): the second process refuses in one line
+    naming the first, the first finishes untouched, and the second then hands its run back."""
+    import shutil
+    import sys
+
+    from tests.integration.conftest import spawn, stop_group
+    from tests.integration.test_tracking_outage import Lines
+
+    shared = tmp_path / "shared-ray"
+    set_params(project, {"storage": {"root": str(shared)}, "train": {"steps": 4000, "log_every": 100}})
+    other = tmp_path / "other"
+    shutil.copytree(project, other)
+    for p in (project, other):
+        sh(p, sys.executable, "stages/prepare.py")
+    first = spawn(project, sys.executable, "stages/train.py")
+    try:
+        out = Lines(first)
+        out.wait_for_step(first, 0, timeout=300)
+        assert out.steps(), out.text()
+        second = sh(other, sys.executable, "stages/train.py", check=False)
+        assert second.returncode == 1, second.stdout[-2000:]
+        line = second.stderr.strip()
+        assert line.startswith("error: storage.root: the run ganpipe-grid-") and f"pid {first.pid}" in line, line
+        assert not (other / "models").exists() and not (other / "mlflow.db").exists()
+        assert first.wait(timeout=600) == 0, out.text()[-3000:]
+    finally:
+        stop_group(first)
+    again = sh(other, sys.executable, "stages/train.py")
+    assert "reused finished run" in again.stdout
+    assert same(weights(project), weights(other))
+    assert not list(shared.glob("*.lease.json"))  # released

@@ -418,14 +418,16 @@ def test_ganpipe_stack_prints_a_source_line_not_the_password(tmp_path: Path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
-        text=True,
     )
     out = ""
     try:
         deadline = time.monotonic() + 180
-        while "# running" not in out and cli.poll() is None and time.monotonic() < deadline:
-            if select.select([cli.stdout], [], [], 1.0)[0]:
-                out += cli.stdout.readline()
+        while "# running" not in out and time.monotonic() < deadline:
+            if select.select([cli.stdout], [], [], 1.0)[0]:  # raw reads: a buffered reader hides data from select
+                chunk = os.read(cli.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out += chunk.decode(errors="replace")
         assert "# running" in out, out
         env_file = workdir / "env.sh"
         assert f"source {env_file}" in out
@@ -443,9 +445,9 @@ def test_ganpipe_stack_prints_a_source_line_not_the_password(tmp_path: Path):
         if cli.poll() is None:
             cli.send_signal(signal.SIGTERM)
         try:
-            rest, _ = cli.communicate(timeout=60)
+            rest = cli.communicate(timeout=60)[0].decode(errors="replace")
         except subprocess.TimeoutExpired:
             cli.kill()
-            rest, _ = cli.communicate()
+            rest = cli.communicate()[0].decode(errors="replace")
     assert cli.returncode == 0, out + rest
     assert "stopped" in rest
