@@ -142,6 +142,8 @@ def _check_npz(path: str, x: np.ndarray, y: np.ndarray | None):
         x = x[:, None]
     if x.ndim not in (2, 4):
         raise DataError(f"{path}: 'x' must be (N, D) points or (N, [C,] H, W) images, got shape {x.shape}")
+    if x.ndim == 2 and x.shape[1] != 2:  # the point metrics and plots are two-dimensional
+        raise DataError(f"{path}: points must be 2-dimensional (N, 2), got (N, {x.shape[1]})")
     if x.ndim == 4:
         c, h, w = x.shape[1:]
         if c not in (1, 3) or not (8 <= h <= 64 and 8 <= w <= 64):
@@ -162,6 +164,15 @@ def _check_npz(path: str, x: np.ndarray, y: np.ndarray | None):
             raise DataError(f"{path}: 'y' must be non-negative integers of shape ({len(x)},), got {y.dtype} {y.shape}")
         y = y.astype(np.int64)
     return x, y
+
+
+def class_ids(y: np.ndarray) -> tuple[np.ndarray, list[int] | None]:
+    """Labels as classes 0..K-1: (y, None) when they already are; else (remapped y, the original id
+    of each class, in order), so that sparse or huge ids (3, 7, 1000000) make K classes, not 1000001."""
+    ids = np.unique(y)
+    if len(ids) == int(ids[-1]) + 1:
+        return y, None
+    return np.searchsorted(ids, y).astype(np.int64), [int(i) for i in ids]
 
 
 # ---- split, manifest, files -----------------------------------------------------------------
@@ -247,6 +258,11 @@ def _split(name: str, x: np.ndarray, y: np.ndarray | None, val_fraction: float, 
     n_val = int(round(n * val_fraction))
     if n - n_val < 1:
         raise DataError(f"data.val_fraction: leaves no training samples out of {n}")
+    if n_val < 1:  # evaluation and the in-training metrics score against the validation split
+        raise DataError(f"data.val_fraction: {val_fraction} of {n} samples leaves no validation sample")
+    label_map = None
+    if y is not None:
+        y, label_map = class_ids(y)
     perm = np.random.default_rng(seed).permutation(n)
     tr, va = perm[n_val:], perm[:n_val]
     pick = lambda a, i: None if a is None else a[i]
@@ -260,11 +276,22 @@ def _split(name: str, x: np.ndarray, y: np.ndarray | None, val_fraction: float, 
         "n_val": int(len(va)),
         "classes": classes,
         "class_counts": None if y is None else np.bincount(y[tr], minlength=classes).tolist(),
+        # the data's own label of each class 0..K-1, when they were remapped
+        **({"label_ids": label_map} if label_map else {}),
         "range": [float(x.min()), float(x.max())],
         "seed": seed,
         "content_hash": content_hash(*parts),
     }
     return Prepared(*parts, manifest=manifest)
+
+
+def check_fits_model(manifest: dict, arch: str) -> None:
+    """The prepared data's kind must suit `model.arch` (an npz can hold either): one line otherwise."""
+    kind, shape = manifest["kind"], manifest["sample_shape"]
+    if kind == "images" and arch != "dcgan":
+        raise DataError(f"model.arch: the prepared data are images {tuple(shape)}, which need dcgan, got {arch}")
+    if kind == "points" and arch != "mlp":
+        raise DataError(f"model.arch: the prepared data are {shape[0]}D points, which need mlp, got {arch}")
 
 
 SPLITS = ("train", "val", "train_b", "val_b")  # the *_b files hold domain B (CycleGAN) when present

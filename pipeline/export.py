@@ -179,7 +179,14 @@ def model_card(spec, manifest, cfg, train_info, record, eval_info, diffs, git, m
         "inputs": {
             "z": {"shape": ["N", spec["z_dim"]], "dtype": "float32", "distribution": "standard normal N(0, I)"},
             **(
-                {"y": {"shape": ["N"], "dtype": "int64", "meaning": f"class label in [0, {spec['num_classes']})"}}
+                {
+                    "y": {
+                        "shape": ["N"],
+                        "dtype": "int64",
+                        "meaning": f"class label in [0, {spec['num_classes']})",
+                        **({"data_labels": manifest["label_ids"]} if manifest.get("label_ids") else {}),
+                    }
+                }
                 if spec.get("num_classes")
                 else {}
             ),

@@ -26,6 +26,7 @@ def train(args) -> None:
     common.check_locations(cfg, "storage.root")
     prepared = data.load_prepared(args.data)
     data_hash = prepared.manifest["content_hash"]
+    data.check_fits_model(prepared.manifest, cfg.model.arch)  # an npz holds points or images
     if cfg.model.conditional and prepared.y_train is None:
         raise ValueError("model.conditional: the prepared data has no labels (an npz needs a 'y' array)")
     cycle = cfg.model.family == "cyclegan"

@@ -32,6 +32,7 @@ def run(args) -> None:
     tune.check_tunable(cfg)
     parsed = tune.parse_space(cfg.tune.search_space, raw)  # refuses a bad space before anything starts
     prepared = data.load_prepared(args.data)
+    data.check_fits_model(prepared.manifest, cfg.model.arch)  # an npz holds points or images
     uri = common.tracking_uri(cfg)
     print(f"[tune] {common.start_ray(cfg, uri)}")
     data_hash = prepared.manifest["content_hash"]

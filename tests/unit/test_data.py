@@ -10,6 +10,7 @@ import pytest
 from pipeline.config import DataConfig
 from pipeline.data import (
     DataError,
+    check_fits_model,
     load_npz,
     load_prepared,
     mixture,
@@ -74,7 +75,7 @@ def test_prepare_points(name, n_modes):
     assert len(np.unique(((p.x_train[:, None] - c[None]) ** 2).sum(-1).argmin(1))) == n_modes
 
 
-@pytest.mark.parametrize("frac", [0.0, 0.1, 0.25])
+@pytest.mark.parametrize("frac", [0.001, 0.1, 0.25])
 def test_split_sizes_follow_val_fraction(frac):
     p = prepare(DataConfig(name="grid", n_samples=1001, val_fraction=frac), seed=0)
     n_val = int(round(1001 * frac))
@@ -193,7 +194,7 @@ def _npz(tmp_path, name="d.npz", **arrays):
 
 
 def test_npz_points_ok(tmp_path):
-    x = np.random.default_rng(0).normal(size=(10, 3)) * 100
+    x = np.random.default_rng(0).normal(size=(10, 2)) * 100
     y = np.arange(10) % 3
     got_x, got_y = load_npz(_npz(tmp_path, x=x, y=y))
     assert got_x.dtype == np.float32 and np.allclose(got_x, x)  # points keep their scale
@@ -269,6 +270,9 @@ BAD_NPZ = [
     pytest.param({"x": np.zeros((2, 2, 8, 8), np.float32)}, "1 or 3 channels", id="two-channels"),
     pytest.param({"x": np.zeros((2, 1, 4, 4), np.float32)}, "sides 8..64", id="tiny-images"),
     pytest.param({"x": np.array([["a", "b"]])}, "numeric", id="strings"),
+    pytest.param(
+        {"x": np.zeros((4, 3), np.float32)}, "points must be 2-dimensional (N, 2), got (N, 3)", id="3d-points"
+    ),
     pytest.param({"x": np.zeros((4, 2)), "y": np.zeros((3,), np.int64)}, "'y'", id="y-too-short"),
     pytest.param({"x": np.zeros((4, 2)), "y": np.zeros((4, 1), np.int64)}, "'y'", id="y-2d"),
     pytest.param({"x": np.zeros((4, 2)), "y": np.zeros((4,), np.float32)}, "'y'", id="y-float"),
@@ -314,3 +318,34 @@ def test_remote_npz_is_read_through_fetch(tmp_path):
         load_npz("s3://bucket/sets/a.npz")
     with pytest.raises(DataError, match="s3://bucket/bad.npz: not a readable .npz file"):
         load_npz("s3://bucket/bad.npz", lambda uri: b"not a zip")
+
+
+def test_a_split_that_leaves_no_validation_sample_is_refused():
+    with pytest.raises(DataError, match="data.val_fraction: 0.0 of 1001 samples leaves no validation sample"):
+        prepare(DataConfig(name="grid", n_samples=1001, val_fraction=0.0), seed=0)
+
+
+def test_sparse_label_ids_become_classes_0_to_k_minus_1_with_the_mapping_recorded(tmp_path):
+    y = np.array([7, 1_000_000, 3, 7, 3, 1_000_000, 7, 3, 1_000_000, 7] * 4)
+    path = _npz(tmp_path, x=np.zeros((len(y), 2), np.float32), y=y)
+    p = prepare(DataConfig(name="npz", path=path, val_fraction=0.25), seed=0)
+    assert p.manifest["classes"] == 3 and p.manifest["label_ids"] == [3, 7, 1_000_000]
+    ids = np.array(p.manifest["label_ids"])
+    assert set(p.y_train.tolist()) == {0, 1, 2} and sum(p.manifest["class_counts"]) == len(p.x_train)
+    assert np.array_equal(np.sort(ids[np.concatenate([p.y_train, p.y_val])]), np.sort(y))  # the same labels
+    dense = prepare(DataConfig(name="npz", path=_npz(tmp_path, x=np.zeros((8, 2)), y=np.arange(8) % 2)), seed=0)
+    assert "label_ids" not in dense.manifest  # already 0..K-1: nothing to record
+
+
+@pytest.mark.parametrize(
+    "kind,shape,arch,gist",
+    [
+        ("images", [1, 8, 8], "mlp", "model.arch: the prepared data are images (1, 8, 8), which need dcgan, got mlp"),
+        ("points", [2], "dcgan", "model.arch: the prepared data are 2D points, which need mlp, got dcgan"),
+    ],
+)
+def test_the_data_kind_must_suit_the_architecture(kind, shape, arch, gist):
+    with pytest.raises(DataError) as e:
+        check_fits_model({"kind": kind, "sample_shape": shape}, arch)
+    assert str(e.value) == gist
+    check_fits_model({"kind": kind, "sample_shape": shape}, "mlp" if arch == "dcgan" else "dcgan")
