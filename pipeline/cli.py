@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "check":
-            print(json.dumps(load_config(args.params).public_dict(), indent=2))
+            _check(args)
         elif args.command == "preset":
             apply_preset(args.name, args.params, args.presets_dir)
         elif args.command == "apply-best":
@@ -97,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check(args) -> None:
+    """Validate the params as every stage will: the schema, the sweep's settings and search space."""
+    from pipeline import tune
+    from pipeline.config import read_yaml
+
+    cfg = load_config(args.params)
+    tune.check_tunable(cfg)
+    tune.parse_space(cfg.tune.search_space, read_yaml(args.params))
+    print(json.dumps(cfg.public_dict(), indent=2))
 
 
 def _promote(args) -> int:

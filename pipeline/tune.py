@@ -385,6 +385,30 @@ def check_tunable(cfg: Config) -> None:
         )
     if cfg.tune.metric not in METRICS:
         raise ConfigError(f"tune.metric: must be one the trials report ({', '.join(METRICS)}), got {cfg.tune.metric!r}")
+    check_metric(cfg, {"ring": "points", "grid": "points", "digits": "images", "mnist5k": "images"}.get(cfg.data.name))
+
+
+def reported_metrics(cfg: Config, kind: str | None) -> tuple[str, ...]:
+    """What the trials of this config report on data of `kind` (points | images; None: not known
+    before prepare, an npz)."""
+    losses = ("loss/D", "loss/G")
+    if cfg.model.family == "cyclegan":
+        return ("cycle_l1", *losses, "loss/cycle")
+    if kind == "points":
+        return ("w1", *(("modes", "hq_fraction", "reverse_kl") if cfg.data.name in ("ring", "grid") else ()), *losses)
+    if kind == "images":
+        images = ("fid", "precision", "recall", "class_modes", "class_kl")
+        return (*images, *(("label_accuracy",) if cfg.model.conditional else ()), *losses)
+    return METRICS
+
+
+def check_metric(cfg: Config, kind: str | None) -> None:
+    """Refuse a tune.metric the trials will never report (before any trial: a sweep would otherwise
+    run to the end and find no score)."""
+    reported = reported_metrics(cfg, kind)
+    if cfg.tune.metric not in reported:
+        what = "CycleGAN" if cfg.model.family == "cyclegan" else f"{cfg.data.name} ({kind})"
+        raise ConfigError(f"tune.metric: trials on {what} report {', '.join(reported)}; got {cfg.tune.metric!r}")
 
 
 def trial_gpus(cfg: Config) -> bool:

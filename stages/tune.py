@@ -33,6 +33,7 @@ def run(args) -> None:
     parsed = tune.parse_space(cfg.tune.search_space, raw)  # refuses a bad space before anything starts
     prepared = data.load_prepared(args.data)
     data.check_fits_model(prepared.manifest, cfg.model.arch)  # an npz holds points or images
+    tune.check_metric(cfg, prepared.manifest["kind"])
     uri = common.tracking_uri(cfg)
     print(f"[tune] {common.start_ray(cfg, uri)}")
     data_hash = prepared.manifest["content_hash"]

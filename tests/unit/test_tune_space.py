@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, read_yaml
+from pipeline.config import ConfigError, build_config, read_yaml
 from pipeline.tune import best_row, parse_space
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = read_yaml(Path(__file__).resolve().parents[2] / "params.yaml")
 
@@ -74,3 +76,50 @@ def test_asha_rungs_fit_inside_the_run(steps: int, every: int):
 def test_the_committed_params_have_a_search_space_that_parses():
     raw = read_yaml(Path(__file__).resolve().parents[2] / "params.yaml")
     assert set(parse_space(raw["tune"]["search_space"], raw)) == {"train.lr_g", "train.lr_d"}
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "presets").glob("*.yaml")))
+def test_every_preset_tunes_on_a_metric_its_trials_report(preset):
+    from pipeline.config import deep_merge
+    from pipeline.tune import check_tunable
+
+    check_tunable(build_config(deep_merge(read_yaml(ROOT / "params.yaml"), read_yaml(ROOT / f"presets/{preset}.yaml"))))
+
+
+@pytest.mark.parametrize(
+    "over,gist",
+    [
+        ({"data": {"name": "digits"}, "model": {"arch": "dcgan"}}, "trials on digits (images) report fid"),
+        ({"tune": {"metric": "fid"}}, "trials on grid (points) report w1, modes, hq_fraction, reverse_kl"),
+        (
+            {
+                "tune": {"metric": "label_accuracy", "mode": "max"},
+                "data": {"name": "mnist5k"},
+                "model": {"arch": "dcgan"},
+            },
+            "report fid, precision, recall, class_modes, class_kl, loss/D",
+        ),
+    ],
+)
+def test_a_tune_metric_the_trials_never_report_is_refused_before_any_trial(over, gist):
+    from pipeline.config import deep_merge
+    from pipeline.tune import check_tunable
+
+    with pytest.raises(ConfigError) as e:
+        check_tunable(build_config(deep_merge(read_yaml(ROOT / "params.yaml"), over)))
+    assert str(e.value).startswith("tune.metric: ") and gist in str(e.value)
+
+
+def test_an_npz_sweep_checks_its_metric_once_the_data_kind_is_known():
+    from pipeline.config import deep_merge
+    from pipeline.tune import check_metric, check_tunable
+
+    cfg = build_config(
+        deep_merge(
+            read_yaml(ROOT / "params.yaml"),
+            {"data": {"name": "npz", "path": "x.npz"}, "tune": {"metric": "modes", "mode": "max"}},
+        )
+    )
+    check_tunable(cfg)  # not known before prepare
+    with pytest.raises(ConfigError, match="trials on npz \\(points\\) report w1, loss/D, loss/G; got 'modes'"):
+        check_metric(cfg, "points")
