@@ -19,6 +19,9 @@ from typing import Any
 from pipeline import secrets
 
 RUN_KEY_TAG = "ganpipe.run_key"
+# MLflow prints "View run ... at: <tracking URI>" when a run ends: the URI may carry a password, and
+# the summary at the end of the pipeline already says where the run is
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def resolve_uri(config_uri: str | None, env: dict[str, str] | None = None, cwd: str | Path | None = None) -> str:
@@ -41,9 +44,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
-    url = uri.rstrip("/") + "/health"
+    base, _, _ = _endpoint(uri)
     try:
-        urllib.request.urlopen(url, timeout=timeout).close()
+        urllib.request.urlopen(base + "/health", timeout=timeout).close()
     except urllib.error.HTTPError as e:
         if e.code not in (401, 403):  # an auth-protected server is up; credentials are checked on use
             raise ConnectionError(f"tracking.uri: MLflow server at {redact(uri)} answered HTTP {e.code}") from None
@@ -57,31 +60,16 @@ def check_credentials(uri: str, timeout: float = 5.0, env: dict[str, str] | None
     """One authenticated call (a one-row experiment search), so that a wrong user or password stops
     the stage before any work, not at its first logged value. Credentials are MLflow's own:
     MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME / _PASSWORD, or user:password@ in the URI."""
-    import base64
     import urllib.error
     import urllib.request
-    from urllib.parse import unquote, urlsplit, urlunsplit
 
-    env = os.environ if env is None else env
-    parts = urlsplit(uri)
-    user, password = env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD")
-    if parts.username:
-        user, password = unquote(parts.username), unquote(parts.password or "")
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    base, auth, who = _endpoint(uri, env)
     req = urllib.request.Request(
         base + "/api/2.0/mlflow/experiments/search",
         data=b'{"max_results": 1}',
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **auth},
         method="POST",
     )
-    who = "no credentials"
-    if env.get("MLFLOW_TRACKING_TOKEN"):
-        req.add_header("Authorization", f"Bearer {env['MLFLOW_TRACKING_TOKEN']}")
-        who = "MLFLOW_TRACKING_TOKEN"
-    elif user:
-        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode())
-        who = f"user {user!r}"
     try:
         urllib.request.urlopen(req, timeout=timeout).close()
     except urllib.error.HTTPError as e:  # any other answer: the server took the credentials
@@ -98,6 +86,30 @@ def check_credentials(uri: str, timeout: float = 5.0, env: dict[str, str] | None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise ConnectionError(f"tracking.uri: cannot reach the MLflow server at {redact(uri)} ({reason})") from None
+
+
+def _endpoint(uri: str, env: dict[str, str] | None = None) -> tuple[str, dict[str, str], str]:
+    """(the server's base URL without credentials, the Authorization header MLflow's client would
+    send, who that is in words). Credentials: MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME /
+    _PASSWORD, or user:password@ in the URI (percent-encoded)."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    env = os.environ if env is None else env
+    parts = urlsplit(uri)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    if ":" in (parts.hostname or ""):  # an IPv6 literal
+        host = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
+    base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    user, password = env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD")
+    if parts.username:
+        user, password = unquote(parts.username), unquote(parts.password or "")
+    if env.get("MLFLOW_TRACKING_TOKEN"):
+        return base, {"Authorization": f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"}, "MLFLOW_TRACKING_TOKEN"
+    if user:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        return base, {"Authorization": f"Basic {token}"}, f"user {user!r}"
+    return base, {}, "no credentials"
 
 
 def redact(uri: str) -> str:
