@@ -4,6 +4,8 @@ missing buckets and objects and denied access named before any work, the DVC rem
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from tests.integration.conftest import BIN, env, free_port, set_params, sh, stop
 pytestmark = pytest.mark.integration
 
 
-def moto(extra: dict[str, str] | None = None):
+def moto(extra: dict[str, str] | None = None, with_process: bool = False):
     port = free_port()
     p = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -29,8 +31,9 @@ def moto(extra: dict[str, str] | None = None):
     )
     try:
         wait_for_port(port)
-        yield f"http://127.0.0.1:{port}"
+        yield (f"http://127.0.0.1:{port}", p) if with_process else f"http://127.0.0.1:{port}"
     finally:
+        os.killpg(p.pid, signal.SIGCONT)  # a stalled server must be able to stop
         stop_group(p)
 
 
@@ -217,3 +220,48 @@ def test_a_local_storage_root_that_cannot_be_written_stops_the_stage_before_any_
     assert p.returncode == 1
     assert p.stderr.strip().startswith(f"error: storage.root: cannot write to {project / 'params.yaml/ray'}")
     assert not (project / "mlflow.db").exists()
+
+
+def test_an_s3_endpoint_that_stalls_mid_run_is_survived_or_named_and_the_rerun_resumes_exactly(
+    project: Path, tmp_path: Path
+):
+    """The S3 server process is stopped (SIGSTOP) while training writes checkpoints, and continued 8 s
+    later: the stage either rides it out on retries or fails with one line; the rerun ends with the
+    weights of a run that never met a stall."""
+    import shutil
+
+    import torch
+
+    from tests.integration.conftest import spawn
+    from tests.integration.test_tracking_outage import Lines
+
+    for endpoint, server in moto(with_process=True):
+        s3_client(endpoint).create_bucket(Bucket="team")
+        run = {"steps": 3000, "checkpoint_every": 200, "log_every": 100}
+        set_params(project, {"storage": {"root": "s3://team/stall", "s3_endpoint_url": endpoint}, "train": run})
+        reference = tmp_path / "reference"
+        shutil.copytree(project, reference)
+        set_params(reference, {"storage": {"root": "s3://team/reference"}})
+        for p in (project, reference):
+            sh(p, sys.executable, "stages/prepare.py")
+
+        train = spawn(project, sys.executable, "stages/train.py", extra_env=AWS)
+        try:
+            out = Lines(train)
+            out.wait_for_step(train, 300, timeout=300)
+            assert out.steps(), out.text()
+            os.killpg(server.pid, signal.SIGSTOP)
+            time.sleep(8)
+            os.killpg(server.pid, signal.SIGCONT)
+            rc = train.wait(timeout=600)
+            out.thread.join(timeout=10)
+        finally:
+            stop_group(train)
+        text = out.text()
+        assert "Traceback" not in text, text[-4000:]
+        if rc != 0:  # failed: in one line
+            assert rc == 1 and len([line for line in text.splitlines() if line.startswith("error: ")]) == 1, text
+        sh(project, sys.executable, "stages/train.py", extra_env=AWS)  # resumes, or hands the run back
+        sh(reference, sys.executable, "stages/train.py", extra_env=AWS)  # never stalled
+        got, want = (torch.load(p / "models/generator.pt", weights_only=True) for p in (project, reference))
+        assert all(torch.equal(got["state_dict"][k], want["state_dict"][k]) for k in want["state_dict"])
