@@ -94,3 +94,68 @@ def test_wait_sent_does_not_wait_on_a_server_known_to_be_away(tmp_path: Path):
     assert time.perf_counter() - t0 < 1.0
     buf.close()  # waits its timeout, then keeps both steps in the spill file
     assert sorted(json.loads(line)["step"] for line in (tmp_path / "s.jsonl").read_text().splitlines()) == [1, 2]
+
+
+def test_a_spill_file_cut_short_is_named_and_its_readable_lines_still_go(tmp_path: Path):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_or_resume_run(uri, "spill", "key", "r")[0]
+    spill = tmp_path / "run.jsonl"
+    tracking.write_spill(spill, run_id, [Metric("loss/D", 0.5, 1, s) for s in (10, 20, 30)])
+    with open(spill, "a") as fh:
+        fh.write('{"run_id": "x", "key": "loss/D", "val\n')  # a crash mid-line
+        fh.write("not json at all\n")
+    said: list[str] = []
+    assert tracking.deliver_spilled(uri, spill, log=said.append) == 0
+    assert sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss/D")) == [10, 20, 30]
+    assert len(said) == 1 and str(spill) in said[0] and "2 line(s) unreadable (first: line 4)" in said[0]
+    corrupt = spill.with_name("run.jsonl.corrupt")
+    assert corrupt.read_text().splitlines()[1] == "not json at all" and not spill.exists()
+
+
+def test_a_spill_that_cannot_be_written_is_said_once_and_the_sender_goes_on(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    lines: list[str] = []
+    spill = blocker / "unsent.jsonl"  # under a file: cannot be created
+    buf = tracking.MetricBuffer(
+        f"http://127.0.0.1:{closed_port()}", "run-1", spill, timeout=0.5, log=lambda m, **_: lines.append(m)
+    )
+    for step in (1, 2):
+        buf.add(step, {"loss/D": 1.0})
+        buf.flush()
+    buf.flush(wait=True)  # sets the batches aside: the write fails, and that is said
+    buf.add(3, {"loss/D": 1.0})
+    buf.flush(wait=True)
+    buf.close()
+    failed = [m for m in lines if f"writing {spill} failed" in m]
+    assert len(failed) == 1 and buf.spill_failed and buf.spilled == 3
+    assert not any("they are kept in" in m for m in lines)
+
+
+def test_an_output_folder_is_complete_or_absent_and_a_crash_leaves_nothing_git_sees(tmp_path: Path):
+    import subprocess
+
+    from pipeline import outputs
+
+    target = tmp_path / "export"
+    stale = tmp_path / f"{outputs.TMP_PREFIX}export.abc123"  # what a killed stage left behind
+    stale.mkdir()
+    try:
+        with outputs.atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise OSError("disk full")
+    except OSError:
+        pass
+    assert not target.exists() and not stale.exists() and list(tmp_path.iterdir()) == []
+    with outputs.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("whole")
+    assert (target / "a.txt").read_text() == "whole"
+    # the repository's .gitignore covers a temporary left by a crash
+    root = Path(__file__).resolve().parents[2]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", f"models/{outputs.TMP_PREFIX}models.x1y2"], cwd=root, capture_output=True
+    )
+    assert ignored.returncode == 0
