@@ -525,20 +525,58 @@ def deliver_spilled(uri: str, path: str | Path, log=None) -> int:
     return 0
 
 
-def log_onnx_model(uri: str, run_id: str, onnx_path: str | Path, registered_name: str, name: str = "generator") -> str:
+def log_onnx_model(
+    uri: str,
+    run_id: str,
+    onnx_path: str | Path,
+    registered_name: str,
+    name: str = "generator",
+    example: dict[str, Any] | None = None,
+    torch_model: Any = None,
+) -> str:
     """Log an ONNX generator as the MLflow model `name` in `run_id`, register it with the alias
-    `candidate`; returns models:/name/version."""
+    `candidate`; returns models:/name/version. With `example` (named input tensors: z, and y for
+    conditional generators) and the PyTorch `torch_model` that computes them, the model carries a
+    signature and an input example, and the PyTorch generator is logged beside it as `<name>_pytorch`
+    in torch.export's format (not registered: the ONNX file is what the registry serves)."""
     import mlflow
     import onnx
+    from mlflow.models import infer_signature
 
     _client(uri)
+    signature, inputs, output = None, None, None
+    if example is not None and torch_model is not None:
+        import torch
+
+        inputs = {k: v.numpy() for k, v in example.items()}
+        torch_model.eval()
+        with torch.no_grad():
+            output = torch_model(*example.values()).numpy()
+        signature = infer_signature(inputs, output)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
             name=name,
             registered_model_name=registered_name,
+            signature=signature,
+            input_example=inputs,
             pip_requirements=["onnx", "onnxruntime"],  # skip MLflow's slow requirement inference
         )
+        # the PyTorch generator in torch.export's format (pt2: loading it runs no pickled code), which
+        # MLflow supports for one input: conditional generators (z, y) are served by the ONNX model only
+        if torch_model is not None and inputs is not None and len(inputs) == 1:
+            (first,) = inputs.values()
+            try:
+                mlflow.pytorch.log_model(
+                    torch_model,
+                    name=f"{name}_pytorch",
+                    input_example=first,
+                    signature=infer_signature(first, output),
+                    serialization_format="pt2",
+                    pip_requirements=["torch"],
+                )
+            except Exception as e:  # noqa: BLE001 - an extra beside the registered ONNX model
+                print(f"[mlflow] warning: the PyTorch generator was not logged ({type(e).__name__}: {e})"[:300])
     version = info.registered_model_version
     _client(uri).set_registered_model_alias(registered_name, "candidate", version)
     return f"models:/{registered_name}/{version}"

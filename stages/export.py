@@ -36,7 +36,11 @@ def run_export(args) -> None:
     # the registry learns of the model only once the export folder is complete on disk
     model_uri = None
     if "onnx" in files:
-        model_uri = tracking.log_onnx_model(uri, run_id, Path(args.out) / files["onnx"].name, cfg.export.model_name)
+        example = export.example_inputs(spec["z_dim"], spec.get("num_classes"))
+        onnx_file = Path(args.out) / files["onnx"].name
+        model_uri = tracking.log_onnx_model(
+            uri, run_id, onnx_file, cfg.export.model_name, example=example, torch_model=G
+        )
         card["mlflow"]["model_uri"] = model_uri
         outputs.write_json(Path(args.out) / "model_card.json", card)  # atomic: the folder stays complete
     tracking.log_artifacts(uri, run_id, [args.out], "export")
@@ -63,7 +67,11 @@ def _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_i
         if f"{stem}.onnx" in files:
             name = f"{cfg.export.model_name}-{export.TRANSLATORS[stem]}"
             onnx_file = Path(args.out) / files[f"{stem}.onnx"].name
-            model_uris[stem] = tracking.log_onnx_model(uri, record["mlflow_run_id"], onnx_file, name, stem)
+            translator = getattr(G, export.TRANSLATORS[stem])
+            example = export.image_inputs(spec["sample_shape"])
+            model_uris[stem] = tracking.log_onnx_model(
+                uri, record["mlflow_run_id"], onnx_file, name, stem, example=example, torch_model=translator
+            )
     if model_uris:
         card["mlflow"]["model_uris"] = model_uris
         outputs.write_json(Path(args.out) / "model_card.json", card)  # atomic: the folder stays complete

@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = common.config(args)
         common.check_locations(cfg, "data.path")
         fetch = functools.partial(s3.read_bytes, endpoint=cfg.storage.s3_endpoint_url)
+        _warn_if_untracked(cfg.data.path)
         prepared = data.prepare(cfg.data, cfg.seed, fetch)
         with outputs.atomic_dir(args.out) as tmp:
             data.save_prepared(prepared, tmp)
@@ -28,6 +29,23 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     return common.run(body)
+
+
+INPUTS = "data/inputs"  # a dependency of prepare in dvc.yaml
+
+
+def _warn_if_untracked(path: str | None) -> None:
+    """A local data file outside data/inputs/ is read, but DVC does not see edits to it."""
+    if not path or path.startswith("s3://"):
+        return
+    root = common.repo_root()
+    inputs = (root / INPUTS).resolve()
+    if not (root / path).resolve().is_relative_to(inputs):
+        print(
+            f"[prepare] warning: data.path {path} is outside {INPUTS}/, so DVC does not rerun prepare when it "
+            f"changes; move it to {INPUTS}/ (and `dvc add` it)",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

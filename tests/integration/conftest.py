@@ -77,7 +77,7 @@ def make_project(proj: Path, params: dict | None = None) -> Path:
     proj.mkdir()
     for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, proj / name)
-    for d in ("pipeline", "stages", "presets"):
+    for d in ("pipeline", "stages", "presets", "data/inputs"):
         shutil.copytree(ROOT / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
     if params:
         set_params(proj, params)

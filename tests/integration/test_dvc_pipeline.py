@@ -87,3 +87,20 @@ def test_bad_params_fail_before_work_and_write_nothing(project: Path):
     assert p.returncode != 0
     assert "train.lr_d: must be > 0, got -1" in p.stdout + p.stderr
     assert not (project / "data/prepared").exists()
+
+
+def test_a_local_data_file_under_data_inputs_reruns_prepare_when_edited_in_place(project: Path):
+    rng = np.random.default_rng(0)
+    path = project / "data/inputs/points.npz"
+    np.savez(path, x=rng.standard_normal((300, 2)).astype(np.float32))
+    set_params(project, {"data": {"name": "npz", "path": "data/inputs/points.npz"}})
+    first = sh(project, "dvc", "repro", "prepare")
+    assert ran_stages(first.stdout) == ["prepare"] and "warning" not in first.stderr
+    assert ran_stages(sh(project, "dvc", "repro", "prepare").stdout) == []  # nothing changed
+    np.savez(path, x=rng.standard_normal((300, 2)).astype(np.float32))  # the same name, new content
+    assert ran_stages(sh(project, "dvc", "repro", "prepare").stdout) == ["prepare"]
+
+    np.savez(project / "elsewhere.npz", x=rng.standard_normal((300, 2)).astype(np.float32))
+    set_params(project, {"data": {"path": "elsewhere.npz"}})
+    outside = sh(project, "dvc", "repro", "prepare")
+    assert "data.path elsewhere.npz is outside data/inputs/, so DVC does not rerun prepare" in outside.stderr

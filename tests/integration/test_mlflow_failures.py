@@ -98,6 +98,15 @@ def test_the_registry_hears_of_a_model_only_once_its_export_folder_is_complete(p
     versions = client.search_model_versions("name = 'ganpipe-generator'")
     assert [int(v.version) for v in versions] == [1] and card["mlflow"]["model_uri"] == "models:/ganpipe-generator/1"
     assert sh(project, "git", "status", "--porcelain", "--ignored").stdout.count(".ganpipe-tmp-") == 0
+    # as MLflow's users expect: a signature and an input example, and the PyTorch generator beside it
+    import mlflow
+    from mlflow.models import get_model_info
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    info = get_model_info("models:/ganpipe-generator/1")
+    assert info.signature.inputs.input_names() == ["z"] and info.saved_input_example_info is not None
+    experiment = client.get_experiment_by_name("ganpipe").experiment_id
+    assert "generator_pytorch" in {m.name for m in client.search_logged_models(experiment_ids=[experiment])}
 
 
 @pytest.fixture
