@@ -142,13 +142,13 @@ def plan_gpu(setting: str | bool, num_workers: int, gpus: float) -> tuple[bool, 
     )
 
 
-def resolve_use_gpu(cfg: Config, num_workers: int | None = None) -> bool:
+def resolve_use_gpu(cfg: Config) -> bool:
     """`plan_gpu` for this cluster, printing its note; refuses what cannot run on GPUs."""
     import ray
 
     from pipeline.config import check_on_gpu
 
-    use, note = plan_gpu(cfg.train.use_gpu, num_workers or cfg.train.num_workers, ray.cluster_resources().get("GPU", 0))
+    use, note = plan_gpu(cfg.train.use_gpu, cfg.train.num_workers, ray.cluster_resources().get("GPU", 0))
     if note:
         print(f"[train] {note}", flush=True)
     if use:
