@@ -17,8 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.losses import LOSSES as LOSS_REGISTRY
+
 DATASETS = ("ring", "grid", "digits", "mnist5k", "npz")
-LOSSES = ("minimax", "nonsaturating", "wgan", "wgan-gp", "lsgan", "hinge")
+LOSSES = tuple(LOSS_REGISTRY)  # the loss names: pipeline.losses registers them
 
 
 class ConfigError(ValueError):
@@ -69,7 +71,7 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: Literal["minimax", "nonsaturating", "wgan", "wgan-gp", "lsgan", "hinge"] = "nonsaturating"
+    name: Literal[LOSSES] = "nonsaturating"  # type: ignore[valid-type]
     gp_weight: float = Field(10.0, ge=0.0)
     clip: float = Field(0.01, gt=0.0)
     r1_gamma: float = Field(0.0, ge=0.0)
@@ -238,7 +240,8 @@ class Config(_Section):
             )
         if self.model.arch == "mlp" and self.model.d_norm == "instance":
             raise ValueError("model.d_norm: instance norm needs image data (arch dcgan), got instance")
-        if self.train.precision == "fp16" and (self.loss.name == "wgan-gp" or self.loss.r1_gamma > 0):
+        loss = LOSS_REGISTRY[self.loss.name]
+        if self.train.precision == "fp16" and (loss.gradient_penalty or self.loss.r1_gamma > 0):
             raise ValueError(
                 "train.precision: fp16 loss scaling does not cover gradient penalties (WGAN-GP, R1); use bf16 or fp32"
             )
@@ -246,7 +249,7 @@ class Config(_Section):
             raise ValueError("train.precision: fp16 supports alternating updates only; use bf16 or fp32")
         if self.train.use_gpu is True:
             check_on_gpu(self)
-        if self.loss.name in ("wgan", "wgan-gp") and self.model.d_norm == "batch":
+        if loss.per_sample_critic and self.model.d_norm == "batch":
             raise ValueError(
                 f"model.d_norm: batch norm couples the samples of a batch, but a {self.loss.name} critic must "
                 "score each sample alone (the Kantorovich dual; the WGAN-GP penalty is per sample); use none, "

@@ -22,7 +22,7 @@ from pipeline import cyclegan
 from pipeline.augment import ada_adjust, augment, overfit_signal
 from pipeline.config import Config
 from pipeline.draws import StepDraws, step_generator
-from pipeline.losses import LOSSES, gradient_penalty, r1_penalty
+from pipeline.losses import Terms, terms
 from pipeline.models import build_discriminator, build_generator, generator_spec
 
 
@@ -275,9 +275,14 @@ class Batches:
         return self.shard.take(self.stream(step, phase).rand(self.batch_size))
 
 
+def loss_terms(cfg: Config) -> Terms:
+    """The configured loss (pipeline.losses registry) with its weights: all the loop asks of it."""
+    return terms(cfg.loss.name, cfg.loss.gp_weight, cfg.loss.clip, cfg.loss.r1_gamma)
+
+
 def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The critic's total loss (with penalties) for the k-th critic step of `step`, and its stats."""
-    loss = LOSSES[cfg.loss.name]
+    loss = loss_terms(cfg)
     base = 8 * k  # phases of the k-th critic step: 8k+0 reals, 8k+1 latents, 8k+2 interpolation
     real = batches.reals(step, base)
     # conditional: fakes are drawn for the reals' labels, so the penalties see one label per pair
@@ -292,16 +297,9 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
     stats = {"loss/D": total.detach()}
     if cfg.train.ada.enabled:
         stats["ada/r_t"] = overfit_signal(d_real)
-    if cfg.loss.name == "wgan-gp":
-        gp = gradient_penalty(gan.D, real, fake, batches.uniform(step, base + 2), y)
-        total = total + cfg.loss.gp_weight * gp
-        stats["loss/gp"] = gp.detach()
-    if cfg.loss.r1_gamma > 0:
-        r1 = r1_penalty(gan.D, real, y)
-        total = total + 0.5 * cfg.loss.r1_gamma * r1
-        stats["loss/r1"] = r1.detach()
-    prob = (lambda s: s.mean()) if loss.wasserstein else (lambda s: torch.sigmoid(s).mean())
-    stats["D/real"], stats["D/fake"] = prob(d_real.detach()), prob(d_fake.detach())
+    total, penalties = loss.regularise(total, [(gan.D, real, fake, y)], lambda _: batches.uniform(step, base + 2))
+    stats.update(penalties)
+    stats["D/real"], stats["D/fake"] = loss.report(d_real.detach()), loss.report(d_fake.detach())
     return total, stats
 
 
@@ -309,7 +307,7 @@ def g_loss(gan: GAN, cfg: Config, batches: Batches, step: int) -> tuple[torch.Te
     z, y = batches.latents(step, 63), batches.random_labels(step, 61)
     with autocast(cfg, z.device):
         scores = gan.D(_ada(gan, cfg, batches, gan.G(z, *_y(y)), step, 62), *_y(y)).float()
-    loss = LOSSES[cfg.loss.name].g(scores)
+    loss = loss_terms(cfg).g(scores)
     return loss, {"loss/G": loss.detach()}
 
 
@@ -358,17 +356,10 @@ def _apply(opt: torch.optim.Optimizer, module: torch.nn.Module, sync: GradSync) 
     opt.step()
 
 
-def _clip(gan: GAN, cfg: Config) -> None:
-    if cfg.loss.name == "wgan":  # weight clipping keeps the critic in a Lipschitz family
-        with torch.no_grad():
-            for p in gan.D.parameters():
-                p.clamp_(-cfg.loss.clip, cfg.loss.clip)
-
-
 def d_step(gan: GAN, cfg: Config, batches: Batches, step: int, k: int, sync: GradSync) -> dict[str, torch.Tensor]:
     total, stats = d_loss(gan, cfg, batches, step, k)
     _backward_apply(total, gan.opt_d, gan.D, sync, gan.scaler_d)
-    _clip(gan, cfg)
+    loss_terms(cfg).after_d_step(gan.D)
     return stats
 
 
@@ -392,7 +383,7 @@ def simultaneous_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: 
             p.grad = g
     _apply(gan.opt_d, gan.D, sync)
     _apply(gan.opt_g, gan.G, sync)
-    _clip(gan, cfg)
+    loss_terms(cfg).after_d_step(gan.D)
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
     return {**stats, **g_stats}
@@ -408,7 +399,7 @@ def cycle_g_loss(
     (|F(G(x)) - x| + |G(F(y)) - y|) + identity_weight * L1 identity (|G(y) - y| + |F(x) - x|).
     Returns (total, stats, (fake_x = F(y), fake_y = G(x))). With a weight of 0 its term is computed
     without a graph (logged only: it cannot touch the gradients); identity is skipped when off."""
-    loss, G, D, lw = LOSSES[cfg.loss.name], gan.G, gan.D, cfg.loss
+    loss, G, D, lw = loss_terms(cfg), gan.G, gan.D, cfg.loss
     with autocast(cfg, real_x.device):
         fake_y, fake_x = G.xy(real_x), G.yx(real_y)
         adv = loss.g(D.y(fake_y).float()) + loss.g(D.x(fake_x).float())
@@ -428,7 +419,7 @@ def cycle_d_loss(
     gan: GAN, cfg: Config, batches: Batches, step: int, k: int, reals: tuple, fakes: tuple
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """D_X and D_Y's summed loss on reals vs fakes from the history pools (with penalties)."""
-    loss, D, base = LOSSES[cfg.loss.name], gan.D, 8 * k
+    loss, D, base = loss_terms(cfg), gan.D, 8 * k
     shard = (batches.shard.rank, batches.shard.world)
     real_x, real_y = reals
     fake_x = gan.pools["x"].query(fakes[0], step_generator(cfg.seed, step, base + 2), shard)
@@ -438,17 +429,12 @@ def cycle_d_loss(
         scores = [(d(r).float(), d(f).float()) for d, r, f in pairs]
     total = sum(loss.d(sr, sf) for sr, sf in scores)
     stats = {"loss/D": total.detach()}
-    if cfg.loss.name == "wgan-gp":
-        gp = sum(gradient_penalty(d, r, f, batches.uniform(step, base + 4 + i)) for i, (d, r, f) in enumerate(pairs))
-        total = total + cfg.loss.gp_weight * gp
-        stats["loss/gp"] = gp.detach()
-    if cfg.loss.r1_gamma > 0:
-        r1 = sum(r1_penalty(d, r) for d, r, _ in pairs)
-        total = total + 0.5 * cfg.loss.r1_gamma * r1
-        stats["loss/r1"] = r1.detach()
-    prob = (lambda s: s.mean()) if loss.wasserstein else (lambda s: torch.sigmoid(s).mean())
-    stats["D/real"] = sum(prob(sr.detach()) for sr, _ in scores) / 2
-    stats["D/fake"] = sum(prob(sf.detach()) for _, sf in scores) / 2
+    total, penalties = loss.regularise(
+        total, [(d, r, f, None) for d, r, f in pairs], lambda i: batches.uniform(step, base + 4 + i)
+    )
+    stats.update(penalties)
+    stats["D/real"] = sum(loss.report(sr.detach()) for sr, _ in scores) / 2
+    stats["D/fake"] = sum(loss.report(sf.detach()) for _, sf in scores) / 2
     return total, stats
 
 
@@ -467,7 +453,7 @@ def cycle_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSyn
                 fakes = (gan.G.yx(reals[1]), gan.G.xy(reals[0]))
         d_total, d_stats = cycle_d_loss(gan, cfg, batches, step, k, reals, tuple(f.detach() for f in fakes))
         _backward_apply(d_total, gan.opt_d, gan.D, sync, gan.scaler_d)
-        _clip(gan, cfg)
+        loss_terms(cfg).after_d_step(gan.D)
         stats.update(d_stats)
     return stats
 

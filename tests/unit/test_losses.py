@@ -15,8 +15,9 @@ BIG = 30.0
 
 def test_all_contract_losses_present():
     assert set(LOSSES) == {"minimax", "nonsaturating", "wgan", "wgan-gp", "lsgan", "hinge"}
-    assert {k for k, v in LOSSES.items() if v.wasserstein} >= {"wgan", "wgan-gp"}
-    assert not LOSSES["nonsaturating"].wasserstein and not LOSSES["minimax"].wasserstein
+    # critics report raw scores, the probabilistic losses sigmoid(score)
+    assert {k for k, v in LOSSES.items() if not v.sigmoid_report} >= {"wgan", "wgan-gp"}
+    assert LOSSES["nonsaturating"].sigmoid_report and LOSSES["minimax"].sigmoid_report
 
 
 @pytest.mark.parametrize("name", ["nonsaturating", "minimax"])
