@@ -69,9 +69,12 @@ class Stream:
 class StepDraws:
     """Hands out `Stream`s for (step, phase); after `begin(step)`, served from one staged buffer."""
 
-    def __init__(self, seed: int, device: torch.device | str = "cpu"):
+    def __init__(self, seed: int, device: torch.device | str = "cpu", buffer: bool | None = None):
         self.seed, self.device = seed, torch.device(device)
         self.pin = self.device.type == "cuda"
+        # one float64 buffer copied to the device; on the CPU the draws are served as drawn (there is
+        # no copy to save), unless `buffer` asks for the device path (the tests prove it on the CPU)
+        self.buffer = self.device.type != "cpu" if buffer is None else buffer
         self._step: int | None = None
         self._plan: list[tuple[int, list[tuple[str, tuple]]]] = []  # the last step's streams and calls
         self._streams: list[Stream] = []
@@ -90,9 +93,12 @@ class StepDraws:
         flat = [t for stream in host for _, _, t in stream]
         if not flat:
             return
+        if not self.buffer:
+            self._served = [[(kind, args, t, t) for kind, args, t in stream] for stream in host]
+            return
         buf = torch.empty(sum(t.numel() for t in flat), dtype=torch.float64, pin_memory=self.pin)
         torch.cat([t.reshape(-1).to(torch.float64) for t in flat], out=buf)
-        staged = buf.to(self.device, non_blocking=True)  # one copy; on the CPU, the buffer itself
+        staged = buf.to(self.device, non_blocking=True)  # one copy
         offset = 0
         for stream in host:
             served = []

@@ -153,6 +153,14 @@ class _Direct(training.Batches):
         pass
 
 
+class _Buffered(training.Batches):
+    """The device path on the CPU: every step's draws through one float64 buffer."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.draws = StepDraws(self.seed, self.device, buffer=True)
+
+
 @pytest.mark.parametrize(
     "over",
     [
@@ -173,21 +181,22 @@ def test_staged_draws_train_the_same_weights_as_direct_draws_and_stage_every_dra
     y = torch.randint(0, 10, (len(x),), generator=g) if image else None
     k = 10 if image else 0
     weights, direct = [], []
-    for cls in (training.Batches, _Direct):
+    for cls in (_Buffered, _Direct, training.Batches):
         gan = training.build_gan(cfg, list(x.shape[1:]), "cpu", k or None)
         gan.ada_p = 0.5  # augmentations really applied
         batches = cls(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, y=y, num_classes=k)
         training.train(gan, cfg, batches)
         weights.append([t.clone() for t in gan.G.state_dict().values()])
         direct.append(batches.draws.direct)
-    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))  # buffered == direct
+    assert all(torch.equal(a, b) for a, b in zip(weights[2], weights[1]))  # served as drawn (CPU) == direct
     one_step = training.Batches(x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, y=y, num_classes=k)
     training.train(
         training.build_gan(cfg, list(x.shape[1:]), "cpu", k or None),
         build_config(deep_merge(cfg.to_dict(), {"train": {"steps": 1}})),
         one_step,
     )
-    assert direct[0] == one_step.draws.direct > 0  # only step 0, before a plan exists, draws directly
+    assert direct[0] == direct[2] == one_step.draws.direct > 0  # only step 0, before a plan exists, draws directly
     assert direct[1] == cfg.train.steps * direct[0]
 
 
