@@ -17,10 +17,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.datasets import DATASETS as DATASET_REGISTRY
 from pipeline.losses import LOSSES as LOSS_REGISTRY
+from pipeline.models import ARCHS, NORMS
 
-DATASETS = ("ring", "grid", "digits", "mnist5k", "npz")
-LOSSES = tuple(LOSS_REGISTRY)  # the loss names: pipeline.losses registers them
+# the names each registry holds: adding a dataset, loss, architecture or norm is one entry there
+DATASETS = tuple(DATASET_REGISTRY)
+TARGETS = tuple(name for name, d in DATASET_REGISTRY.items() if d.can_be_target)
+LOSSES = tuple(LOSS_REGISTRY)
 
 
 class ConfigError(ValueError):
@@ -34,19 +38,19 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: Literal["ring", "grid", "digits", "mnist5k", "npz"] = "grid"
+    name: Literal[DATASETS] = "grid"  # type: ignore[valid-type]
     path: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     n_samples: int = Field(50_000, gt=0, description="points drawn for ring/grid")
     # CycleGAN: domain B (Y), unpaired with domain A (X) = `name`; both built-in image sets
-    target: Literal["digits", "mnist5k"] | None = None
+    target: Literal[TARGETS] | None = None  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
-        if self.name == "npz" and not self.path:
-            raise ValueError("data.path: required when data.name is npz")
-        if self.target is not None and self.name not in ("digits", "mnist5k"):
-            raise ValueError(f"data.target: domain A (data.name) must be digits or mnist5k, got {self.name}")
+        if DATASET_REGISTRY[self.name].needs_path and not self.path:
+            raise ValueError(f"data.path: required when data.name is {self.name}")
+        if self.target is not None and self.name not in TARGETS:
+            raise ValueError(f"data.target: domain A (data.name) must be {' or '.join(TARGETS)}, got {self.name}")
         if self.target is not None and self.target == self.name:
             raise ValueError(f"data.target: must differ from data.name, got {self.target}")
         return self
@@ -54,14 +58,24 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     family: Literal["gan", "cyclegan"] = "gan"  # cyclegan: two generators X->Y, Y->X, two discriminators
-    arch: Literal["mlp", "dcgan"] = "mlp"
+    arch: Literal[tuple(ARCHS)] = "mlp"  # type: ignore[valid-type]
     z_dim: int = Field(2, gt=0)
-    hidden: int = Field(128, gt=0, description="MLP width / DCGAN base channels")
+    hidden: int = Field(128, gt=0, description="MLP width / DCGAN and ResNet base channels")
     layers: int = Field(3, gt=0, description="MLP hidden layers")
-    d_norm: Literal["none", "batch", "layer", "instance", "spectral"] = "none"
+    d_norm: Literal[tuple(NORMS)] = "none"  # type: ignore[valid-type]
     d_activation: Literal["relu", "leaky_relu", "tanh"] = "leaky_relu"
     conditional: bool = False
     pack: int = Field(1, ge=1)
+    attention: int | None = Field(None, description="resnet: a self-attention block at this resolution, null = none")
+
+    @model_validator(mode="after")
+    def _attention_side(self) -> "ModelConfig":
+        a = self.attention
+        if a is not None and self.arch != "resnet":
+            raise ValueError(f"model.attention: only arch resnet has self-attention, got arch {self.arch}")
+        if a is not None and (a < 8 or a > 256 or a & (a - 1)):
+            raise ValueError(f"model.attention: must be a power of two in 8..256 (a resolution), got {a}")
+        return self
 
     @model_validator(mode="after")
     def _conditional_unpacked(self) -> "ModelConfig":
@@ -225,21 +239,26 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
-        if self.data.name in ("ring", "grid") and self.model.arch != "mlp":
-            raise ValueError(f"model.arch: 2D data ({self.data.name}) needs mlp, got {self.model.arch}")
-        if self.data.name in ("digits", "mnist5k") and self.model.arch != "dcgan":
-            raise ValueError(f"model.arch: image data ({self.data.name}) needs dcgan, got {self.model.arch}")
+        dataset, arch = DATASET_REGISTRY[self.data.name], ARCHS[self.model.arch]
+        if dataset.kind != "any" and arch.kind != dataset.kind:
+            fits = " or ".join(n for n, a in ARCHS.items() if a.kind == dataset.kind)
+            what = "2D data" if dataset.kind == "points" else "image data"
+            raise ValueError(f"model.arch: {what} ({self.data.name}) needs {fits}, got {self.model.arch}")
         if (self.train.batch_size // self.train.num_workers) % self.model.pack:
             raise ValueError(
                 f"model.pack: the per-worker batch ({self.train.batch_size // self.train.num_workers}) "
                 f"must be divisible by it, got {self.model.pack}"
             )
-        if self.model.conditional and self.data.name in ("ring", "grid"):
+        if self.model.conditional and dataset.labels == "none":
+            labelled = ", ".join(n for n, d in DATASET_REGISTRY.items() if d.labels == "classes")
             raise ValueError(
-                f"model.conditional: {self.data.name} has no class labels; use digits, mnist5k or an npz with 'y'"
+                f"model.conditional: {self.data.name} has no class labels; use {labelled} or an npz with 'y'"
             )
-        if self.model.arch == "mlp" and self.model.d_norm == "instance":
-            raise ValueError("model.d_norm: instance norm needs image data (arch dcgan), got instance")
+        if arch.kind == "points" and NORMS[self.model.d_norm].dense is None:
+            images = " or ".join(n for n, a in ARCHS.items() if a.kind == "images")
+            raise ValueError(
+                f"model.d_norm: {self.model.d_norm} norm needs image data (arch {images}), got {self.model.d_norm}"
+            )
         loss = LOSS_REGISTRY[self.loss.name]
         if self.train.precision == "fp16" and (loss.gradient_penalty or self.loss.r1_gamma > 0):
             raise ValueError(
@@ -249,7 +268,7 @@ class Config(_Section):
             raise ValueError("train.precision: fp16 supports alternating updates only; use bf16 or fp32")
         if self.train.use_gpu is True:
             check_on_gpu(self)
-        if loss.per_sample_critic and self.model.d_norm == "batch":
+        if loss.per_sample_critic and NORMS[self.model.d_norm].couples_samples:
             raise ValueError(
                 f"model.d_norm: batch norm couples the samples of a batch, but a {self.loss.name} critic must "
                 "score each sample alone (the Kantorovich dual; the WGAN-GP penalty is per sample); use none, "

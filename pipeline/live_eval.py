@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import metrics2d, metrics_image, training
+from pipeline import datasets, metrics_image, training
 
 
 class LiveEval:
@@ -44,10 +44,7 @@ class LiveEval:
         # latents apart from any training draw (seed + 1), like the evaluate stage
         fake = training.sample(G, self.n, z_dim, self.seed + 1, num_classes=self.conditional_classes)
         if self.extractor is None:
-            out = {"w1": metrics2d.w1(fake, self.real)}
-            if self.dataset in ("ring", "grid"):
-                out.update(metrics2d.mode_metrics(fake, self.dataset))
-            return out
+            return datasets.point_scores(self.dataset, fake, self.real)
         from pipeline import features
 
         fake_f, fake_p = features.embed(self.extractor, fake)

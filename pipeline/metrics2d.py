@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from pipeline.data import mixture
+from pipeline.datasets.mixtures import mixture
 
 HQ_STDS = 3.0
 

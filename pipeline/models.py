@@ -1,4 +1,5 @@
-"""Generators and discriminators: an MLP pair for 2D points, a DCGAN pair for 8x8..64x64 images.
+"""Generators and discriminators: an MLP pair for 2D points, a DCGAN pair for 8x8..128x128 images
+(and, registered from pipeline.resnet, residual GANs for 16..256 pixels): the `ARCHS` registry.
 
 Pure torch: no I/O. A generator is fully described by its `spec` (a small dict saved inside every
 checkpoint), so evaluation and export rebuild it without the training config.
@@ -7,13 +8,15 @@ checkpoint), so evaluation and export rebuild it without the training config.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from pipeline.config import ModelConfig
+if TYPE_CHECKING:  # the config asks this module's registries (ARCHS, NORMS); no import cycle at run time
+    from pipeline.config import ModelConfig
 
 ACTIVATIONS = {
     "relu": lambda: nn.ReLU(),
@@ -33,9 +36,10 @@ def generator_spec(
         "layers": model.layers,
         "sample_shape": list(sample_shape),
         "num_classes": num_classes if model.conditional else None,
-        # how a conditional DCGAN generator takes its label: per-class gain and bias in every batch norm.
+        # how a conditional image generator takes its label: per-class gain and bias in every batch norm.
         # Specs saved before this key existed concatenated an embedding to z ("embedding").
-        "conditioning": "batchnorm" if model.conditional and model.arch == "dcgan" else None,
+        "conditioning": "batchnorm" if model.conditional and ARCHS[model.arch].kind == "images" else None,
+        **({"attention": model.attention} if model.attention else {}),
     }
 
 
@@ -44,27 +48,17 @@ def build_generator(spec: dict[str, Any]) -> nn.Module:
         from pipeline.cyclegan import build_generators
 
         return build_generators(spec)
-    k = spec.get("num_classes")
-    if spec["arch"] == "mlp":
-        return MLPGenerator(spec["z_dim"], spec["hidden"], spec["layers"], spec["sample_shape"][0], k)
-    return DCGANGenerator(
-        spec["z_dim"], spec["hidden"], tuple(spec["sample_shape"]), k, spec.get("conditioning") or "embedding"
-    )
+    return ARCHS[spec["arch"]].generator(spec)
 
 
 def build_discriminator(
     model: ModelConfig, sample_shape: list[int] | tuple[int, ...], num_classes: int | None = None
 ) -> nn.Module:
-    k = num_classes if model.conditional else None
     if model.family == "cyclegan":  # D_X and D_Y
         from pipeline.cyclegan import CycleDiscriminators
 
         return CycleDiscriminators(model, tuple(sample_shape))
-    if model.arch == "mlp":
-        return MLPDiscriminator(
-            sample_shape[0], model.hidden, model.layers, model.d_norm, model.d_activation, model.pack, k
-        )
-    return DCGANDiscriminator(tuple(sample_shape), model.hidden, model.d_norm, model.d_activation, model.pack, k)
+    return ARCHS[model.arch].discriminator(model, tuple(sample_shape), num_classes if model.conditional else None)
 
 
 # ---- MLP (2D) -------------------------------------------------------------------------------
@@ -116,13 +110,10 @@ class MLPGenerator(nn.Module):
 
 
 def _mlp_norm(kind: str, width: int) -> list[nn.Module]:
-    if kind == "batch":
-        return [nn.BatchNorm1d(width)]
-    if kind == "layer":
-        return [nn.LayerNorm(width)]
-    if kind == "instance":
-        raise ValueError("model.d_norm: instance norm needs image data (arch dcgan)")
-    return []
+    make = NORMS[kind].dense
+    if make is None:
+        raise ValueError(f"model.d_norm: {kind} norm needs image data (a convolutional arch)")
+    return make(width)
 
 
 class MLPDiscriminator(nn.Module):
@@ -231,13 +222,7 @@ class DCGANGenerator(nn.Module):
 
 
 def _conv_norm(kind: str, ch: int) -> list[nn.Module]:
-    if kind == "batch":
-        return [nn.BatchNorm2d(ch)]
-    if kind == "layer":
-        return [nn.GroupNorm(1, ch)]
-    if kind == "instance":
-        return [nn.InstanceNorm2d(ch, affine=True)]
-    return []
+    return NORMS[kind].conv(ch)
 
 
 class DCGANDiscriminator(nn.Module):
@@ -270,3 +255,75 @@ class DCGANDiscriminator(nn.Module):
             x = nn.functional.pad(x, (left, self.side - w - left, top, self.side - h - top), value=-1.0)
         h = self.net(x).flatten(1)
         return self.project(h, self.head(h).squeeze(1), y)
+
+
+# ---- registries: the discriminator norms and the architectures ------------------------------
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A discriminator normalisation: the layers it adds after a dense layer (None: it needs images)
+    and after a convolution. Spectral norm adds no layer: it reparametrises the weights (`sn`)."""
+
+    dense: Callable[[int], list[nn.Module]] | None
+    conv: Callable[[int], list[nn.Module]]
+    couples_samples: bool = False  # batch statistics mix the samples of a batch
+
+
+NORMS: dict[str, Norm] = {
+    "none": Norm(lambda w: [], lambda c: []),
+    "batch": Norm(lambda w: [nn.BatchNorm1d(w)], lambda c: [nn.BatchNorm2d(c)], couples_samples=True),
+    "layer": Norm(lambda w: [nn.LayerNorm(w)], lambda c: [nn.GroupNorm(1, c)]),
+    "instance": Norm(None, lambda c: [nn.InstanceNorm2d(c, affine=True)]),
+    "spectral": Norm(lambda w: [], lambda c: []),
+}
+
+
+def _any_shape(shape) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Arch:
+    """An architecture: the data kind it takes (points | images), how it builds G from a spec and D
+    from the model config, and `check_shape`, which raises ValueError for a sample shape it cannot take."""
+
+    kind: str
+    generator: Callable[[dict[str, Any]], nn.Module]
+    discriminator: Callable[..., nn.Module]  # (model config, sample shape, num_classes or None)
+    check_shape: Callable[[list[int]], None] = _any_shape
+
+
+def _image_sides(lo: int, hi: int) -> Callable[[list[int]], None]:
+    def check(shape) -> None:
+        c, h, w = shape
+        if c not in (1, 3) or not (lo <= h <= hi and lo <= w <= hi):
+            raise ValueError(f"model.arch: takes 1 or 3 channels and sides {lo}..{hi}, got {tuple(shape)}")
+
+    return check
+
+
+ARCHS: dict[str, Arch] = {
+    "mlp": Arch(
+        "points",
+        lambda s: MLPGenerator(s["z_dim"], s["hidden"], s["layers"], s["sample_shape"][0], s.get("num_classes")),
+        lambda m, shape, k: MLPDiscriminator(shape[0], m.hidden, m.layers, m.d_norm, m.d_activation, m.pack, k),
+    ),
+    "dcgan": Arch(
+        "images",
+        lambda s: DCGANGenerator(
+            s["z_dim"], s["hidden"], tuple(s["sample_shape"]), s.get("num_classes"), s.get("conditioning") or "embedding"
+        ),
+        lambda m, shape, k: DCGANDiscriminator(shape, m.hidden, m.d_norm, m.d_activation, m.pack, k),
+        _image_sides(8, 128),
+    ),
+}
+
+
+def register_arch(name: str, arch: Arch) -> Arch:
+    """Add an architecture (pipeline.resnet registers `resnet`)."""
+    ARCHS[name] = arch
+    return arch
+
+
+from pipeline import resnet  # noqa: E402,F401  (registers itself in ARCHS)

@@ -23,7 +23,7 @@ from pipeline.augment import ada_adjust, augment, overfit_signal
 from pipeline.config import Config
 from pipeline.draws import StepDraws, step_generator
 from pipeline.losses import Terms, terms
-from pipeline.models import build_discriminator, build_generator, generator_spec
+from pipeline.models import ARCHS, build_discriminator, build_generator, generator_spec
 
 
 class NonFiniteLoss(RuntimeError):
@@ -57,7 +57,7 @@ def build_gan(
     pair (`D.x`, `D.y`): one optimizer per pair, as in the CycleGAN reference.
     """
     if cfg.model.conditional and not num_classes:
-        raise ValueError("model.conditional: needs labelled data (digits, mnist5k, or an npz with 'y')")
+        raise ValueError("model.conditional: needs labelled data (a dataset with classes, or an npz with 'y')")
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     if cfg.model.family == "cyclegan":
         spec = cyclegan.generator_spec(cfg.model, sample_shape)
@@ -66,7 +66,7 @@ def build_gan(
     G = build_generator(spec).to(device)
     D = build_discriminator(cfg.model, sample_shape, num_classes).to(device)
     t = cfg.train
-    if t.channels_last and cfg.model.arch == "dcgan":
+    if t.channels_last and ARCHS[cfg.model.arch].kind == "images":
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False) if t.ema > 0 else None
     opt_g = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=t.betas)

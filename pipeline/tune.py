@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import datasets
 from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
 from pipeline.outputs import load_tensors
 
@@ -41,7 +42,7 @@ STATE_FILE = "state.pt"
 TRIAL_TAG = "ganpipe.trial_id"
 STATUS_TAG = "ganpipe.trial_status"
 LIVE_METRICS = (
-    *("w1", "modes", "hq_fraction", "reverse_kl"),
+    *dict.fromkeys(m for name in datasets.DATASETS for m in datasets.point_metric_names(name)),
     *("fid", "precision", "recall", "class_modes", "class_kl", "label_accuracy"),
 )
 REPORTED = ("step", *LIVE_METRICS, "cycle_l1", "loss/D", "loss/G", "loss/cycle", "opt/lr_g", "opt/lr_d")
@@ -385,7 +386,7 @@ def check_tunable(cfg: Config) -> None:
         )
     if cfg.tune.metric not in METRICS:
         raise ConfigError(f"tune.metric: must be one the trials report ({', '.join(METRICS)}), got {cfg.tune.metric!r}")
-    check_metric(cfg, {"ring": "points", "grid": "points", "digits": "images", "mnist5k": "images"}.get(cfg.data.name))
+    check_metric(cfg, datasets.kind(cfg.data.name))
 
 
 def reported_metrics(cfg: Config, kind: str | None) -> tuple[str, ...]:
@@ -395,7 +396,7 @@ def reported_metrics(cfg: Config, kind: str | None) -> tuple[str, ...]:
     if cfg.model.family == "cyclegan":
         return ("cycle_l1", *losses, "loss/cycle")
     if kind == "points":
-        return ("w1", *(("modes", "hq_fraction", "reverse_kl") if cfg.data.name in ("ring", "grid") else ()), *losses)
+        return (*datasets.point_metric_names(cfg.data.name), *losses)
     if kind == "images":
         images = ("fid", "precision", "recall", "class_modes", "class_kl")
         return (*images, *(("label_accuracy",) if cfg.model.conditional else ()), *losses)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import data, metrics2d, outputs, plots, tracking, training
+from pipeline import data, datasets, outputs, plots, tracking, training
 from stages import common
 
 
@@ -47,11 +47,8 @@ def evaluate(args) -> None:
             result = image_scores(samples, prepared, spec, Path(args.features), cfg, tmp)
         else:
             real = prepared.x_val[:n]
-            centers = data.mixture(dataset).centers if dataset in ("ring", "grid") else None
-            plots.scatter_2d(samples, real, centers, tmp / "samples.png", f"{n} generated samples")
-            result = {"w1": metrics2d.w1(samples, real)}
-            if dataset in ("ring", "grid"):
-                result.update(metrics2d.mode_metrics(samples, dataset))
+            plots.scatter_2d(samples, real, datasets.centers(dataset), tmp / "samples.png", f"{n} generated samples")
+            result = datasets.point_scores(dataset, samples, real)
     result["n_samples"] = n
     _finish(args, uri, run_id, result)
 

@@ -6,7 +6,7 @@ import hashlib
 import sys
 import time
 
-from pipeline import cyclegan, data, distributed, identity, live_eval, outputs, plots, tracking, training
+from pipeline import cyclegan, data, datasets, distributed, identity, live_eval, outputs, plots, tracking, training
 from pipeline.config import flatten
 from pipeline.models import build_generator
 from stages import common
@@ -173,8 +173,7 @@ def _sample_plot(samples, prepared, dataset: str, path) -> None:
     if prepared.is_image:
         plots.image_grid(samples, path)
     else:
-        centers = data.mixture(dataset).centers if dataset in ("ring", "grid") else None
-        plots.scatter_2d(samples, prepared.x_val[:2000], centers, path, "generated vs real")
+        plots.scatter_2d(samples, prepared.x_val[:2000], datasets.centers(dataset), path, "generated vs real")
 
 
 if __name__ == "__main__":

@@ -268,7 +268,7 @@ BAD_NPZ = [
     pytest.param({"x": np.full((2, 8, 8), 1.5, np.float32)}, "[-1, 1]", id="float-images-above"),
     pytest.param({"x": np.full((2, 8, 8), -3.0, np.float32)}, "[-1, 1]", id="float-images-below"),
     pytest.param({"x": np.zeros((2, 2, 8, 8), np.float32)}, "1 or 3 channels", id="two-channels"),
-    pytest.param({"x": np.zeros((2, 1, 4, 4), np.float32)}, "sides 8..64", id="tiny-images"),
+    pytest.param({"x": np.zeros((2, 1, 4, 4), np.float32)}, "sides 8..256", id="tiny-images"),
     pytest.param({"x": np.array([["a", "b"]])}, "numeric", id="strings"),
     pytest.param(
         {"x": np.zeros((4, 3), np.float32)}, "points must be 2-dimensional (N, 2), got (N, 3)", id="3d-points"

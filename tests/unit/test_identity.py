@@ -19,7 +19,7 @@ def stage(dvc_file: str, name: str) -> dict:
 
 
 def code_deps(st: dict) -> set[str]:
-    return {d for d in st["deps"] if d.endswith(".py")}
+    return {d for d in st["deps"] if d.endswith(".py") or d.startswith(("pipeline/", "stages/"))}
 
 
 @pytest.mark.parametrize(
@@ -108,13 +108,13 @@ def test_the_sweep_identity_covers_what_the_tune_stage_reads():
 
 
 def copy_sources(tmp: Path, sources) -> Path:
-    for rel in sources:
+    for rel in identity.expand(ROOT, tuple(sources)):
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).write_text((ROOT / rel).read_text())
     return tmp
 
 
-SOURCES = sorted(set(identity.TRAIN_SOURCES) | set(identity.TUNE_SOURCES))
+SOURCES = sorted(set(identity.expand(ROOT, identity.TRAIN_SOURCES)) | set(identity.expand(ROOT, identity.TUNE_SOURCES)))
 
 
 @pytest.mark.parametrize("rel", SOURCES)
@@ -167,7 +167,12 @@ def _imported(rel: str) -> set[str]:
             names = [node.module] if "." in node.module else [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names if a.name.split(".")[0] in ("pipeline", "stages")]
-        out |= {n.replace(".", "/") + ".py" for n in names if (ROOT / (n.replace(".", "/") + ".py")).is_file()}
+        for n in names:
+            path = n.replace(".", "/")
+            if (ROOT / f"{path}.py").is_file():
+                out.add(f"{path}.py")
+            elif (ROOT / path / "__init__.py").is_file():  # a package: its __init__ runs
+                out.add(f"{path}/__init__.py")
     return out
 
 
@@ -181,5 +186,5 @@ def test_every_module_a_stage_runs_is_in_its_identity_or_declared_not_to_shape_r
         if rel not in seen:
             seen.add(rel)
             todo += sorted(_imported(rel))
-    missing = seen - set(sources) - set(identity.NOT_RESULT_SHAPING)
+    missing = seen - set(identity.expand(ROOT, sources)) - set(identity.NOT_RESULT_SHAPING)
     assert not missing, f"{stage_file} runs {sorted(missing)}: add them to the identity's sources (and dvc.yaml)"

@@ -1,0 +1,103 @@
+"""The dataset registry: every module of this package registers the datasets it defines.
+
+A `Dataset` declares what the rest of the pipeline asks about it, so that no other module lists
+dataset names:
+  - `kind`: "points" (N, 2) or "images" (N, C, H, W); "any" when the file decides (an npz), in which
+    case the prepared manifest's `kind` says;
+  - `labels`: "classes" (always labelled), "none", or "optional" (the file or folder decides);
+  - `load(cfg, seed, fetch)`: the arrays, `x` float32 (points in their own scale, images in [-1, 1]),
+    `y` int64 labels or None; `fetch` reads a remote (s3://) path's bytes;
+  - `metrics` and `metric_names`: known-answer metrics of generated points (the mixtures' modes), and
+    `centers`, the modes to draw on plots.
+
+Adding a dataset is one module here (it calls `register`) plus its test; the config's `data.name`,
+the cross-checks with `model.arch`, the in-training and final evaluation and the tune metric list
+all ask this registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+Fetch = Callable[[str], bytes]
+Loader = Callable[..., "tuple[np.ndarray, np.ndarray | None]"]
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file or key."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    kind: str  # points | images | any
+    labels: str  # classes | none | optional
+    load: Loader
+    metrics: Callable[[np.ndarray], dict[str, float]] | None = None  # known answers for generated points
+    metric_names: tuple[str, ...] = ()  # the keys `metrics` returns
+    centers: Callable[[], np.ndarray] | None = None  # modes drawn on the 2D plots
+    needs_path: bool = False  # data.path is required
+    can_be_target: bool = False  # a CycleGAN domain B (a built-in image set)
+
+    def __post_init__(self) -> None:
+        assert self.kind in ("points", "images", "any"), self.kind
+        assert self.labels in ("classes", "none", "optional"), self.labels
+
+
+DATASETS: dict[str, Dataset] = {}
+
+
+def register(dataset: Dataset) -> Dataset:
+    if dataset.name in DATASETS:
+        raise ValueError(f"dataset {dataset.name!r} registered twice")
+    DATASETS[dataset.name] = dataset
+    return dataset
+
+
+def get(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise DataError(f"data.name: must be one of {' | '.join(DATASETS)}, got {name!r}")
+    return DATASETS[name]
+
+
+def point_scores(name: str, fake: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """Generated points scored against real ones: exact W1 (pipeline.metrics2d), plus the dataset's
+    known-answer metrics when it has them. The in-training and the final evaluation both call this."""
+    from pipeline import metrics2d
+
+    out = {"w1": metrics2d.w1(fake, real)}
+    ds = DATASETS.get(name)
+    if ds is not None and ds.metrics is not None:
+        out.update(ds.metrics(fake))
+    return out
+
+
+def point_metric_names(name: str) -> tuple[str, ...]:
+    """The keys `point_scores` returns for this dataset."""
+    ds = DATASETS.get(name)
+    return ("w1", *(ds.metric_names if ds else ()))
+
+
+def centers(name: str) -> np.ndarray | None:
+    """The modes to draw on a 2D plot of this dataset, None when it has none."""
+    ds = DATASETS.get(name)
+    return None if ds is None or ds.centers is None else ds.centers()
+
+
+def kind(name: str) -> str | None:
+    """points | images for a built-in dataset; None when the file decides (an npz) until prepare."""
+    ds = DATASETS.get(name)
+    return None if ds is None or ds.kind == "any" else ds.kind
+
+
+def _register_all() -> None:
+    for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        importlib.import_module(f"{__name__}.{mod}")
+
+
+_register_all()
