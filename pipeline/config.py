@@ -41,9 +41,18 @@ class DataConfig(_Section):
     name: Literal[DATASETS] = "grid"  # type: ignore[valid-type]
     path: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    n_samples: int = Field(50_000, gt=0, description="points drawn for ring/grid")
+    n_samples: int = Field(50_000, gt=0, description="points drawn for ring/grid, images for shapes")
+    resolution: int | None = Field(None, description="image side for shapes / imagefolder, a power of two 8..256")
+    channels: Literal[1, 3] | None = Field(None, description="shapes / imagefolder: 1 (grey) or 3 (RGB)")
     # CycleGAN: domain B (Y), unpaired with domain A (X) = `name`; both built-in image sets
     target: Literal[TARGETS] | None = None  # type: ignore[valid-type]
+
+    @field_validator("resolution")
+    @classmethod
+    def _power_of_two(cls, v: int | None) -> int | None:
+        if v is not None and (v < 8 or v > 256 or v & (v - 1)):
+            raise ValueError(f"must be a power of two in 8..256, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":

@@ -32,7 +32,7 @@ WIDTH = 16  # channels of the first conv block; doubled at each of the three blo
 
 
 class FeatureNet(nn.Module):
-    """Images (N, C, H, W) in [-1, 1], sides 8..64 -> logits (N, num_classes).
+    """Images (N, C, H, W) in [-1, 1], sides 8..256 -> logits (N, num_classes).
 
     Three conv blocks (3x3 conv, 2x2 max-pool in the first two, BatchNorm, ReLU), an adaptive
     average pool to 2x2, then the penultimate layer `features` (Linear + ReLU, `feature_dim` units)
@@ -48,7 +48,7 @@ class FeatureNet(nn.Module):
     ):
         super().__init__()
         c, h, w = shape
-        assert 8 <= h <= 64 and 8 <= w <= 64, f"FeatureNet needs image sides 8..64, got {shape}"
+        assert 8 <= h <= 256 and 8 <= w <= 256, f"FeatureNet needs image sides 8..256, got {shape}"
         self.shape, self.num_classes, self.feature_dim, self.width = tuple(shape), num_classes, feature_dim, width
         ch = [c, width, 2 * width, 4 * width]
         blocks: list[nn.Module] = []

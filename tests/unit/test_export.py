@@ -15,6 +15,7 @@ from pipeline.models import build_generator, generator_spec
 CASES = {
     "mlp": (ModelConfig(arch="mlp", z_dim=2, hidden=16, layers=2), [2]),
     "dcgan": (ModelConfig(arch="dcgan", z_dim=8, hidden=8), [1, 16, 16]),
+    "resnet": (ModelConfig(arch="resnet", z_dim=8, hidden=8, attention=8), [3, 16, 16]),
 }
 
 
@@ -22,7 +23,7 @@ def _generator(kind):
     torch.manual_seed(0)
     m, shape = CASES[kind]
     G = build_generator(generator_spec(m, shape))
-    if kind == "dcgan":
+    if kind != "mlp":
         # non-trivial BatchNorm running statistics, so eval mode differs from train mode
         G.train()
         with torch.no_grad():
