@@ -1,4 +1,5 @@
-"""Adaptive discriminator augmentation (ADA, Karras et al. 2020). Pure torch: no I/O.
+"""Discriminator augmentation: adaptive (ADA, Karras et al. 2020) and DiffAugment (Zhao et al. 2020),
+`train.augment: ada | diffaugment`. Pure torch: no I/O.
 
 `augment` is what D sees: apply it, with the same p, to reals and to fakes alike (asymmetric
 augmentation would bias D). It is differentiable with respect to its input, so G's gradient flows
@@ -233,3 +234,56 @@ def _jitter(x: torch.Tensor, m: torch.Tensor, g: Draws) -> torch.Tensor:
 
 
 _POINT = {"rotate": _rotate, "jitter": _jitter}
+
+
+# ---- DiffAugment (Zhao et al. 2020) ---------------------------------------------------------
+
+
+def diffaugment(x: torch.Tensor, generator: Any, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """DiffAugment's "color,translation,cutout" policy, applied to every sample (no p).
+
+    As in the authors' code: brightness + U(-0.5, 0.5); saturation (distance to the pixel's channel
+    mean) x U(0, 2); contrast (distance to the image mean) x U(0.5, 1.5); an integer translation by
+    up to 1/8 of each side, zero-padded; cutout of a square half the side, its centre uniform over
+    the image, set to 0. Differentiable with respect to x, so G learns through it: apply it to reals
+    and fakes, in D's and in G's steps. Deterministic given the generator (a `torch.Generator` or a
+    `pipeline.draws.Stream`); `shard` as for `augment`.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"diffaugment: expected images (N, C, H, W), got shape {tuple(x.shape)}")
+    g = Draws(generator, *shard)
+    n, _, h, w = x.shape
+    u = lambda: g.rand(n).to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    x = x + (u() - 0.5)
+    mean = x.mean(1, keepdim=True)
+    x = (x - mean) * (u() * 2) + mean
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * (u() + 0.5) + mean
+    x = _shift_zero_padded(x, g)
+    return _cutout_square(x, g)
+
+
+def _shift_zero_padded(x: torch.Tensor, g: Draws) -> torch.Tensor:
+    n, c, h, w = x.shape
+    sh, sw = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
+    dy = g.randint(-sh, sh + 1, n).to(x.device)
+    dx = g.randint(-sw, sw + 1, n).to(x.device)
+    rows = torch.arange(h, device=x.device) - dy[:, None]  # (n, h): output row i reads row i - dy
+    cols = torch.arange(w, device=x.device) - dx[:, None]
+    keep_r, keep_c = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
+    x = x.gather(2, rows.clamp(0, h - 1)[:, None, :, None].expand(n, c, h, w))
+    x = x.gather(3, cols.clamp(0, w - 1)[:, None, None, :].expand(n, c, h, w))
+    keep = keep_r[:, :, None] & keep_c[:, None, :]
+    return x * keep[:, None].to(x.dtype)
+
+
+def _cutout_square(x: torch.Tensor, g: Draws) -> torch.Tensor:
+    n, _, h, w = x.shape
+    ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
+    oy = g.randint(0, h + (1 - ch % 2), n).to(x.device) - ch // 2  # the square's first row
+    ox = g.randint(0, w + (1 - cw % 2), n).to(x.device) - cw // 2
+    ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_y = (ys[None] >= oy[:, None]) & (ys[None] < oy[:, None] + ch)
+    in_x = (xs[None] >= ox[:, None]) & (xs[None] < ox[:, None] + cw)
+    hole = in_y[:, :, None] & in_x[:, None, :]
+    return x * (~hole)[:, None].to(x.dtype)

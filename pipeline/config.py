@@ -121,6 +121,8 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     ema: float = Field(0.999, ge=0.0, lt=1.0, description="generator EMA decay, 0 = off")
+    # what D sees of reals and fakes: ADA (settings in train.ada) or DiffAugment; exclusive
+    augment: Literal["none", "ada", "diffaugment"] = "none"
     ada: AdaConfig = AdaConfig()
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each Ray worker holds; torch uses as many threads")
@@ -133,6 +135,24 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=0)
     log_every: int = Field(200, gt=0)
     pool_size: int = Field(50, ge=0, description="CycleGAN: history pool of past fakes per D, 0 = off")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_augment(cls, raw: Any) -> Any:
+        """`train.augment: ada` and `train.ada.enabled: true` say the same thing: each implies the other."""
+        if not isinstance(raw, dict):
+            return raw
+        ada = raw.get("ada") if isinstance(raw.get("ada"), dict) else {}
+        augment, enabled = raw.get("augment", "none"), ada.get("enabled")
+        if augment == "diffaugment" and enabled is True:
+            raise ValueError("train.augment: diffaugment and ADA (train.ada.enabled: true) are exclusive; pick one")
+        if augment == "ada" and enabled is False:
+            raise ValueError("train.ada.enabled: false contradicts train.augment: ada")
+        if enabled is True and augment == "none":
+            return {**raw, "augment": "ada"}
+        if augment == "ada" and enabled is None:
+            return {**raw, "ada": {**ada, "enabled": True}}
+        return raw
 
     @field_validator("betas")
     @classmethod
@@ -238,7 +258,7 @@ class Config(_Section):
             "model.conditional": (self.model.conditional, "cyclegan is unconditional, got true"),
             "model.pack": (self.model.pack != 1, f"cyclegan judges single images, got {self.model.pack}"),
             "train.update": (self.train.update != "alternating", "cyclegan supports alternating, got simultaneous"),
-            "train.ada.enabled": (self.train.ada.enabled, "cyclegan does not support ADA yet, got true"),
+            "train.augment": (self.train.augment != "none", f"cyclegan does not support augmentation yet, got {self.train.augment}"),
             "train.precision": (self.train.precision == "fp16", "cyclegan supports fp32 and bf16, got fp16"),
         }
         for key, (bad, why) in refused.items():
@@ -263,6 +283,8 @@ class Config(_Section):
             raise ValueError(
                 f"model.conditional: {self.data.name} has no class labels; use {labelled} or an npz with 'y'"
             )
+        if arch.kind == "points" and self.train.augment == "diffaugment":
+            raise ValueError("train.augment: diffaugment transforms images; 2D data (arch mlp) takes none or ada")
         if arch.kind == "points" and NORMS[self.model.d_norm].dense is None:
             images = " or ".join(n for n, a in ARCHS.items() if a.kind == "images")
             raise ValueError(

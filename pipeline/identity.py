@@ -82,6 +82,7 @@ TRAIN_RESULT_KEYS = (
     "train.channels_last",
     "train.deterministic",
     "train.ema",
+    "train.augment",
     "train.ada",
     "train.pool_size",
 )

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline import cyclegan
-from pipeline.augment import ada_adjust, augment, overfit_signal
+from pipeline.augment import ada_adjust, augment, diffaugment, overfit_signal
 from pipeline.config import Config
 from pipeline.draws import StepDraws, step_generator
 from pipeline.losses import Terms, terms
@@ -290,8 +290,9 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
     with autocast(cfg, real.device):
         with torch.no_grad():
             fake = gan.G(batches.latents(step, base + 1), *_y(y))
-        # ADA: reals and fakes alike see augmentations drawn with the same p
-        real, fake = _ada(gan, cfg, batches, real, step, base + 3), _ada(gan, cfg, batches, fake, step, base + 4)
+        # augmentation (train.augment): reals and fakes alike, ADA with the same p
+        real = _augment(gan, cfg, batches, real, step, base + 3)
+        fake = _augment(gan, cfg, batches, fake, step, base + 4)
         d_real, d_fake = gan.D(real, *_y(y)).float(), gan.D(fake, *_y(y)).float()
     total = loss.d(d_real, d_fake)
     stats = {"loss/D": total.detach()}
@@ -306,7 +307,7 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
 def g_loss(gan: GAN, cfg: Config, batches: Batches, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     z, y = batches.latents(step, 63), batches.random_labels(step, 61)
     with autocast(cfg, z.device):
-        scores = gan.D(_ada(gan, cfg, batches, gan.G(z, *_y(y)), step, 62), *_y(y)).float()
+        scores = gan.D(_augment(gan, cfg, batches, gan.G(z, *_y(y)), step, 62), *_y(y)).float()
     loss = loss_terms(cfg).g(scores)
     return loss, {"loss/G": loss.detach()}
 
@@ -316,10 +317,14 @@ def _y(y: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     return () if y is None else (y,)
 
 
-def _ada(gan: GAN, cfg: Config, batches: Batches, x: torch.Tensor, step: int, phase: int) -> torch.Tensor:
-    if not cfg.train.ada.enabled:
+def _augment(gan: GAN, cfg: Config, batches: Batches, x: torch.Tensor, step: int, phase: int) -> torch.Tensor:
+    """What D sees of `x` under `train.augment` (the draws of `phase` at `step`)."""
+    if cfg.train.augment == "none":
         return x
-    return augment(x, gan.ada_p, batches.stream(step, phase), shard=(batches.shard.rank, batches.shard.world))
+    stream, shard = batches.stream(step, phase), (batches.shard.rank, batches.shard.world)
+    if cfg.train.augment == "diffaugment":
+        return diffaugment(x, stream, shard)
+    return augment(x, gan.ada_p, stream, shard=shard)
 
 
 def _ada_tick(gan: GAN, cfg: Config, stats: dict[str, torch.Tensor], reduce: Callable) -> None:

@@ -192,7 +192,8 @@ def test_noise_diagnostic_flags_a_pair_that_hides_its_input_and_passes_an_honest
         ({"loss": {"identity_weight": -0.5}}, "loss.identity_weight: must be >= 0"),
         ({"train": {"pool_size": -1}}, "train.pool_size: must be >= 0"),
         ({"data": {"name": "digits", "target": "mnist5k"}, "model": {"family": "cyclegan", "arch": "dcgan", "conditional": True}}, "model.conditional:"),
-        ({"data": {"name": "digits", "target": "mnist5k"}, "model": {"family": "cyclegan", "arch": "dcgan"}, "train": {"ada": {"enabled": True}}}, "train.ada.enabled:"),
+        ({"data": {"name": "digits", "target": "mnist5k"}, "model": {"family": "cyclegan", "arch": "dcgan"}, "train": {"ada": {"enabled": True}}}, "train.augment: cyclegan does not support augmentation yet, got ada"),
+        ({"data": {"name": "digits", "target": "mnist5k"}, "model": {"family": "cyclegan", "arch": "dcgan"}, "train": {"augment": "diffaugment"}}, "train.augment:"),
     ],
 )  # fmt: skip
 def test_bad_cyclegan_params_give_one_line_naming_the_key(raw, message):

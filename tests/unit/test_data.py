@@ -349,3 +349,53 @@ def test_the_data_kind_must_suit_the_architecture(kind, shape, arch, gist):
         check_fits_model({"kind": kind, "sample_shape": shape}, arch)
     assert str(e.value) == gist
     check_fits_model({"kind": kind, "sample_shape": shape}, "mlp" if arch == "dcgan" else "dcgan")
+
+
+# ---- shapes: the known-answer RGB set ----------------------------------------------------------
+
+
+def test_shapes_are_deterministic_labelled_and_cover_every_class():
+    from pipeline.datasets import shapes
+
+    x, y = shapes.draw(600, 16, seed=3)
+    x2, y2 = shapes.draw(600, 16, seed=3)
+    assert x.shape == (600, 3, 16, 16) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+    assert set(y.tolist()) == set(range(shapes.NUM_CLASSES))
+    assert not np.array_equal(x, shapes.draw(600, 16, seed=4)[0])
+
+
+def test_shapes_classes_are_what_they_claim():
+    """Known answers: the pixels of the shape carry the class colour, and the shape's area
+    relative to its circumradius r is pi r^2 (circle), 2 r^2 (square), (3 sqrt 3 / 4) r^2 (triangle)."""
+    from pipeline.datasets import shapes
+
+    side, n = 128, 120
+    x, y = shapes.draw(n, side, seed=0)
+    rng = np.random.default_rng(0)  # the same draws as shapes.draw: classes first, then the radius
+    rng.integers(shapes.NUM_CLASSES, size=n)
+    radius = rng.uniform(0.2, 0.34, n) * side
+    colours = np.array(list(shapes.COLOURS.values()))
+    for img, k, r in zip(x.astype(np.float64) / 255, y, radius):
+        colour = colours[k % 4]
+        inside = np.abs(img - colour[:, None, None]).max(0) < 0.15  # pixels of the shape's colour
+        area = inside.sum() / r**2
+        expected = (np.pi, 2.0, 3 * np.sqrt(3) / 4)[k // 4]
+        assert abs(area - expected) / expected < 0.06, (shapes.class_name(k), area, expected)
+
+
+@pytest.mark.parametrize("resolution, channels", [(8, 1), (32, 3), (64, 3)])
+def test_shapes_prepare_at_a_resolution(resolution, channels):
+    cfg = DataConfig(name="shapes", n_samples=240, resolution=resolution, channels=channels)
+    p = prepare(cfg, seed=0)
+    assert p.x_train.shape[1:] == (channels, resolution, resolution)
+    assert p.manifest["classes"] == 12 and p.manifest["kind"] == "images"
+    assert -1.0 <= p.x_train.min() and p.x_train.max() <= 1.0
+
+
+def test_resolution_must_be_a_power_of_two():
+    from pipeline.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="data.resolution: must be a power of two in 8..256, got 48"):
+        build_config({"data": {"name": "shapes", "resolution": 48}, "model": {"arch": "dcgan"}})

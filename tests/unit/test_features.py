@@ -44,8 +44,10 @@ def test_featurenet_shapes(shape):
 
 
 def test_featurenet_rejects_bad_sides():
-    with pytest.raises(AssertionError, match="8..64"):
+    with pytest.raises(AssertionError, match="8..256"):
         F.FeatureNet((1, 4, 4), 10)
+    with pytest.raises(AssertionError, match="8..256"):
+        F.FeatureNet((3, 512, 512), 10)
 
 
 def test_extractor_reaches_97_percent_on_digits(trained):
