@@ -42,8 +42,11 @@ class DataConfig(_Section):
     path: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     n_samples: int = Field(50_000, gt=0, description="points drawn for ring/grid, images for shapes")
-    resolution: int | None = Field(None, description="image side for shapes / imagefolder, a power of two 8..256")
+    resolution: int | None = Field(
+        None, description="image side for shapes (default 32) / imagefolder (default 64), a power of two 8..256"
+    )
     channels: Literal[1, 3] | None = Field(None, description="shapes / imagefolder: 1 (grey) or 3 (RGB)")
+    labels: Literal["none", "folders"] = Field("none", description="imagefolder: class = first sub-folder")
     # CycleGAN: domain B (Y), unpaired with domain A (X) = `name`; both built-in image sets
     target: Literal[TARGETS] | None = None  # type: ignore[valid-type]
 
@@ -58,6 +61,8 @@ class DataConfig(_Section):
     def _path_needed(self) -> "DataConfig":
         if DATASET_REGISTRY[self.name].needs_path and not self.path:
             raise ValueError(f"data.path: required when data.name is {self.name}")
+        if self.labels == "folders" and self.name != "imagefolder":
+            raise ValueError(f"data.labels: folders labels an imagefolder, got data.name {self.name}")
         if self.target is not None and self.name not in TARGETS:
             raise ValueError(f"data.target: domain A (data.name) must be {' or '.join(TARGETS)}, got {self.name}")
         if self.target is not None and self.target == self.name:

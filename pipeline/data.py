@@ -73,23 +73,40 @@ def to_canvas(x: np.ndarray, side: int) -> np.ndarray:
 
 
 def content_hash(*arrays: np.ndarray | None) -> str:
+    """sha256 over each array's dtype, shape and bytes; read in chunks of rows, so a memory-mapped
+    store is hashed without being held in memory (the digest is the same either way)."""
     h = hashlib.sha256()
     for a in arrays:
         if a is None:
             h.update(b"none")
             continue
-        a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
+        for i in range(0, max(len(a), 1), _HASH_ROWS if a.ndim else 1):
+            h.update(np.ascontiguousarray(a[i : i + _HASH_ROWS] if a.ndim else a).tobytes())
     return h.hexdigest()
 
 
-def prepare(cfg: DataConfig, seed: int, fetch: Fetch | None = None) -> Prepared:
+_HASH_ROWS = 4096
+
+
+def to_unit(x: np.ndarray) -> np.ndarray:
+    """Images as float32 in [-1, 1]: uint8 store rows (0..255) are mapped, float arrays returned as
+    they are. Call it on the rows you use, not on a whole store."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 127.5 - 1.0
+    return x
+
+
+def prepare(cfg: DataConfig, seed: int, fetch: Fetch | None = None, scratch: str | Path | None = None) -> Prepared:
     """Load the configured dataset, split it (seeded) and describe it in a manifest.
 
     `fetch` reads the bytes of a remote `data.path` (the stage passes an S3 reader). The manifest's
     content hash covers the arrays actually read, so it is the data's lineage even where DVC cannot
     track the source (a remote file is no DVC dependency unless brought in with `dvc import-url`).
+
+    Datasets that give uint8 images (shapes, imagefolder) are kept as uint8: with `scratch` (the
+    stage's output folder) they are decoded and split straight into memory-mapped `.npy` files
+    there, so that memory does not grow with the data (`save_prepared` then only adds the rest).
 
     With `data.target` (CycleGAN) domain B is loaded and split the same way (seed + 1) and both
     domains are brought to the larger image side with `to_canvas`; the manifest describes A at the
@@ -97,13 +114,19 @@ def prepare(cfg: DataConfig, seed: int, fetch: Fetch | None = None) -> Prepared:
     """
     if cfg.name not in DATASETS:
         raise ConfigError(f"data.name: must be one of {' | '.join(DATASETS)}, got {cfg.name!r}")
-    load = lambda name: DATASETS[name].load(cfg, seed, fetch=fetch)
+    scratch = None if scratch is None else Path(scratch)
+
+    def load(name: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        got = DATASETS[name].load(cfg, seed, fetch=fetch, scratch=scratch)
+        return (*got, {}) if len(got) == 2 else got
+
     if cfg.target is None:
-        return _split(cfg.name, *load(cfg.name), cfg.val_fraction, seed)
+        x, y, info = load(cfg.name)
+        return _split(cfg.name, x, y, cfg.val_fraction, seed, info, scratch)
     targets = [n for n, d in DATASETS.items() if d.can_be_target]
     if cfg.target not in targets:
         raise ConfigError(f"data.target: must be one of {' | '.join(targets)}, got {cfg.target!r}")
-    (xa, ya), (xb, yb) = load(cfg.name), load(cfg.target)
+    (xa, ya, _), (xb, yb, _) = load(cfg.name), load(cfg.target)
     side = max(xa.shape[-1], xb.shape[-1])
     a = _split(cfg.name, to_canvas(xa, side), ya, cfg.val_fraction, seed)
     b = _split(cfg.target, to_canvas(xb, side), yb, cfg.val_fraction, seed + 1)
@@ -111,7 +134,15 @@ def prepare(cfg: DataConfig, seed: int, fetch: Fetch | None = None) -> Prepared:
     return Prepared(a.x_train, a.y_train, a.x_val, a.y_val, manifest, b)
 
 
-def _split(name: str, x: np.ndarray, y: np.ndarray | None, val_fraction: float, seed: int) -> Prepared:
+def _split(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    val_fraction: float,
+    seed: int,
+    info: dict | None = None,
+    scratch: Path | None = None,
+) -> Prepared:
     n = len(x)
     n_val = int(round(n * val_fraction))
     if n - n_val < 1:
@@ -124,23 +155,85 @@ def _split(name: str, x: np.ndarray, y: np.ndarray | None, val_fraction: float, 
     perm = np.random.default_rng(seed).permutation(n)
     tr, va = perm[n_val:], perm[:n_val]
     pick = lambda a, i: None if a is None else a[i]
-    parts = (x[tr], pick(y, tr), x[va], pick(y, va))
+    store = x.dtype == np.uint8 and x.ndim == 4  # uint8 images: the memory-mappable store
+    if store and scratch is not None:
+        x_tr, x_va = _rows_to_file(x, tr, scratch / "train.x.npy"), _rows_to_file(x, va, scratch / "val.x.npy")
+        for f in ("decoded.npy", "decoded_kept.npy"):  # the loader's scratch: not part of the output
+            (scratch / f).unlink(missing_ok=True)  # (a mapping still open keeps its pages until closed)
+    else:
+        x_tr, x_va = x[tr], x[va]
+    parts = (x_tr, pick(y, tr), x_va, pick(y, va))
     classes = None if y is None else int(y.max()) + 1
+    lo, hi = _range(x_tr, x_va)
     manifest = {
         "dataset": name,
-        "kind": "images" if x.ndim == 4 else "points",
-        "sample_shape": list(x.shape[1:]),
+        "kind": "images" if x_tr.ndim == 4 else "points",
+        "sample_shape": list(x_tr.shape[1:]),
         "n_train": int(len(tr)),
         "n_val": int(len(va)),
         "classes": classes,
         "class_counts": None if y is None else np.bincount(y[tr], minlength=classes).tolist(),
         # the data's own label of each class 0..K-1, when they were remapped
         **({"label_ids": label_map} if label_map else {}),
-        "range": [float(x.min()), float(x.max())],
+        "range": [lo, hi],
+        # uint8 images are kept as uint8 in memory-mappable .npy files (to_unit maps them to [-1, 1])
+        **({"store": "npy-uint8"} if store else {}),
+        **(info or {}),
         "seed": seed,
         "content_hash": content_hash(*parts),
     }
     return Prepared(*parts, manifest=manifest)
+
+
+@dataclass(frozen=True)
+class StoreFile:
+    """A memory-mapped store array, handed to Ray workers by path: each maps the file itself, so
+    the data are neither copied into the object store nor held in any process's private memory."""
+
+    path: str
+
+    def open(self) -> np.ndarray:
+        if not Path(self.path).is_file():
+            import socket
+
+            raise DataError(
+                f"{self.path}: the prepared image store is not on this node ({socket.gethostname()}); "
+                "run the workers where data/prepared is, or on a shared path"
+            )
+        return np.load(self.path, mmap_mode="c")  # copy-on-write: writable for torch, never written back
+
+
+def shippable(a: np.ndarray | None):
+    """What crosses to a Ray worker: a memory-mapped store array by its path, anything else as is."""
+    return StoreFile(str(Path(a.filename).resolve())) if isinstance(a, np.memmap) else a
+
+
+def unship(a):
+    """The worker's side of `shippable`."""
+    return a.open() if isinstance(a, StoreFile) else a
+
+
+def _rows_to_file(x: np.ndarray, rows: np.ndarray, path: Path) -> np.ndarray:
+    """x[rows] written to a new memory-mapped .npy file, a chunk at a time (rows read in sorted
+    order within each chunk, which a disk prefers)."""
+    out = np.lib.format.open_memmap(path, "w+", x.dtype, (len(rows), *x.shape[1:]))
+    for i in range(0, len(rows), _HASH_ROWS):
+        idx = rows[i : i + _HASH_ROWS]
+        order = np.argsort(idx)
+        chunk = np.empty((len(idx), *x.shape[1:]), x.dtype)
+        chunk[order] = x[idx[order]]
+        out[i : i + len(idx)] = chunk
+    out.flush()
+    return out
+
+
+def _range(*xs: np.ndarray) -> tuple[float, float]:
+    """The smallest and largest value, in the [-1, 1] scale for uint8 images, read in chunks."""
+    lo = min(float(x[i : i + _HASH_ROWS].min()) for x in xs for i in range(0, len(x), _HASH_ROWS))
+    hi = max(float(x[i : i + _HASH_ROWS].max()) for x in xs for i in range(0, len(x), _HASH_ROWS))
+    if xs[0].dtype == np.uint8:
+        return lo / 127.5 - 1.0, hi / 127.5 - 1.0
+    return lo, hi
 
 
 def check_fits_model(manifest: dict, arch: str) -> None:
@@ -166,24 +259,43 @@ SPLITS = ("train", "val", "train_b", "val_b")  # the *_b files hold domain B (Cy
 
 
 def save_prepared(p: Prepared, out_dir: str | Path) -> None:
+    """The arrays and the manifest into `out_dir`: `<split>.npz` (x, y), or for the uint8 store
+    `<split>.x.npy` (memory-mappable) and `<split>.y.npy`; a store file `prepare` already wrote
+    there is kept as it is."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     a = p.arrays()
+    store = p.manifest.get("store") == "npy-uint8"
     for i, split in enumerate(SPLITS[: len(a) // 2]):
         x, y = a[2 * i], a[2 * i + 1]
+        if store:
+            path = out / f"{split}.x.npy"
+            if not (isinstance(x, np.memmap) and Path(x.filename).resolve() == path.resolve()):
+                np.save(path, x)
+            if y is not None:
+                np.save(out / f"{split}.y.npy", y)
+            continue
         arrays = {"x": x} if y is None else {"x": x, "y": y}
         np.savez(out / f"{split}.npz", **arrays)
     (out / "manifest.json").write_text(json.dumps(p.manifest, indent=2) + "\n")
 
 
 def load_prepared(in_dir: str | Path) -> Prepared:
+    """The prepared arrays, checked against the manifest's content hash. Store images (uint8) are
+    memory-mapped copy-on-write: pages are read when used, shared between the processes of a node,
+    and nothing is written back."""
     d = Path(in_dir)
     mpath = d / "manifest.json"
     if not mpath.is_file():
         raise DataError(f"{mpath}: not found; run the prepare stage first (dvc repro prepare)")
     manifest = json.loads(mpath.read_text())
+    store = manifest.get("store") == "npy-uint8"
     splits = []
     for split in SPLITS[: 4 if "target" in manifest else 2]:
+        if store:
+            y_path = d / f"{split}.y.npy"
+            splits += [np.load(d / f"{split}.x.npy", mmap_mode="c"), np.load(y_path) if y_path.is_file() else None]
+            continue
         with np.load(d / f"{split}.npz") as f:
             splits += [f["x"], f["y"] if "y" in f.files else None]
     if content_hash(*splits) != manifest["content_hash"]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from pipeline import data
 from pipeline.collectives import Collectives
 from pipeline.config import Config, build_config
 from pipeline.outputs import load_tensors
@@ -249,7 +250,8 @@ def fit(
     t = cfg.train
     y = None if y_train is None else torch.from_numpy(y_train)
     x_b = None if x_train_b is None else torch.from_numpy(x_train_b)
-    data_ref = ray.put((torch.from_numpy(x_train), y, num_classes, x_b))
+    # a memory-mapped image store travels by path (data.shippable): each worker maps it itself
+    data_ref = ray.put((data.shippable(x_train), y, num_classes, x_b))
     live_ref = None if live is None or not cfg.eval.every else ray.put(live)
     job = TrainJob(cfg.to_dict(), data_ref, tracking_uri, run_id, uuid.uuid4().hex, live_ref, spill_path)
     trainer = TorchTrainer(
@@ -312,6 +314,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     numerics = training.configure_numerics(cfg.train.deterministic, device)
     x, y, num_classes, x_b = ray.get(job.data_ref)
+    x = torch.from_numpy(data.unship(x))
     x, y, x_b = (training.place_data(t, device) for t in (x, y, x_b))
     num_classes = num_classes if cfg.model.conditional else None
 

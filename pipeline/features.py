@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.data import to_unit
+
 FEATURE_DIM = 128
 WIDTH = 16  # channels of the first conv block; doubled at each of the three blocks
 
@@ -125,7 +127,7 @@ def train_extractor(
     setting. Returns the model in eval mode and `info` (plain types, so it survives a weights-only
     load) with `val_accuracy` (None without validation data), `train_accuracy`, `seconds`, ...
     """
-    x = torch.as_tensor(np.asarray(x_train, dtype=np.float32))
+    x = torch.as_tensor(np.asarray(to_unit(np.asarray(x_train)), dtype=np.float32))
     y = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
     assert x.ndim == 4 and len(x) == len(y), "train_extractor needs images (N, C, H, W) and labels (N,)"
     epochs = default_epochs(len(x), batch_size) if epochs is None else epochs
@@ -196,20 +198,25 @@ def embed(model: FeatureNet, x: np.ndarray | torch.Tensor, batch_size: int = 500
     """Features (N, feature_dim) float64 and class probabilities (N, num_classes) float64 of images
     (N, C, H, W) in [-1, 1], in eval mode without gradients. The result does not depend on
     `batch_size` (up to float rounding); the model's train/eval mode is restored afterwards."""
-    x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
+    # numpy input (a memory-mapped uint8 store too) is converted a batch at a time
+    rows = (lambda a: a.float()) if torch.is_tensor(x) else (lambda a: torch.as_tensor(_float32(a)))
     if tuple(x.shape[1:]) != model.shape:
         raise ValueError(f"images of shape {tuple(x.shape[1:])} do not fit the extractor, trained on {model.shape}")
     was_training = model.training
     model.eval()
     feats, probs = [], []
     for i in range(0, len(x), batch_size):
-        f = model.features(x[i : i + batch_size])
+        f = model.features(rows(x[i : i + batch_size]))
         feats.append(f)
         probs.append(torch.softmax(model.head(f), 1))
     model.train(was_training)
     if not feats:
         return np.zeros((0, model.feature_dim)), np.zeros((0, model.num_classes))
     return torch.cat(feats).double().numpy(), torch.cat(probs).double().numpy()
+
+
+def _float32(a: np.ndarray) -> np.ndarray:
+    return np.asarray(to_unit(np.asarray(a)), dtype=np.float32)
 
 
 def accuracy(model: FeatureNet, x: np.ndarray, y: np.ndarray) -> float:

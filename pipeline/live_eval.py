@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline import datasets, metrics_image, training
+from pipeline.data import to_unit
 
 
 class LiveEval:
@@ -33,7 +34,7 @@ class LiveEval:
         self.dataset, self.seed = dataset, seed
         self.conditional_classes = conditional_classes
         self.n = n
-        self.real = np.asarray(x_val[:n])
+        self.real = to_unit(np.asarray(x_val[:n]))
         self.extractor, self.classifier = extractor, classifier
         if extractor is not None:
             from pipeline import features

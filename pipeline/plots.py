@@ -107,6 +107,8 @@ def nearest_neighbours(
     indices (n, k) of the neighbours."""
     d = ((fake_f[:n, None, :] - real_f[None, :, :]) ** 2).sum(-1)
     idx = np.argsort(d, axis=1)[:, :k]
-    rows = [np.concatenate([fake[i : i + 1], real[idx[i]]]) for i in range(min(n, len(fake)))]
+    from pipeline.data import to_unit
+
+    rows = [np.concatenate([fake[i : i + 1], to_unit(real[idx[i]])]) for i in range(min(n, len(fake)))]
     image_grid(np.concatenate(rows), path, nrow=k + 1, max_rows=len(rows))
     return idx

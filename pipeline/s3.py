@@ -140,3 +140,47 @@ def arrow_filesystem(endpoint: str | None, region: str | None = None, max_attemp
     if region:
         kwargs["region"] = region
     return pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def list_keys(uri: str, endpoint: str | None, what: str = "data.path") -> list[str]:
+    """Every object key under the prefix `uri` (s3://bucket/prefix), paginated."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    keys: list[str] = []
+    try:
+        for page in client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+    except (BotoCoreError, ClientError) as e:
+        raise _explain(e, what, uri, endpoint) from None
+    return keys
+
+
+class Reader:
+    """What a dataset loader is given to read remote data: called with an s3:// URI it returns the
+    object's bytes; `list(uri)` lists the s3:// URIs under a prefix. Picklable (it holds only the
+    endpoint), so processes decoding in parallel each build their own client."""
+
+    def __init__(self, endpoint: str | None):
+        self.endpoint = endpoint
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        return {"endpoint": self.endpoint, "_client": None}
+
+    def __call__(self, uri: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self._client is None:
+            self._client = client(self.endpoint)
+        bucket, key = split(uri)
+        try:
+            return self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as e:
+            raise _explain(e, "data.path", uri, self.endpoint) from None
+
+    def list(self, uri: str) -> list[str]:
+        bucket, _ = split(uri)
+        return [f"s3://{bucket}/{k}" for k in list_keys(uri, self.endpoint)]

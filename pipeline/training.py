@@ -246,6 +246,8 @@ class Batches:
         rows = data[self._index(step, phase, len(data), data)]
         if rows.device != self.device:  # data in host memory: copy only the batch
             rows = rows.pin_memory().to(self.device, non_blocking=True)
+        if rows.dtype == torch.uint8:  # rows of the uint8 image store: to [-1, 1] (as data.to_unit)
+            rows = rows.to(torch.float32) / 127.5 - 1.0
         if self.channels_last and rows.dim() == 4:
             rows = rows.contiguous(memory_format=torch.channels_last)
         return rows

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import datasets
+from pipeline import data, datasets
 from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
 from pipeline.outputs import load_tensors
 
@@ -143,7 +143,7 @@ class SweepJob:
 
     base_raw: dict[str, Any]
     keys: list[str]
-    x_train: np.ndarray
+    x_train: Any  # np.ndarray, or a data.StoreFile (a memory-mapped image store, by path)
     live: Any  # live_eval.LiveEval: the metrics every report carries
     tracking_uri: str
     experiment_id: str
@@ -190,7 +190,9 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     device = _trial_device()
     training.configure_numerics(cfg.train.deterministic, device)
     # copies (arrays from the object store are read-only), on the trial's GPU when they fit there
-    x = training.place_data(torch.tensor(job.x_train), device)
+    # an image store arrives by path (data.StoreFile) and is memory-mapped, not copied
+    x_np = data.unship(job.x_train)
+    x = training.place_data(torch.from_numpy(x_np) if isinstance(x_np, np.memmap) else torch.tensor(x_np), device)
     y = None if job.y_train is None else training.place_data(torch.tensor(job.y_train), device)
     num_classes = job.num_classes if cfg.model.conditional else None
     gan = training.build_gan(cfg, list(x.shape[1:]), device, num_classes)

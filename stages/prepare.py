@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 
 from pipeline import data, outputs, s3
@@ -17,10 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg = common.config(args)
         common.check_locations(cfg, "data.path")
-        fetch = functools.partial(s3.read_bytes, endpoint=cfg.storage.s3_endpoint_url)
+        fetch = s3.Reader(cfg.storage.s3_endpoint_url)
         _warn_if_untracked(cfg.data.path)
-        prepared = data.prepare(cfg.data, cfg.seed, fetch)
-        with outputs.atomic_dir(args.out) as tmp:
+        with outputs.atomic_dir(args.out) as tmp:  # large image sets are decoded straight into it
+            prepared = data.prepare(cfg.data, cfg.seed, fetch, scratch=tmp)
             data.save_prepared(prepared, tmp)
         m = prepared.manifest
         print(

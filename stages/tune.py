@@ -68,7 +68,7 @@ def _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path,
         job = tune.SweepJob(
             cfg.to_dict(),  # the resolved params (storage root anchored at the repository root)
             list(parsed),
-            prepared.x_train,
+            data.shippable(prepared.x_train),
             live,
             uri,
             exp_id,

@@ -5,8 +5,11 @@ dataset names:
   - `kind`: "points" (N, 2) or "images" (N, C, H, W); "any" when the file decides (an npz), in which
     case the prepared manifest's `kind` says;
   - `labels`: "classes" (always labelled), "none", or "optional" (the file or folder decides);
-  - `load(cfg, seed, fetch)`: the arrays, `x` float32 (points in their own scale, images in [-1, 1]),
-    `y` int64 labels or None; `fetch` reads a remote (s3://) path's bytes;
+  - `load(cfg, seed, fetch, scratch)`: the arrays `(x, y)` or `(x, y, info)`: `x` float32 (points in
+    their own scale, images in [-1, 1]) or uint8 images (0..255, kept so in the prepared store), `y`
+    int64 labels or None, `info` a dict for the manifest; `fetch` reads a remote (s3://) path's bytes
+    (`fetch.list(prefix)` lists one); `scratch`, when given, is a folder where a loader may write a
+    large array as a memory map (`decoded.npy`) instead of holding it in memory;
   - `metrics` and `metric_names`: known-answer metrics of generated points (the mixtures' modes), and
     `centers`, the modes to draw on plots.
 

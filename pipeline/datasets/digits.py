@@ -7,7 +7,7 @@ import numpy as np
 from pipeline.datasets import Dataset, register
 
 
-def load(cfg, seed: int, fetch=None):
+def load(cfg, seed: int, fetch=None, scratch=None):
     from sklearn.datasets import load_digits
 
     d = load_digits()

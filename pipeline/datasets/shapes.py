@@ -10,6 +10,8 @@ grey levels (the same 12 classes). `data.n_samples` sets how many images are dra
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.datasets import Dataset, register
@@ -31,8 +33,11 @@ def class_name(k: int) -> str:
     return f"{list(COLOURS)[k % len(COLOURS)]} {SHAPES[k // len(COLOURS)]}"
 
 
-def draw(n: int, side: int, seed: int, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """n images (n, channels, side, side) uint8 and their classes (n,) int64: shape * 4 + colour."""
+def draw(
+    n: int, side: int, seed: int, channels: int = 3, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """n images (n, channels, side, side) uint8 (into `out` when given) and their classes (n,)
+    int64: shape * 4 + colour."""
     rng = np.random.default_rng(seed)
     y = rng.integers(NUM_CLASSES, size=n)
     radius = rng.uniform(0.2, 0.34, n) * side  # circumradius; the whole shape stays inside the image
@@ -42,7 +47,7 @@ def draw(n: int, side: int, seed: int, channels: int = 3) -> tuple[np.ndarray, n
     background = rng.uniform(0.05, 0.25, n)
     palette = np.array(list(COLOURS.values())) if channels == 3 else np.array(GREYS)[:, None]
     grid = np.arange(side, dtype=np.float32) + 0.5
-    out = np.empty((n, channels, side, side), np.uint8)
+    out = np.empty((n, channels, side, side), np.uint8) if out is None else out
     for lo in range(0, n, _CHUNK):
         s = slice(lo, min(n, lo + _CHUNK))
         dx = grid[None, None, :] - cx[s, None, None].astype(np.float32)
@@ -70,10 +75,14 @@ def _signed_distance(kind: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarr
     return np.where(pick == 0, circle, np.where(pick == 1, square, triangle))
 
 
-def load(cfg, seed: int, fetch=None):
-    side = cfg.resolution or DEFAULT_RESOLUTION
-    x, y = draw(cfg.n_samples, side, seed, cfg.channels or 3)
-    return x.astype(np.float32) / 127.5 - 1.0, y
+def load(cfg, seed: int, fetch=None, scratch=None):
+    """uint8 images (0..255: the prepared store keeps them so) and their classes."""
+    side, channels = cfg.resolution or DEFAULT_RESOLUTION, cfg.channels or 3
+    out = None
+    if scratch is not None:  # drawn straight to disk: memory does not grow with data.n_samples
+        shape = (cfg.n_samples, channels, side, side)
+        out = np.lib.format.open_memmap(Path(scratch) / "decoded.npy", "w+", np.uint8, shape)
+    return draw(cfg.n_samples, side, seed, channels, out)
 
 
 register(Dataset("shapes", kind="images", labels="classes", load=load))

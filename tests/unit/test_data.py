@@ -390,8 +390,10 @@ def test_shapes_prepare_at_a_resolution(resolution, channels):
     cfg = DataConfig(name="shapes", n_samples=240, resolution=resolution, channels=channels)
     p = prepare(cfg, seed=0)
     assert p.x_train.shape[1:] == (channels, resolution, resolution)
+    assert p.x_train.dtype == np.uint8  # the store keeps uint8; to_unit maps rows to [-1, 1]
     assert p.manifest["classes"] == 12 and p.manifest["kind"] == "images"
-    assert -1.0 <= p.x_train.min() and p.x_train.max() <= 1.0
+    assert p.manifest["store"] == "npy-uint8"
+    assert -1.0 <= p.manifest["range"][0] < p.manifest["range"][1] <= 1.0
 
 
 def test_resolution_must_be_a_power_of_two():
