@@ -59,7 +59,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
-        if DATASET_REGISTRY[self.name].needs_path and not self.path:
+        if DATASET_REGISTRY[self.name].path and not self.path:
             raise ValueError(f"data.path: required when data.name is {self.name}")
         if self.labels == "folders" and self.name != "imagefolder":
             raise ValueError(f"data.labels: folders labels an imagefolder, got data.name {self.name}")

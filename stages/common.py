@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline import outputs, s3, tracking
+from pipeline import datasets, outputs, s3, tracking
 from pipeline.config import Config, ConfigError, load_config
 
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter in the terminal
@@ -92,10 +92,12 @@ def check_locations(cfg: Config, *keys: str) -> None:
     exist, and storage.root must take a test write (S3Error naming the key and bucket); a local
     storage.root must be a folder this user can write."""
     where = {"storage.root": cfg.storage.root, "data.path": cfg.data.path}
+    data_file = datasets.DATASETS[cfg.data.name].path == "file"  # else a folder (an s3:// prefix)
     for key in keys:
         uri = where[key]
         if uri and uri.startswith("s3://"):
-            s3.check(uri, key, cfg.storage.s3_endpoint_url, object_=key == "data.path", writable=key == "storage.root")
+            object_ = key == "data.path" and data_file
+            s3.check(uri, key, cfg.storage.s3_endpoint_url, object_=object_, writable=key == "storage.root")
         elif uri and key == "storage.root":
             _check_local_writable(Path(uri), key)
 

@@ -44,7 +44,7 @@ class Dataset:
     metrics: Callable[[np.ndarray], dict[str, float]] | None = None  # known answers for generated points
     metric_names: tuple[str, ...] = ()  # the keys `metrics` returns
     centers: Callable[[], np.ndarray] | None = None  # modes drawn on the 2D plots
-    needs_path: bool = False  # data.path is required
+    path: str | None = None  # what data.path names, when required: "file" or "folder" (a local one or an s3:// prefix)
     can_be_target: bool = False  # a CycleGAN domain B (a built-in image set)
 
     def __post_init__(self) -> None:

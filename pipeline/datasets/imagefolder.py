@@ -186,4 +186,4 @@ def _compact(x: np.ndarray, keep: np.ndarray, path: Path) -> np.ndarray:
     return out
 
 
-register(Dataset("imagefolder", kind="images", labels="optional", load=load, needs_path=True))
+register(Dataset("imagefolder", kind="images", labels="optional", load=load, path="folder"))

@@ -76,5 +76,11 @@ def _check_npz(path: str, x: np.ndarray, y: np.ndarray | None):
 
 
 register(
-    Dataset("npz", kind="any", labels="optional", load=lambda cfg, seed, fetch=None, scratch=None: load_npz(cfg.path, fetch), needs_path=True)
+    Dataset(
+        "npz",
+        kind="any",
+        labels="optional",
+        load=lambda cfg, seed, fetch=None, scratch=None: load_npz(cfg.path, fetch),
+        path="file",
+    )
 )
