@@ -263,7 +263,10 @@ class Config(_Section):
             "model.conditional": (self.model.conditional, "cyclegan is unconditional, got true"),
             "model.pack": (self.model.pack != 1, f"cyclegan judges single images, got {self.model.pack}"),
             "train.update": (self.train.update != "alternating", "cyclegan supports alternating, got simultaneous"),
-            "train.augment": (self.train.augment != "none", f"cyclegan does not support augmentation yet, got {self.train.augment}"),
+            "train.augment": (
+                self.train.augment != "none",
+                f"cyclegan does not support augmentation yet, got {self.train.augment}",
+            ),
             "train.precision": (self.train.precision == "fp16", "cyclegan supports fp32 and bf16, got fp16"),
         }
         for key, (bad, why) in refused.items():

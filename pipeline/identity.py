@@ -53,6 +53,7 @@ NOT_RESULT_SHAPING = {
     "pipeline/lease.py": "who may run a run at a time",
     "pipeline/outputs.py": "writes files",
     "pipeline/plots.py": "draws plots",
+    "pipeline/protocol.py": "names how figures are measured; the extractor's hash enters the identity as a value",
     "pipeline/s3.py": "storage I/O",
     "pipeline/secrets.py": "redaction",
     "pipeline/tracking.py": "MLflow",
@@ -152,9 +153,13 @@ def code_fingerprint(sources: tuple[str, ...]) -> str:
     return source_fingerprint(CODE_ROOT, sources)
 
 
-def identity(params: dict[str, Any], keys: tuple[str, ...], data_hash: str, code: str) -> dict[str, Any]:
-    """The identity record: the result params, the data hash and the code fingerprint."""
-    return {"params": pick(params, keys), "data_hash": data_hash, "code": code}
+def identity(
+    params: dict[str, Any], keys: tuple[str, ...], data_hash: str, code: str, extractor: str | None = None
+) -> dict[str, Any]:
+    """The identity record: the result params, the data hash and the code fingerprint, and the hash of
+    the feature extractor that scores the in-training evaluations of images (pipeline.protocol)."""
+    ident = {"params": pick(params, keys), "data_hash": data_hash, "code": code}
+    return {**ident, "extractor": extractor} if extractor else ident
 
 
 def key(ident: dict[str, Any]) -> str:

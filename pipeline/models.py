@@ -312,7 +312,11 @@ ARCHS: dict[str, Arch] = {
     "dcgan": Arch(
         "images",
         lambda s: DCGANGenerator(
-            s["z_dim"], s["hidden"], tuple(s["sample_shape"]), s.get("num_classes"), s.get("conditioning") or "embedding"
+            s["z_dim"],
+            s["hidden"],
+            tuple(s["sample_shape"]),
+            s.get("num_classes"),
+            s.get("conditioning") or "embedding",
         ),
         lambda m, shape, k: DCGANDiscriminator(shape, m.hidden, m.d_norm, m.d_activation, m.pack, k),
         _image_sides(8, 128),

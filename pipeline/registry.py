@@ -1,7 +1,8 @@
 """Model registry chores: promote a candidate to champion when it is better, sample a generator.
 
 `promote` compares the evaluation metric logged on the candidate's training run with the
-champion's and moves the `champion` alias only when the candidate wins (or there is no champion).
+champion's and moves the `champion` alias only when the candidate wins (or there is no champion);
+two evaluations measured under different protocols (pipeline.protocol) are refused, not compared.
 `sample` draws from an exported ONNX generator, a local file or `models:/<name>@<alias>`.
 """
 
@@ -13,10 +14,13 @@ from pathlib import Path
 import numpy as np
 
 
-def _metric(client, name: str, alias: str, metric: str) -> tuple[str, float | None]:
+def _metric(client, name: str, alias: str, metric: str) -> tuple[str, float | None, dict[str, str]]:
+    """(version, the metric on its run, the protocol its evaluation was measured under)."""
+    from pipeline import protocol
+
     version = client.get_model_version_by_alias(name, alias)
-    value = client.get_run(version.run_id).data.metrics.get(metric)
-    return version.version, value
+    run = client.get_run(version.run_id)
+    return version.version, run.data.metrics.get(metric), protocol.from_tags(run.data.tags)
 
 
 def promote(uri: str, name: str, metric: str, mode: str) -> tuple[bool, str]:
@@ -26,7 +30,7 @@ def promote(uri: str, name: str, metric: str, mode: str) -> tuple[bool, str]:
 
     client = MlflowClient(tracking_uri=uri)
     try:
-        cand_v, cand = _metric(client, name, "candidate", metric)
+        cand_v, cand, cand_protocol = _metric(client, name, "candidate", metric)
     except MlflowException:
         raise ValueError(
             f"export.model_name: {name} has no version with alias 'candidate'; run the export stage"
@@ -34,12 +38,21 @@ def promote(uri: str, name: str, metric: str, mode: str) -> tuple[bool, str]:
     if cand is None or not math.isfinite(cand):
         raise ValueError(f"{name} version {cand_v} (candidate) has no metric {metric!r} on its run")
     try:
-        champ_v, champ = _metric(client, name, "champion", metric)
+        champ_v, champ, champ_protocol = _metric(client, name, "champion", metric)
     except MlflowException:
-        champ_v, champ = None, None
+        champ_v, champ, champ_protocol = None, None, {}
     better = champ is None or (cand < champ if mode == "min" else cand > champ)
     if champ_v == cand_v:
         return False, f"version {cand_v} is already the champion"
+    if champ is not None and metric.startswith("eval/"):
+        from pipeline import protocol
+
+        diff = protocol.differences(cand_protocol, champ_protocol)
+        if diff:
+            raise ValueError(
+                f"cannot compare {metric}: candidate version {cand_v} and champion version {champ_v} were "
+                f"evaluated under different protocols ({'; '.join(diff)}); re-evaluate both the same way"
+            )
     if not better:
         return False, (
             f"candidate version {cand_v} has {metric}={cand:.4g}, not better than champion "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import data, datasets, outputs, plots, tracking, training
+from pipeline import data, datasets, outputs, plots, protocol, tracking, training
 from stages import common
 
 
@@ -50,14 +50,20 @@ def evaluate(args) -> None:
             plots.scatter_2d(samples, real, datasets.centers(dataset), tmp / "samples.png", f"{n} generated samples")
             result = datasets.point_scores(dataset, samples, real)
     result["n_samples"] = n
+    space = result.get("extractor", "points")
+    extractor = protocol.extractor_hash(Path(args.features) / "extractor.pt") if prepared.is_image else None
+    result["protocol"] = protocol.of_evaluation(space, extractor, len(prepared.x_val), n, cfg.seed + 1)
     _finish(args, uri, run_id, result)
 
 
 def _finish(args, uri: str, run_id: str, result: dict) -> None:
     outputs.write_json(args.metrics, result)
     tracking.log_summary_metrics(uri, run_id, {f"eval/{k}": v for k, v in result.items()})
+    if "protocol" in result:  # how these figures were measured: promote compares only like with like
+        tracking.set_tags(uri, run_id, protocol.tags(result["protocol"]))
     tracking.log_artifacts(uri, run_id, [args.plots], "plots")
-    print("[evaluate] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    shown = {k: v for k, v in result.items() if k != "protocol"}
+    print("[evaluate] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     shown = ", ".join(sorted(p.name for p in Path(args.plots).glob("*.png")))
     print(f"[evaluate] plots in {args.plots}/ ({shown}); metrics in {args.metrics}")
 

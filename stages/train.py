@@ -5,8 +5,21 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from pathlib import Path
 
-from pipeline import cyclegan, data, datasets, distributed, identity, live_eval, outputs, plots, tracking, training
+from pipeline import (
+    cyclegan,
+    data,
+    datasets,
+    distributed,
+    identity,
+    live_eval,
+    outputs,
+    plots,
+    protocol,
+    tracking,
+    training,
+)
 from pipeline.config import flatten
 from pipeline.models import build_generator
 from stages import common
@@ -34,8 +47,11 @@ def train(args) -> None:
         raise ValueError("model.family: cyclegan needs two domains; rerun prepare with data.target set")
     # the run identity (result params, data, code): the same identity resumes or hands back its Ray
     # run and MLflow run; any change to one of them starts a new run from step 0
+    # images scored during training: the extractor's weights are part of what the run is
+    scored = prepared.is_image and cfg.eval.every and not cycle
+    extractor = protocol.extractor_hash(Path(args.features) / "extractor.pt") if scored else None
     ident = identity.identity(
-        cfg.to_dict(), identity.TRAIN_PARAMS, data_hash, identity.code_fingerprint(identity.TRAIN_SOURCES)
+        cfg.to_dict(), identity.TRAIN_PARAMS, data_hash, identity.code_fingerprint(identity.TRAIN_SOURCES), extractor
     )
     name = f"ganpipe-{cfg.data.name}-{identity.key(ident)}"
     uri = common.tracking_uri(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import data, distributed, identity, live_eval, outputs, tracking, tune
+from pipeline import data, distributed, identity, live_eval, outputs, protocol, tracking, tune
 from pipeline.config import deep_merge, flatten, read_yaml, unflatten
 from pipeline.secrets import redact_tree
 from stages import common
@@ -38,8 +38,11 @@ def run(args) -> None:
     print(f"[tune] {common.start_ray(cfg, uri)}")
     data_hash = prepared.manifest["content_hash"]
     # the sweep's identity: everything the tune stage depends on (params, data, code)
+    # image trials are scored in the features stage's extractor: its weights are part of the sweep
+    scored = prepared.is_image and cfg.model.family != "cyclegan"
+    extractor = protocol.extractor_hash(Path(args.features) / "extractor.pt") if scored else None
     ident = identity.identity(
-        cfg.to_dict(), identity.TUNE_PARAMS, data_hash, identity.code_fingerprint(identity.TUNE_SOURCES)
+        cfg.to_dict(), identity.TUNE_PARAMS, data_hash, identity.code_fingerprint(identity.TUNE_SOURCES), extractor
     )
     name = tune.sweep_name(cfg, identity.key(ident))
     storage_path, fs = distributed.storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)

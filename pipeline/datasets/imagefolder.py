@@ -156,7 +156,9 @@ def load(cfg, seed: int, fetch=None, scratch: Path | None = None):
     y, classes = folder_labels(cfg.path, names) if cfg.labels == "folders" else (None, None)
     out = None
     if scratch is not None:  # decode straight to disk: memory does not grow with the data
-        out = np.lib.format.open_memmap(Path(scratch) / "decoded.npy", "w+", np.uint8, (len(names), channels, side, side))
+        out = np.lib.format.open_memmap(
+            Path(scratch) / "decoded.npy", "w+", np.uint8, (len(names), channels, side, side)
+        )
     x, bad = decode_all(names, side, channels, fetch, out)
     info: dict = {"source": cfg.path, "files": len(names)}
     if classes is not None:
@@ -169,7 +171,10 @@ def load(cfg, seed: int, fetch=None, scratch: Path | None = None):
                 f"data.path: {len(bad)} of {len(names)} images cannot be decoded (more than "
                 f"{MAX_BAD_FRACTION:.0%}), e.g. {shown}"
             )
-        print(f"[prepare] warning: skipped {len(bad)} of {len(names)} files that cannot be decoded: {shown}", file=sys.stderr)
+        print(
+            f"[prepare] warning: skipped {len(bad)} of {len(names)} files that cannot be decoded: {shown}",
+            file=sys.stderr,
+        )
         info["skipped"] = [rel(i) for i, _ in bad]
         keep = np.setdiff1d(np.arange(len(names)), [i for i, _ in bad])
         x = x[keep] if scratch is None else _compact(x, keep, Path(scratch) / "decoded_kept.npy")

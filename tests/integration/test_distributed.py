@@ -104,8 +104,14 @@ def test_the_memory_mapped_image_store_trains_as_the_same_images_in_memory(ray_l
         "data": {"name": "shapes", "n_samples": 300, "resolution": 16},
         "model": {"arch": "dcgan", "z_dim": 16, "hidden": 8},
         "eval": {"every": 0},
-        "train": {"steps": 20, "checkpoint_every": 10, "log_every": 10, "batch_size": 32, "augment": "diffaugment",
-                  "num_workers": 2},
+        "train": {
+            "steps": 20,
+            "checkpoint_every": 10,
+            "log_every": 10,
+            "batch_size": 32,
+            "augment": "diffaugment",
+            "num_workers": 2,
+        },
     }
     cfg = build_config(deep_merge(read_yaml(ROOT / "params.yaml"), common))
     store = tmp_path / "store"

@@ -80,6 +80,22 @@ def test_repro_runs_every_stage_then_only_what_changed(project: Path):
     fourth = sh(project, "dvc", "repro")
     assert sorted(ran_stages(fourth.stdout)) == ["evaluate", "export", "train"]
 
+    # every evaluation carries its protocol (metrics, MLflow tags); promote compares only like with like
+    ev = json.loads((project / "metrics/eval.json").read_text())
+    assert ev["protocol"] == {
+        "space": "points",
+        "extractor_sha256": None,
+        "real_split": "val",
+        "n_real": 200,
+        "n_fake": 400,
+        "seed": 1,
+    }
+    set_params(project, {"eval": {"n_samples": 300}})
+    assert ran_stages(sh(project, "dvc", "repro").stdout) == ["evaluate", "export"]
+    refused = sh(project, "ganpipe", "promote", check=False)
+    assert refused.returncode == 1
+    assert "evaluated under different protocols (n_fake: 300 vs 400)" in refused.stderr, refused.stderr
+
 
 def test_bad_params_fail_before_work_and_write_nothing(project: Path):
     set_params(project, {"train": {"lr_d": -1}})

@@ -21,8 +21,13 @@ from tests.integration.test_s3_storage import s3_endpoint  # noqa: F401 (the mot
 pytestmark = pytest.mark.integration
 
 PARAMS = {
-    "data": {"name": "imagefolder", "path": "data/inputs/shapes", "resolution": 16, "labels": "folders",
-             "val_fraction": 0.2},
+    "data": {
+        "name": "imagefolder",
+        "path": "data/inputs/shapes",
+        "resolution": 16,
+        "labels": "folders",
+        "val_fraction": 0.2,
+    },
     "model": {"arch": "dcgan", "z_dim": 16, "hidden": 8},
     "train": {"steps": 40, "batch_size": 32, "checkpoint_every": 20, "log_every": 20, "augment": "diffaugment"},
     "eval": {"every": 20, "n_samples": 200, "live_samples": 100},

@@ -125,7 +125,11 @@ def test_the_store_on_disk_equals_the_arrays_in_memory(tmp_path: Path):
     assert isinstance(on_disk.x_train, np.memmap)
     data.save_prepared(on_disk, out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "train.x.npy", "train.y.npy", "val.x.npy", "val.y.npy"
+        "manifest.json",
+        "train.x.npy",
+        "train.y.npy",
+        "val.x.npy",
+        "val.y.npy",
     ]  # the loader's decoded.npy is gone
     assert on_disk.manifest["content_hash"] == in_memory.manifest["content_hash"]
     loaded = data.load_prepared(out)
