@@ -185,6 +185,7 @@ def model_card(spec, manifest, cfg, train_info, record, eval_info, diffs, git, m
                         "dtype": "int64",
                         "meaning": f"class label in [0, {spec['num_classes']})",
                         **({"data_labels": manifest["label_ids"]} if manifest.get("label_ids") else {}),
+                        **({"class_names": manifest["class_names"]} if manifest.get("class_names") else {}),
                     }
                 }
                 if spec.get("num_classes")
@@ -199,6 +200,7 @@ def model_card(spec, manifest, cfg, train_info, record, eval_info, diffs, git, m
             }
         },
         "architecture": spec,
+        "parameters": {"generator": _count_parameters(spec)},
         "data": {
             "dataset": manifest["dataset"],
             "content_hash": manifest["content_hash"],
@@ -208,6 +210,12 @@ def model_card(spec, manifest, cfg, train_info, record, eval_info, diffs, git, m
     }
     card["mlflow"]["model_uri"] = model_uri
     return card
+
+
+def _count_parameters(spec: dict) -> int:
+    from pipeline.models import build_generator
+
+    return sum(p.numel() for p in build_generator(spec).parameters())
 
 
 def _lineage(cfg, train_info, record, eval_info, diffs, git) -> dict:

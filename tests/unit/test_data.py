@@ -401,3 +401,21 @@ def test_resolution_must_be_a_power_of_two():
 
     with pytest.raises(ConfigError, match="data.resolution: must be a power of two in 8..256, got 48"):
         build_config({"data": {"name": "shapes", "resolution": 48}, "model": {"arch": "dcgan"}})
+
+
+def test_a_dataset_is_one_module_the_config_and_the_stages_then_know():
+    """pipeline/datasets/moons.py registers itself: the config accepts it, asks for a points model,
+    and the evaluation scores it with W1 only (it declares no known-answer metrics)."""
+    from pipeline.config import ConfigError, build_config
+    from pipeline.datasets import point_metric_names, point_scores
+
+    cfg = build_config({"data": {"name": "moons", "n_samples": 400}})
+    p = prepare(cfg.data, seed=0)
+    assert p.x_train.shape == (360, 2) and p.y_train is None
+    # two half circles of radius 1: centres (0, 0) and (1, 0.5), so every point is about 1 from one
+    r1, r2 = np.hypot(*p.x_train.T), np.hypot(p.x_train[:, 0] - 1, p.x_train[:, 1] - 0.5)
+    assert np.minimum(np.abs(r1 - 1), np.abs(r2 - 1)).mean() < 0.06
+    with pytest.raises(ConfigError, match=r"model.arch: 2D data \(moons\) needs mlp, got dcgan"):
+        build_config({"data": {"name": "moons"}, "model": {"arch": "dcgan"}})
+    assert point_metric_names("moons") == ("w1",)
+    assert set(point_scores("moons", p.x_val, p.x_val)) == {"w1"}
