@@ -85,11 +85,20 @@ def _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_i
 
 def _summary(eval_info: dict, train_info: dict, record: dict, uri: str, model: str = "") -> None:
     """What a user wants to see when the pipeline ends."""
-    shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(eval_info.items()))
+    figures = {k: v for k, v in eval_info.items() if not isinstance(v, dict)}
+    shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(figures.items()))
+    p = eval_info.get("protocol")
+    measured = (
+        f"measured  in {p['space']} space{' (extractor ' + p['extractor_sha256'] + ')' if p['extractor_sha256'] else ''}"
+        f", {p['n_fake']} samples (seed {p['seed']}) vs {p['n_real']} {p['real_split']} samples\n"
+        if p
+        else ""
+    )
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else tracking.redact(uri)
     print(
         "\n== ganpipe summary ==\n"
         f"metrics   {shown}\n"
+        f"{measured}"
         f"training  {_trained(train_info, record)}, MLflow run {record['mlflow_run_id']}\n"
         "plots     plots/samples.png, plots/losses.png   (dvc plots show: all of them as HTML)\n"
         f"model     {model or 'export/generator.onnx, export/generator.pt, export/model_card.json'}\n"
