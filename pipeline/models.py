@@ -150,6 +150,21 @@ def _levels(shape: tuple[int, ...]) -> int:
     return max(1, math.ceil(math.log2(side / 4)))
 
 
+def centre_crop(x: torch.Tensor, side: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Images drawn on a side x side square, cut to (C, H, W) `shape` around the centre."""
+    top, left = (side - shape[1]) // 2, (side - shape[2]) // 2
+    return x[:, :, top : top + shape[1], left : left + shape[2]]
+
+
+def pad_to_side(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Images padded with background (-1) to side x side around the centre (no-op when they are)."""
+    h, w = x.shape[2], x.shape[3]
+    if (h, w) == (side, side):
+        return x
+    top, left = (side - h) // 2, (side - w) // 2
+    return nn.functional.pad(x, (left, side - w - left, top, side - h - top), value=-1.0)
+
+
 class _ConditionalBatchNorm(nn.Module):
     """Batch norm with a per-class gain and bias (de Vries et al. 2017, as in SN-GAN and BigGAN).
 
@@ -217,8 +232,7 @@ class DCGANGenerator(nn.Module):
         assert y is not None or not self.needs_label, "a conditional generator needs labels y"
         h = _apply(self.fc, self.cond(z, y), y)
         x = _apply(self.net, h.view(-1, self.c0, 4, 4), y)
-        top, left = (self.side - self.shape[1]) // 2, (self.side - self.shape[2]) // 2
-        return x[:, :, top : top + self.shape[1], left : left + self.shape[2]]
+        return centre_crop(x, self.side, self.shape)
 
 
 def _conv_norm(kind: str, ch: int) -> list[nn.Module]:
@@ -250,9 +264,7 @@ class DCGANDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c, h, w = self.shape
         x = x.reshape(x.shape[0] // self.pack, c * self.pack, h, w)
-        if (h, w) != (self.side, self.side):
-            top, left = (self.side - h) // 2, (self.side - w) // 2
-            x = nn.functional.pad(x, (left, self.side - w - left, top, self.side - h - top), value=-1.0)
+        x = pad_to_side(x, self.side)
         h = self.net(x).flatten(1)
         return self.project(h, self.head(h).squeeze(1), y)
 

@@ -16,7 +16,6 @@ Images whose side is not a power of two are drawn at the next one and centre-cro
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -27,10 +26,6 @@ from torch.nn.utils.parametrizations import spectral_norm
 from pipeline import models
 
 MIN_SIDE, MAX_SIDE = 16, 256
-
-
-def _levels(shape) -> int:
-    return max(1, math.ceil(math.log2(max(shape[1], shape[2]) / 4)))
 
 
 def _width(base: int, i: int) -> int:
@@ -87,7 +82,7 @@ class ResNetGenerator(nn.Module):
     ):
         super().__init__()
         self.z_dim, self.shape = z_dim, shape
-        n = _levels(shape)
+        n = models._levels(shape)
         self.side, self.c0 = 4 * 2**n, _width(base, n)
         self.fc = nn.Linear(z_dim, self.c0 * 16)
         self.blocks = nn.ModuleList()
@@ -108,8 +103,7 @@ class ResNetGenerator(nn.Module):
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)
         x = torch.tanh(self.out(F.relu(self.out_bn(h))))
-        top, left = (self.side - self.shape[1]) // 2, (self.side - self.shape[2]) // 2
-        return x[:, :, top : top + self.shape[1], left : left + self.shape[2]]
+        return models.centre_crop(x, self.side, self.shape)
 
 
 class _DBlock(nn.Module):
@@ -145,7 +139,7 @@ class ResNetDiscriminator(nn.Module):
     ):
         super().__init__()
         self.pack, self.shape = pack, shape
-        n = _levels(shape)
+        n = models._levels(shape)
         self.side = 4 * 2**n
         sn = spectral_norm if norm == "spectral" else (lambda m: m)
         self.blocks = nn.ModuleList()
@@ -163,9 +157,7 @@ class ResNetDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c, h, w = self.shape
         x = x.reshape(x.shape[0] // self.pack, c * self.pack, h, w)
-        if (h, w) != (self.side, self.side):
-            top, left = (self.side - h) // 2, (self.side - w) // 2
-            x = F.pad(x, (left, self.side - w - left, top, self.side - h - top), value=-1.0)
+        x = models.pad_to_side(x, self.side)
         for i, block in enumerate(self.blocks):
             if str(i) in self.attn:
                 x = self.attn[str(i)](x)

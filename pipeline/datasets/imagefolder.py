@@ -6,8 +6,8 @@ resized so that its short side is `data.resolution` (default 64; bicubic) and ce
 square. With `data.labels: folders` the first sub-folder under `data.path` names the class (classes
 in sorted name order, kept in the manifest as `class_names`); else the images are unlabelled.
 
-Decoding runs in one process per core, a chunk of files per task, with a progress line (images/s,
-ETA). The images go straight into a uint8 array, on disk (a memory map in the stage's output folder)
+Decoding runs in one process per core, a few large chunks of files per process, with a progress
+line (images/s, ETA); the processes write their rows straight into the memory-mapped output. The images go straight into a uint8 array, on disk (a memory map in the stage's output folder)
 when the stage gives one, so memory does not grow with the data.
 
 Files that cannot be decoded are skipped, listed in the manifest (`skipped`) and counted in one
@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from pipeline.datasets import DataError, Dataset, register
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_RESOLUTION = 64
 MAX_BAD_FRACTION = 0.01  # more undecodable files than this fails the stage
-CHUNK = 256  # files per decoding task
+MIN_CHUNK, MAX_CHUNK = 64, 2048  # files per decoding task
 
 
 def list_images(root: str, fetch=None) -> list[str]:
@@ -84,15 +83,23 @@ def decode(blob: bytes | str, side: int, channels: int) -> np.ndarray:
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
-def _decode_chunk(task) -> tuple[int, np.ndarray, list[tuple[int, str]]]:
-    start, names, side, channels, fetch = task
-    out = np.zeros((len(names), channels, side, side), np.uint8)
+def _decode_chunk(task) -> tuple[int, np.ndarray | None, list[tuple[int, str]]]:
+    """Decode one chunk of files; into the rows [start, start + len(names)) of the memory-mapped
+    `target` file when given (nothing to send back), else into a new array that is returned."""
+    start, names, side, channels, fetch, target = task
+    if target is None:
+        out = np.zeros((len(names), channels, side, side), np.uint8)
+    else:
+        out = np.load(target, mmap_mode="r+")[start : start + len(names)]
     bad = []
     for i, name in enumerate(names):
         try:
             out[i] = decode(fetch(name) if name.startswith("s3://") else name, side, channels)
         except Exception as e:  # a corrupt or truncated file, or one PIL does not know
             bad.append((start + i, f"{type(e).__name__}: {e}"[:200]))
+    if target is not None:
+        out.flush()
+        return start, None, bad
     return start, out, bad
 
 
@@ -100,26 +107,35 @@ def decode_all(
     names: list[str], side: int, channels: int, fetch=None, out: np.ndarray | None = None, workers: int | None = None
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode every file into `out` (N, C, side, side) uint8 (a new array when None), in parallel
-    with a progress line; returns (out, [(index, error)] of the files that failed)."""
+    with a progress line; returns (out, [(index, error)] of the files that failed). When `out` is a
+    memory-mapped .npy file, the worker processes write their rows into it directly."""
     n = len(names)
     out = np.zeros((n, channels, side, side), np.uint8) if out is None else out
     workers = workers or os.cpu_count() or 1
-    tasks = [(s, names[s : s + CHUNK], side, channels, fetch) for s in range(0, n, CHUNK)]
+    parallel = workers > 1 and n > MIN_CHUNK
+    target = str(out.filename) if parallel and isinstance(out, np.memmap) else None
+    if target is not None:
+        out.flush()
+    # a few large chunks per worker: little scheduling, a progress line every chunk or so
+    chunk = min(MAX_CHUNK, max(MIN_CHUNK, -(-n // (4 * workers))))
+    tasks = [(s, names[s : s + chunk], side, channels, fetch, target) for s in range(0, n, chunk)]
     bad: list[tuple[int, str]] = []
     progress = _Progress(n)
-    if workers == 1 or len(tasks) == 1:
+    if not parallel:
         results = map(_decode_chunk, tasks)
-        for start, arr, b in results:
-            out[start : start + len(arr)] = arr
-            bad += b
-            progress.update(len(arr))
-    else:
-        # fork: the children need only PIL and numpy, and start at once
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            for start, arr, b in pool.map(_decode_chunk, tasks):
+    else:  # fork: the children need only PIL and numpy, and start at once
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        results = pool.imap(_decode_chunk, tasks)
+    try:
+        for (start, arr, b), task in zip(results, tasks):
+            if arr is not None:
                 out[start : start + len(arr)] = arr
-                bad += b
-                progress.update(len(arr))
+            bad += b
+            progress.update(len(task[1]))
+    finally:
+        if parallel:
+            pool.terminate()
+            pool.join()
     progress.done()
     return out, bad
 
