@@ -291,6 +291,12 @@ class Config(_Section):
             raise ValueError(
                 f"model.conditional: {self.data.name} has no class labels; use {labelled} or an npz with 'y'"
             )
+        if dataset.kind == "images" and self.data.resolution is not None:  # fails before prepare, not after
+            side, channels = self.data.resolution, self.data.channels or 3
+            try:
+                arch.check_shape([channels, side, side])
+            except ValueError as e:
+                raise ValueError(f"{e} (data.resolution {side})") from None
         if arch.kind == "points" and self.train.augment == "diffaugment":
             raise ValueError("train.augment: diffaugment transforms images; 2D data (arch mlp) takes none or ada")
         if arch.kind == "points" and NORMS[self.model.d_norm].dense is None:

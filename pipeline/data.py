@@ -1,8 +1,9 @@
 """The prepared data: a dataset (pipeline.datasets) loaded, split and described in a manifest.
 
-Every loader returns `(x, y)`: `x` float32, either points (N, D) in the data's own scale or images
-(N, C, H, W) scaled to [-1, 1]; `y` int64 class labels (N,) or None. Nothing here writes files
-except `save_prepared`.
+Every loader returns `(x, y)` (or `(x, y, info)`): `x` float32, either points (N, D) in the data's
+own scale or images (N, C, H, W) scaled to [-1, 1], or uint8 images (0..255) that are kept as the
+memory-mappable store (`to_unit` maps rows to [-1, 1]); `y` int64 class labels (N,) or None.
+Nothing here writes files except `save_prepared`, and `prepare` into the `scratch` folder it is given.
 """
 
 from __future__ import annotations

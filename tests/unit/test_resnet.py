@@ -99,3 +99,10 @@ def test_config_refuses_resnet_on_points_and_attention_elsewhere():
     with pytest.raises(ConfigError, match="model.attention: must be a power of two"):
         build_config({"data": {"name": "digits"}, "model": {"arch": "resnet", "attention": 12}})
     assert build_config({"data": {"name": "mnist5k"}, "model": {"arch": "resnet", "attention": 16}})
+
+
+def test_a_resolution_the_model_cannot_take_fails_before_prepare():
+    with pytest.raises(ConfigError, match=r"model.arch: takes 1 or 3 channels and sides 16..256, got \(3, 8, 8\)"):
+        build_config({"data": {"name": "shapes", "resolution": 8}, "model": {"arch": "resnet"}})
+    with pytest.raises(ConfigError, match="sides 8..128, got \\(3, 256, 256\\) \\(data.resolution 256\\)"):
+        build_config({"data": {"name": "shapes", "resolution": 256}, "model": {"arch": "dcgan"}})
