@@ -141,3 +141,30 @@ def test_pbt_with_multi_worker_trials_is_refused_before_anything_starts(project:
     p = sh(project, sys.executable, "stages/tune.py", check=False)
     assert p.returncode == 2 and "tune.scheduler: pbt" in p.stderr and "num_workers" in p.stderr
     assert not (project / "tune").exists()
+
+
+def test_image_trials_train_from_the_memory_mapped_store(project: Path):
+    """shapes keeps its images as the uint8 store: single-worker and 2-worker trials receive it by
+    path (data.StoreFile), map it, and report FID in the features stage's extractor."""
+    set_params(
+        project,
+        {
+            "data": {"name": "shapes", "n_samples": 600, "resolution": 16},
+            "model": {"arch": "dcgan", "z_dim": 16, "hidden": 8},
+            "eval": {"live_samples": 100},
+        },
+    )
+    sh(project, sys.executable, "stages/prepare.py")
+    assert (project / "data/prepared/train.x.npy").is_file()
+    sh(project, sys.executable, "stages/features.py")
+    space = {"train.lr_g": {"grid": [0.0005, 0.002]}}
+    for workers, steps in ((1, 20), (2, 30)):  # another step count: a new sweep, not the first handed back
+        out = sweep(
+            project,
+            {"num_samples": 1, "scheduler": "none", "max_concurrent": 1, "metric": "fid", "search_space": space},
+            {"steps": steps, "checkpoint_every": 10, "batch_size": 32, "num_workers": workers},
+        )
+        rows = trials(project)
+        assert len(rows) == 2 and all(r["status"] == "finished" for r in rows), out.stdout[-2000:]
+        assert all(int(float(r["step"])) == steps and float(r["fid"]) > 0 for r in rows), rows
+        assert workers == 1 or "2 worker(s) on cpu" in out.stdout
