@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.config import ConfigError, DataConfig
 
 # the datasets themselves live in pipeline/datasets/, one module each, registered by name
-from pipeline.datasets import DATASETS, DataError, Fetch
+from pipeline.datasets import DATASETS, DataError, Fetch, rows_to_file
 from pipeline.datasets.mixtures import Mixture, mixture, sample_mixture  # noqa: F401 (their home is datasets)
 from pipeline.datasets.npz import load_npz  # noqa: F401
 
@@ -158,7 +158,7 @@ def _split(
     pick = lambda a, i: None if a is None else a[i]
     store = x.dtype == np.uint8 and x.ndim == 4  # uint8 images: the memory-mappable store
     if store and scratch is not None:
-        x_tr, x_va = _rows_to_file(x, tr, scratch / "train.x.npy"), _rows_to_file(x, va, scratch / "val.x.npy")
+        x_tr, x_va = rows_to_file(x, tr, scratch / "train.x.npy"), rows_to_file(x, va, scratch / "val.x.npy")
         for f in ("decoded.npy", "decoded_kept.npy"):  # the loader's scratch: not part of the output
             (scratch / f).unlink(missing_ok=True)  # (a mapping still open keeps its pages until closed)
     else:
@@ -212,20 +212,6 @@ def shippable(a: np.ndarray | None):
 def unship(a):
     """The worker's side of `shippable`."""
     return a.open() if isinstance(a, StoreFile) else a
-
-
-def _rows_to_file(x: np.ndarray, rows: np.ndarray, path: Path) -> np.ndarray:
-    """x[rows] written to a new memory-mapped .npy file, a chunk at a time (rows read in sorted
-    order within each chunk, which a disk prefers)."""
-    out = np.lib.format.open_memmap(path, "w+", x.dtype, (len(rows), *x.shape[1:]))
-    for i in range(0, len(rows), _HASH_ROWS):
-        idx = rows[i : i + _HASH_ROWS]
-        order = np.argsort(idx)
-        chunk = np.empty((len(idx), *x.shape[1:]), x.dtype)
-        chunk[order] = x[idx[order]]
-        out[i : i + len(idx)] = chunk
-    out.flush()
-    return out
 
 
 def _range(*xs: np.ndarray) -> tuple[float, float]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -96,6 +97,23 @@ def kind(name: str) -> str | None:
     """points | images for a built-in dataset; None when the file decides (an npz) until prepare."""
     ds = DATASETS.get(name)
     return None if ds is None or ds.kind == "any" else ds.kind
+
+
+_CHUNK_ROWS = 4096
+
+
+def rows_to_file(x: np.ndarray, rows: np.ndarray, path: Path) -> np.ndarray:
+    """x[rows] written to a new memory-mapped .npy file, a chunk at a time (rows read in sorted
+    order within each chunk, which a disk prefers)."""
+    out = np.lib.format.open_memmap(path, "w+", x.dtype, (len(rows), *x.shape[1:]))
+    for i in range(0, len(rows), _CHUNK_ROWS):
+        idx = rows[i : i + _CHUNK_ROWS]
+        order = np.argsort(idx)
+        chunk = np.empty((len(idx), *x.shape[1:]), x.dtype)
+        chunk[order] = x[idx[order]]
+        out[i : i + len(idx)] = chunk
+    out.flush()
+    return out
 
 
 def _register_all() -> None:

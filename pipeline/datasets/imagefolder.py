@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import DataError, Dataset, register
+from pipeline.datasets import DataError, Dataset, register, rows_to_file
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_RESOLUTION = 64
@@ -193,18 +193,9 @@ def load(cfg, seed: int, fetch=None, scratch: Path | None = None):
         )
         info["skipped"] = [rel(i) for i, _ in bad]
         keep = np.setdiff1d(np.arange(len(names)), [i for i, _ in bad])
-        x = x[keep] if scratch is None else _compact(x, keep, Path(scratch) / "decoded_kept.npy")
+        x = x[keep] if scratch is None else rows_to_file(x, keep, Path(scratch) / "decoded_kept.npy")
         y = None if y is None else y[keep]
     return x, y, info
-
-
-def _compact(x: np.ndarray, keep: np.ndarray, path: Path) -> np.ndarray:
-    """Rows `keep` of a memory-mapped x into a new memory map (chunk by chunk)."""
-    out = np.lib.format.open_memmap(path, "w+", np.uint8, (len(keep), *x.shape[1:]))
-    for i in range(0, len(keep), 4096):
-        out[i : i + 4096] = x[keep[i : i + 4096]]
-    out.flush()
-    return out
 
 
 register(Dataset("imagefolder", kind="images", labels="optional", load=load, path="folder"))
