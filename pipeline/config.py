@@ -140,6 +140,11 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=0)
     log_every: int = Field(200, gt=0)
     pool_size: int = Field(50, ge=0, description="CycleGAN: history pool of past fakes per D, 0 = off")
+    # the stability monitor (pipeline.monitor): how often it judges, and what a `diverged` verdict does
+    monitor_every: int = Field(50, gt=0, description="steps between the stability monitor's verdicts")
+    on_divergence: Literal["warn", "stop", "rollback"] = "rollback"
+    rollback_lr_factor: float = Field(0.5, gt=0.0, lt=1.0, description="rollback: both learning rates times this")
+    max_rollbacks: int = Field(3, ge=0, description="rollback: at most this many, then the run stops")
 
     @model_validator(mode="before")
     @classmethod

@@ -41,6 +41,7 @@ TRAIN_SOURCES = (
     "pipeline/features.py",
     "pipeline/draws.py",
     "pipeline/collectives.py",
+    "pipeline/monitor.py",
 )
 TUNE_SOURCES = tuple(s for s in TRAIN_SOURCES if s != "stages/train.py") + ("stages/tune.py", "pipeline/tune.py")
 
@@ -86,6 +87,10 @@ TRAIN_RESULT_KEYS = (
     "train.augment",
     "train.ada",
     "train.pool_size",
+    "train.monitor_every",
+    "train.on_divergence",
+    "train.rollback_lr_factor",
+    "train.max_rollbacks",
 )
 TRAIN_PARAMS = ("seed", "model", "loss", *TRAIN_RESULT_KEYS, "eval.every", "eval.live_samples")
 # a sweep also depends on its report cadence (ASHA's rungs, PBT's perturbation interval) and on tune.*

@@ -24,7 +24,9 @@ class Loss:
 
     `sigmoid_report`: D/real and D/fake are reported as mean sigmoid(score) (the probabilistic
     losses, whose scores are logits, and LSGAN, as it always was); otherwise (critics, hinge margins)
-    as mean raw score. `per_sample_critic`: the critic must score
+    as mean raw score. `decision`: the score above which D calls a sample real (0 for logits and
+    hinge margins, 0.5 between LSGAN's targets 0 and 1); None for Wasserstein critics, whose offset is
+    arbitrary (the stability monitor then splits at the midpoint of the batch means). `per_sample_critic`: the critic must score
     each sample alone (the Kantorovich dual; a per-sample penalty), so batch norm is refused.
     `gradient_penalty`: WGAN-GP's penalty is part of the loss. `clips_weights`: WGAN's weight
     clipping after every critic step. Weights come from params (`Terms`).
@@ -33,6 +35,7 @@ class Loss:
     d: Callable[[Scores, Scores], torch.Tensor]
     g: Callable[[Scores], torch.Tensor]
     sigmoid_report: bool
+    decision: float | None = 0.0
     per_sample_critic: bool = False
     gradient_penalty: bool = False
     clips_weights: bool = False
@@ -57,12 +60,15 @@ LOSSES: dict[str, Loss] = {
     "minimax": Loss(_bce_d, lambda f: -F.softplus(f).mean(), sigmoid_report=True),
     # non-saturating: G minimises -log D(G(z))
     "nonsaturating": Loss(_bce_d, lambda f: F.softplus(-f).mean(), sigmoid_report=True),
-    "wgan": Loss(_wgan_d, _neg_mean, sigmoid_report=False, per_sample_critic=True, clips_weights=True),
-    "wgan-gp": Loss(_wgan_d, _neg_mean, sigmoid_report=False, per_sample_critic=True, gradient_penalty=True),
+    "wgan": Loss(_wgan_d, _neg_mean, sigmoid_report=False, decision=None, per_sample_critic=True, clips_weights=True),
+    "wgan-gp": Loss(
+        _wgan_d, _neg_mean, sigmoid_report=False, decision=None, per_sample_critic=True, gradient_penalty=True
+    ),
     "lsgan": Loss(
         lambda r, f: 0.5 * ((r - 1) ** 2).mean() + 0.5 * (f**2).mean(),
         lambda f: 0.5 * ((f - 1) ** 2).mean(),
         sigmoid_report=True,
+        decision=0.5,
     ),
     "hinge": Loss(lambda r, f: F.relu(1 - r).mean() + F.relu(1 + f).mean(), _neg_mean, sigmoid_report=False),
 }
@@ -93,6 +99,12 @@ class Terms:
 
     def report(self, scores: Scores) -> torch.Tensor:
         return torch.sigmoid(scores).mean() if self.loss.sigmoid_report else scores.mean()
+
+    def accuracy(self, real: Scores, fake: Scores) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's accuracy on reals (scores above the loss's decision threshold) and on fakes (below it).
+        Wasserstein critics have no threshold: the midpoint of the two batch means stands in."""
+        cut = self.loss.decision if self.loss.decision is not None else (real.mean() + fake.mean()) / 2
+        return (real > cut).float().mean(), (fake < cut).float().mean()
 
     def regularise(
         self, total: torch.Tensor, pairs: list[Pair], eps: Callable[[int], torch.Tensor]

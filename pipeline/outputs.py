@@ -24,6 +24,7 @@ from pipeline.models import build_generator
 PREPARED = "data/prepared"
 MODELS = "models"
 TRAIN_METRICS = "metrics/train.json"
+DIAGNOSTICS = "metrics/diagnostics.json"
 EVAL_METRICS = "metrics/eval.json"
 PLOTS = "plots"
 EXPORT = "export"

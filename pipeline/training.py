@@ -22,11 +22,17 @@ from pipeline import cyclegan
 from pipeline.augment import ada_adjust, augment, diffaugment, overfit_signal
 from pipeline.config import Config
 from pipeline.draws import StepDraws, step_generator
-from pipeline.losses import Terms, terms
+from pipeline.losses import LOSSES, Terms, terms
 from pipeline.models import ARCHS, build_discriminator, build_generator, generator_spec
+from pipeline.monitor import Monitor, Thresholds
 
 
-class NonFiniteLoss(RuntimeError):
+class Diverged(RuntimeError):
+    """The stability monitor found the run diverged and train.on_divergence did not (or could no longer)
+    roll it back; the message names the step and the evidence."""
+
+
+class NonFiniteLoss(Diverged):
     """A loss became NaN or inf; the message names the step and the loss."""
 
 
@@ -46,6 +52,9 @@ class GAN:
     ada_p: float = 0.0  # ADA augmentation probability
     ada_acc: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum and count of r_t since the last adjust
     pools: dict[str, cyclegan.ImagePool] = field(default_factory=dict)  # CycleGAN: past fakes shown to D_X, D_Y
+    monitor: Monitor = field(default_factory=Monitor)  # the stability monitor's state (pipeline.monitor)
+    lr_scale: float = 1.0  # both learning rates times this: train.rollback_lr_factor per rollback
+    snapshots: list[dict[str, Any]] = field(default_factory=list)  # on_divergence rollback: the last healthy states
 
 
 def build_gan(
@@ -71,7 +80,7 @@ def build_gan(
     G_ema = copy.deepcopy(G).eval().requires_grad_(False) if t.ema > 0 else None
     opt_g = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=t.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=t.betas)
-    gan = GAN(G, D, G_ema, opt_g, opt_d, spec)
+    gan = GAN(G, D, G_ema, opt_g, opt_d, spec, monitor=new_monitor(cfg))
     if cfg.model.family == "cyclegan":
         gan.pools = {"x": cyclegan.ImagePool(t.pool_size), "y": cyclegan.ImagePool(t.pool_size)}
     if t.precision == "fp16":
@@ -79,6 +88,11 @@ def build_gan(
             raise ValueError("train.precision: fp16 needs a GPU; use bf16 on CPU")
         gan.scaler_d, gan.scaler_g = torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cuda")
     return gan
+
+
+def new_monitor(cfg: Config) -> Monitor:
+    """The stability monitor for `cfg`: r_t's target is ADA's; Wasserstein critics have no threshold."""
+    return Monitor(LOSSES[cfg.loss.name].decision is not None, Thresholds(overfit_target=cfg.train.ada.target))
 
 
 def configure_numerics(deterministic: bool, device: torch.device | str) -> dict[str, Any]:
@@ -140,6 +154,9 @@ def gan_state(gan: GAN) -> dict[str, Any]:
         "ada_p": gan.ada_p,
         "ada_acc": [float(a) for a in gan.ada_acc],
         "pools": {k: p.state_dict() for k, p in gan.pools.items()},
+        "monitor": gan.monitor.state_dict(),
+        "lr_scale": gan.lr_scale,
+        "snapshots": list(gan.snapshots),
     }
 
 
@@ -153,16 +170,26 @@ def load_gan_state(gan: GAN, state: dict[str, Any], cfg: Config) -> None:
     for scaler, key in ((gan.scaler_d, "scaler_d"), (gan.scaler_g, "scaler_g")):
         if scaler is not None and state.get(key):
             scaler.load_state_dict(state[key])
-    # current hyperparameters win over the checkpoint's (a tuner may have changed them)
-    for opt, lr in ((gan.opt_g, cfg.train.lr_g), (gan.opt_d, cfg.train.lr_d)):
-        for group in opt.param_groups:
-            group["lr"], group["betas"] = lr, cfg.train.betas
+    # current hyperparameters win over the checkpoint's (a tuner may have changed them), times the
+    # factor the run's rollbacks lowered them by
+    gan.lr_scale = float(state.get("lr_scale", 1.0))
+    set_learning_rates(gan, cfg)
     gan.step = int(state["step"])
     gan.ada_p, gan.ada_acc = float(state.get("ada_p", 0.0)), list(state.get("ada_acc", [0.0, 0.0]))
     gan.history = list(state.get("history", []))
     gan.evals = list(state.get("evals", []))
     for k, pool_state in state.get("pools", {}).items():
         gan.pools[k].load_state_dict(pool_state)
+    if state.get("monitor"):
+        gan.monitor.load_state_dict(state["monitor"])
+    gan.snapshots = list(state.get("snapshots") or [])
+
+
+def set_learning_rates(gan: GAN, cfg: Config) -> None:
+    """params' learning rates and betas, times `gan.lr_scale`, on both optimizers."""
+    for opt, lr in ((gan.opt_g, cfg.train.lr_g), (gan.opt_d, cfg.train.lr_d)):
+        for group in opt.param_groups:
+            group["lr"], group["betas"] = lr * gan.lr_scale, cfg.train.betas
 
 
 @dataclass
@@ -189,6 +216,7 @@ class Hooks:
     """What the loop calls out to. Defaults do nothing (a bare loop, as in the benchmark)."""
 
     sync_grads: GradSync = no_sync  # average .grad across workers
+    on_event: Callable[[GAN, dict[str, Any]], None] = lambda gan, event: None  # a stability verdict or a rollback
     on_log: Callable[[int, dict[str, float]], None] = lambda step, stats: None
     on_checkpoint: Callable[[GAN, bool], None] = lambda gan, final: None
     on_eval: Callable[[GAN], dict[str, float]] = lambda gan: {}  # in-training metrics ({} = none)
@@ -226,6 +254,8 @@ class Batches:
     x_b: torch.Tensor | None = None  # CycleGAN: domain B (Y) images, unpaired with x (X)
     device: torch.device | None = None  # where training runs (default: x's device)
     channels_last: bool = False  # image batches in channels-last memory format, like the models
+    heldout: torch.Tensor | None = None  # reals never trained on (the validation split): D's overfitting
+    heldout_y: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device or self.x.device)
@@ -243,7 +273,13 @@ class Batches:
         return self.shard.take(self.stream(step, phase).randint(0, n, (self.batch_size,), host=host))
 
     def _take(self, data: torch.Tensor, step: int, phase: int) -> torch.Tensor:
-        rows = data[self._index(step, phase, len(data), data)]
+        return self._to_device(data[self._index(step, phase, len(data), data)])
+
+    def first(self, data: torch.Tensor, n: int) -> torch.Tensor:
+        """The first `n` rows of `data` as a batch (no draw: the same rows at every call)."""
+        return self._to_device(data[:n])
+
+    def _to_device(self, rows: torch.Tensor) -> torch.Tensor:
         if rows.device != self.device:  # data in host memory: copy only the batch
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         if rows.dtype == torch.uint8:  # rows of the uint8 image store: to [-1, 1] (as data.to_unit)
@@ -292,12 +328,14 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
     with autocast(cfg, real.device):
         with torch.no_grad():
             fake = gan.G(batches.latents(step, base + 1), *_y(y))
+        spread = batch_spread(fake, real)
         # augmentation (train.augment): reals and fakes alike, ADA with the same p
         real = _augment(gan, cfg, batches, real, step, base + 3)
         fake = _augment(gan, cfg, batches, fake, step, base + 4)
         d_real, d_fake = gan.D(real, *_y(y)).float(), gan.D(fake, *_y(y)).float()
     total = loss.d(d_real, d_fake)
-    stats = {"loss/D": total.detach()}
+    stats = {"loss/D": total.detach(), "fake/spread": spread}
+    stats["D/acc_real"], stats["D/acc_fake"] = loss.accuracy(d_real.detach(), d_fake.detach())
     if cfg.train.ada.enabled:
         stats["ada/r_t"] = overfit_signal(d_real)
     total, penalties = loss.regularise(total, [(gan.D, real, fake, y)], lambda _: batches.uniform(step, base + 2))
@@ -306,12 +344,50 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
     return total, stats
 
 
-def g_loss(gan: GAN, cfg: Config, batches: Batches, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def batch_spread(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The fakes' spread across the batch over the reals': mean per-dimension standard deviation, a
+    ratio (0 when every fake is the same: mode collapse). No grad."""
+    with torch.no_grad():
+        sd_f = fake.detach().float().flatten(1).std(0, correction=0).mean()
+        sd_r = real.detach().float().flatten(1).std(0, correction=0).mean()
+        return sd_f / sd_r.clamp_min(1e-12)
+
+
+Probe = tuple[torch.Tensor, torch.Tensor]  # (fakes, D's scores on them) of the generator step
+
+
+def g_loss(gan: GAN, cfg: Config, batches: Batches, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], Probe]:
+    """G's loss, its stats and the probe: the fakes and their scores, whose gradients
+    (`probe_stats`) say whether G still learns."""
     z, y = batches.latents(step, 63), batches.random_labels(step, 61)
     with autocast(cfg, z.device):
-        scores = gan.D(_augment(gan, cfg, batches, gan.G(z, *_y(y)), step, 62), *_y(y)).float()
+        fake = gan.G(z, *_y(y))
+        fake.retain_grad()
+        scores = gan.D(_augment(gan, cfg, batches, fake, step, 62), *_y(y)).float()
+        scores.retain_grad()
     loss = loss_terms(cfg).g(scores)
-    return loss, {"loss/G": loss.detach()}
+    return loss, {"loss/G": loss.detach()}, (fake, scores)
+
+
+def probe_stats(probe: Probe, grads: tuple[torch.Tensor | None, torch.Tensor | None], scale=1.0) -> dict:
+    """The generator's gradient at its fakes, per loss term: `grad/G_fakes` = mean ||d l_i / d x||
+    over the fakes, `grad/G_scores` = mean |d l_i / d s_i| over D's scores (the loss's slope: under
+    the saturating minimax loss it is D(G(z)), which vanishes when D wins). `scale`: fp16 loss scale."""
+    fake, scores = probe
+    g_fake, g_scores = grads
+    if g_fake is None or g_scores is None:
+        return {}
+    n = scores.numel()  # loss terms (fewer than fakes when packed)
+    return {
+        "grad/G_fakes": g_fake.detach().float().flatten(1).norm(dim=1).mean() * n / scale,
+        "grad/G_scores": g_scores.detach().float().abs().mean() * n / scale,
+    }
+
+
+def grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of all of `module`'s gradients (0 when it has none), no host sync."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def _y(y: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -345,34 +421,45 @@ def _ada_tick(gan: GAN, cfg: Config, stats: dict[str, torch.Tensor], reduce: Cal
 
 def _backward_apply(
     total: torch.Tensor, opt: torch.optim.Optimizer, module: torch.nn.Module, sync: GradSync, scaler
-) -> None:
-    """Backward, average gradients across workers, step (through the fp16 loss scaler if any)."""
+) -> torch.Tensor:
+    """Backward, average gradients across workers, step (through the fp16 loss scaler if any); returns
+    the averaged gradient's norm (a skipped fp16 step's inf/NaN reads as 0)."""
     opt.zero_grad(set_to_none=True)
     if scaler is None:
         total.backward()
-        _apply(opt, module, sync)
-        return
+        return _apply(opt, module, sync)
     scaler.scale(total).backward()
     sync(module)  # scaled gradients average the same way; every worker then sees the same inf/NaN
+    scaler.unscale_(opt)  # step() then uses these unscaled gradients as they are
+    norm = torch.nan_to_num(grad_norm(module), nan=0.0, posinf=0.0)
     scaler.step(opt)
     scaler.update()
+    return norm
 
 
-def _apply(opt: torch.optim.Optimizer, module: torch.nn.Module, sync: GradSync) -> None:
+def _apply(opt: torch.optim.Optimizer, module: torch.nn.Module, sync: GradSync) -> torch.Tensor:
     sync(module)
+    norm = grad_norm(module)
     opt.step()
+    return norm
+
+
+def _loss_scale(scaler) -> torch.Tensor | float:
+    return 1.0 if scaler is None else scaler._get_scale_async()
 
 
 def d_step(gan: GAN, cfg: Config, batches: Batches, step: int, k: int, sync: GradSync) -> dict[str, torch.Tensor]:
     total, stats = d_loss(gan, cfg, batches, step, k)
-    _backward_apply(total, gan.opt_d, gan.D, sync, gan.scaler_d)
+    stats["grad/D"] = _backward_apply(total, gan.opt_d, gan.D, sync, gan.scaler_d)
     loss_terms(cfg).after_d_step(gan.D)
     return stats
 
 
 def g_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -> dict[str, torch.Tensor]:
-    total, stats = g_loss(gan, cfg, batches, step)
-    _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g)
+    total, stats, probe = g_loss(gan, cfg, batches, step)
+    scale = _loss_scale(gan.scaler_g)  # the scale this step's gradients carry (update() may change it)
+    stats["grad/G"] = _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g)
+    stats.update(probe_stats(probe, (probe[0].grad, probe[1].grad), scale))
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
     return stats
@@ -381,15 +468,17 @@ def g_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -
 def simultaneous_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -> dict[str, torch.Tensor]:
     """Both players' gradients taken at the same point, then both step (gradient descent-ascent)."""
     d_total, stats = d_loss(gan, cfg, batches, step, 0)
-    g_total, g_stats = g_loss(gan, cfg, batches, step)
-    for total, module, opt in ((d_total, gan.D, gan.opt_d), (g_total, gan.G, gan.opt_g)):
+    g_total, g_stats, probe = g_loss(gan, cfg, batches, step)
+    for total, module, opt, extra in ((d_total, gan.D, gan.opt_d, ()), (g_total, gan.G, gan.opt_g, probe)):
         params = [p for p in module.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(total, params + list(extra), retain_graph=True, allow_unused=True)
         opt.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
             p.grad = g
-    _apply(gan.opt_d, gan.D, sync)
-    _apply(gan.opt_g, gan.G, sync)
+        if extra:
+            g_stats.update(probe_stats(probe, grads[len(params) :]))
+    stats["grad/D"] = _apply(gan.opt_d, gan.D, sync)
+    g_stats["grad/G"] = _apply(gan.opt_g, gan.G, sync)
     loss_terms(cfg).after_d_step(gan.D)
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
@@ -450,7 +539,7 @@ def cycle_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSyn
     discriminators (the first on the generators' fakes; later ones on fresh batches)."""
     reals = (batches.reals(step, 0), batches.reals_b(step, 1))
     total, stats, fakes = cycle_g_loss(gan, cfg, *reals)
-    _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g)
+    stats["grad/G"] = _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g)
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
     for k in range(cfg.train.n_critic):
@@ -459,7 +548,7 @@ def cycle_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSyn
             with torch.no_grad(), autocast(cfg, reals[0].device):
                 fakes = (gan.G.yx(reals[1]), gan.G.xy(reals[0]))
         d_total, d_stats = cycle_d_loss(gan, cfg, batches, step, k, reals, tuple(f.detach() for f in fakes))
-        _backward_apply(d_total, gan.opt_d, gan.D, sync, gan.scaler_d)
+        d_stats["grad/D"] = _backward_apply(d_total, gan.opt_d, gan.D, sync, gan.scaler_d)
         loss_terms(cfg).after_d_step(gan.D)
         stats.update(d_stats)
     return stats
@@ -479,21 +568,52 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.copy_(b)
 
 
-def _check_finite(step: int, stats: dict[str, torch.Tensor]) -> None:
-    for name, v in stats.items():
-        if name.startswith("loss/") and not math.isfinite(float(v)):
-            raise NonFiniteLoss(f"step {step}: {name} is {float(v)}; stopping (last good checkpoint kept)")
+class _Sums:
+    """Step statistics summed on the device, copied to the host (one copy for all of them) at every
+    tick, where they add to two windows: the log's (train.log_every) and the monitor's
+    (train.monitor_every). Each window is a sum and a count, so its means do not depend on the other's
+    cadence."""
+
+    def __init__(self) -> None:
+        self.device: dict[str, torch.Tensor] = {}
+        self.n = 0
+        self.windows: dict[str, tuple[dict[str, float], int]] = {"log": ({}, 0), "monitor": ({}, 0)}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for name, v in stats.items():
+            self.device[name] = self.device.get(name, 0.0) + v
+        self.n += 1
+
+    def drain(self) -> None:
+        if not self.n:
+            return
+        values = torch.stack([v.double() for v in self.device.values()]).tolist()
+        for name, (sums, count) in self.windows.items():
+            for k, v in zip(self.device, values):
+                sums[k] = sums.get(k, 0.0) + v
+            self.windows[name] = (sums, count + self.n)
+        self.device, self.n = {}, 0
+
+    def finite(self, window: str) -> bool:
+        return all(math.isfinite(v) for v in self.windows[window][0].values())
+
+    def take(self, window: str) -> tuple[dict[str, float], int]:
+        """The window's means and its step count; the window starts again."""
+        sums, count = self.windows[window]
+        self.windows[window] = ({}, 0)
+        return {k: v / count for k, v in sums.items()}, count
 
 
 def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GAN:
     """Run generator steps from `gan.step` to `cfg.train.steps`, calling the hooks.
 
-    Losses are checked for NaN/inf at every log tick and at every checkpoint, so a bad value never
+    Step statistics stay on the device and reach the host at each tick: every `train.monitor_every`
+    steps (the stability monitor judges the run, see `_judge`), every `log_every` steps (`on_log`)
+    and at every checkpoint. A NaN or inf found at any tick is judged at once, so a bad value never
     reaches a checkpoint (checking every step would force a sync on GPUs).
     """
     t = cfg.train
-    sums: dict[str, torch.Tensor] = {}
-    count, tick = 0, time.perf_counter()
+    sums, tick = _Sums(), time.perf_counter()
     gan.G.train()
     gan.D.train()
     while gan.step < t.steps:
@@ -511,29 +631,147 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
         gan.step = step + 1
         if cfg.train.ada.enabled:
             _ada_tick(gan, cfg, stats, hooks.reduce_stats)
-        for name, v in stats.items():
-            sums[name] = sums.get(name, 0.0) + v
-        count += 1
+        sums.add(stats)
         last = gan.step == t.steps
-        if gan.step % t.log_every == 0 or gan.step % t.checkpoint_every == 0 or last:
-            # one copy to the host for all of them (float32 sums, divided in float64 as always)
-            means = dict(zip(sums, (v / count for v in torch.stack([v.double() for v in sums.values()]).tolist())))
-            _check_finite(gan.step, {k: torch.tensor(v) for k, v in means.items()})
-            if gan.step % t.log_every == 0 or last:
-                now = time.perf_counter()
-                means["time/step_s"] = (now - tick) / count
-                means = hooks.reduce_stats(means)
-                gan.history.append({"step": gan.step, **means})
-                hooks.on_log(gan.step, means)
-                sums, count, tick = {}, 0, now
-        every = cfg.eval.every
-        if every and (gan.step % every == 0 or last):
+        logs = gan.step % t.log_every == 0 or last
+        saves = gan.step % t.checkpoint_every == 0 or last
+        judges = gan.step % t.monitor_every == 0 or last
+        evaluates = bool(cfg.eval.every) and (gan.step % cfg.eval.every == 0 or last)
+        if not (logs or saves or judges or evaluates):
+            continue
+        sums.drain()
+        if evaluates:
             row = hooks.on_eval(gan)
             if row:
                 gan.evals.append({"step": gan.step, **row})
-        if gan.step % t.checkpoint_every == 0 or last:
+        if judges or not sums.finite("monitor"):
+            means, _ = sums.take("monitor")
+            if _judge(gan, cfg, batches, means, hooks):  # rolled back: the windows start again
+                sums, tick = _Sums(), time.perf_counter()
+                continue
+        if logs:
+            means, count = sums.take("log")
+            now = time.perf_counter()
+            means["time/step_s"] = (now - tick) / count
+            means = hooks.reduce_stats(means)
+            if "ema/distance" in gan.monitor.last:
+                means["ema/distance"] = gan.monitor.last["ema/distance"]
+            gan.history.append({"step": gan.step, **means})
+            hooks.on_log(gan.step, means)
+            tick = now
+        if saves:
             hooks.on_checkpoint(gan, last)
     return gan
+
+
+def _judge(gan: GAN, cfg: Config, batches: Batches, means: dict[str, float], hooks: Hooks) -> bool:
+    """The stability monitor's tick: judge the window's means (reduced across workers, so every worker
+    decides alike) and act on a `diverged` verdict as train.on_divergence says. Returns True when
+    the run rolled back to its last healthy state."""
+    t = cfg.train
+    signals = {**hooks.reduce_stats(means), **tick_signals(gan, cfg, batches)}
+    fresh = gan.evals[-1] if gan.evals and gan.evals[-1]["step"] == gan.step else None
+    events = gan.monitor.observe(gan.step, signals, fresh)
+    for event in events:
+        hooks.on_event(gan, event)
+    diverged = next((e for e in events if e["kind"] == "diverged"), None)
+    if diverged is None:
+        if t.on_divergence == "rollback" and not gan.monitor.streaks.get("diverged"):
+            gan.snapshots = (gan.snapshots + [_snapshot(gan)])[-2:]
+        return False
+    bad = diverged["evidence"].get("non_finite")
+    if t.on_divergence == "warn" and not bad:
+        return False
+    rollbacks = sum(e["kind"] == "rollback" for e in gan.monitor.events)
+    if t.on_divergence == "rollback" and gan.snapshots and rollbacks < t.max_rollbacks:
+        _rollback(gan, cfg, hooks)
+        return True
+    why = (
+        f"after {rollbacks} rollback(s) (train.max_rollbacks {t.max_rollbacks})"
+        if t.on_divergence == "rollback" and rollbacks
+        else "no healthy state to roll back to"
+        if t.on_divergence == "rollback"
+        else f"train.on_divergence: {t.on_divergence}"
+    )
+    if bad:
+        first = next((k for k in bad if k.startswith("loss/")), bad[0])
+        value = diverged["evidence"].get(first)
+        raise NonFiniteLoss(f"step {gan.step}: {first} is {value}; stopping ({why}; last good checkpoint kept)")
+    evidence = ", ".join(f"{k}={v:.4g}" for k, v in diverged["evidence"].items() if isinstance(v, float))
+    raise Diverged(f"step {gan.step}: the run diverged ({evidence}); stopping ({why}; last good checkpoint kept)")
+
+
+def _snapshot(gan: GAN) -> dict[str, Any]:
+    """A host copy of everything the run continues from (weights, optimizers, ADA, pools, step)."""
+    state = {k: v for k, v in gan_state(gan).items() if k not in ("history", "evals", "monitor", "snapshots")}
+    return _host_copy(state)
+
+
+def _host_copy(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _host_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_host_copy(v) for v in x)
+    return copy.deepcopy(x)
+
+
+def _rollback(gan: GAN, cfg: Config, hooks: Hooks) -> None:
+    """Back to the older of the last two healthy snapshots, both learning rates times
+    train.rollback_lr_factor. The draws are keyed by step, so the same seed and the same events give
+    the same weights."""
+    snap, at, scale = gan.snapshots[0], gan.step, gan.lr_scale
+    keep = {"history": gan.history, "evals": gan.evals, "monitor": gan.monitor.state_dict()}
+    # a copy: the optimizers would otherwise step the snapshot's own tensors
+    load_gan_state(gan, {**_host_copy(snap), **keep, "snapshots": gan.snapshots[:1]}, cfg)
+    gan.lr_scale = scale * cfg.train.rollback_lr_factor  # compounds over rollbacks to the same state
+    set_learning_rates(gan, cfg)
+    lrs = {"lr_g": gan.opt_g.param_groups[0]["lr"], "lr_d": gan.opt_d.param_groups[0]["lr"]}
+    hooks.on_event(gan, gan.monitor.rolled_back(at, gan.step, lrs))
+
+
+HELDOUT_ROWS = 512  # reals scored at each tick, of the training set and of the held-out set
+
+
+@torch.no_grad()
+def tick_signals(gan: GAN, cfg: Config, batches: Batches) -> dict[str, float]:
+    """The monitor's own signals, read at its tick from the state every worker shares: the weights'
+    norms, the EMA's distance from the raw generator, and r_t = E[sign(D(x) - decision)] on fixed
+    reals D trains on and on held-out reals (D in eval mode for both: no batch statistics move)."""
+    out = {"weights/G": float(_norm(gan.G.parameters())), "weights/D": float(_norm(gan.D.parameters()))}
+    if gan.G_ema is not None:
+        out["ema/distance"] = ema_distance(gan.G_ema, gan.G)
+    decision = LOSSES[cfg.loss.name].decision
+    if batches.heldout is None or decision is None or cfg.model.family == "cyclegan":
+        return out
+    n = min(HELDOUT_ROWS, len(batches.x), len(batches.heldout))
+    n -= n % cfg.model.pack
+    if n == 0 or (batches.num_classes and (batches.y is None or batches.heldout_y is None)):
+        return out
+    sets = [(batches.x, batches.y), (batches.heldout, batches.heldout_y)]
+    was_training = gan.D.training
+    gan.D.eval()
+    with autocast(cfg, batches.device):
+        scores = [
+            gan.D(batches.first(x, n), *_y(batches.first(y, n) if batches.num_classes else None)).float()
+            for x, y in sets
+        ]
+    gan.D.train(was_training)
+    r_train, r_heldout = (float(torch.sign(sc - decision).mean()) for sc in scores)
+    return {**out, "D/r_train": r_train, "D/r_heldout": r_heldout}
+
+
+def _norm(params) -> torch.Tensor:
+    return torch.nn.utils.get_total_norm([p.detach() for p in params])
+
+
+@torch.no_grad()
+def ema_distance(ema: torch.nn.Module, model: torch.nn.Module) -> float:
+    """||theta_ema - theta|| / ||theta|| over the generator's parameters."""
+    params = list(model.parameters())
+    diff = torch.nn.utils.get_total_norm([e - p for e, p in zip(ema.parameters(), params)])
+    return float(diff / torch.nn.utils.get_total_norm(params).clamp_min(1e-12))
 
 
 def sample(
