@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from pipeline import data
+from pipeline import data, monitor
 from pipeline.collectives import Collectives
 from pipeline.config import Config, build_config
 from pipeline.outputs import load_tensors
@@ -213,7 +214,8 @@ class TrainJob:
     """What the driver hands to every worker (plain data: it crosses process boundaries)."""
 
     cfg: dict[str, Any]
-    data_ref: Any  # ray.ObjectRef of (x, y or None, number of classes or None, domain B images or None)
+    data_ref: Any  # ray.ObjectRef of (x, y or None, number of classes or None, domain B images or None,
+    #               held-out reals or None, their labels or None)
     tracking_uri: str
     run_id: str
     fit_id: str  # one per fit() call: tells a Ray restart (same fit) from a rerun of the stage
@@ -233,9 +235,12 @@ def fit(
     callbacks: list | None = None,
     spill_path: str | None = None,
     x_train_b=None,
+    heldout=None,
 ) -> tuple[dict[str, Any], str]:
     """Train under Ray Train; returns (final GAN state, Ray result path). `x_train_b`: domain B
     images for model.family cyclegan (labels are never passed: CycleGAN is unsupervised).
+    `heldout`: (reals never trained on, their labels or None), the stability monitor's measure of
+    D's overfitting.
 
     A run with the same storage root and name continues from its last checkpoint. `live` (a
     live_eval.LiveEval) is run by rank 0 every `eval.every` steps when given. Per-step metrics
@@ -251,7 +256,10 @@ def fit(
     y = None if y_train is None else torch.from_numpy(y_train)
     x_b = None if x_train_b is None else torch.from_numpy(x_train_b)
     # a memory-mapped image store travels by path (data.shippable): each worker maps it itself
-    data_ref = ray.put((data.shippable(x_train), y, num_classes, x_b))
+    x_ho, y_ho = heldout if heldout is not None else (None, None)
+    x_ho = None if x_ho is None else data.shippable(x_ho)
+    y_ho = None if y_ho is None else torch.from_numpy(np.asarray(y_ho))
+    data_ref = ray.put((data.shippable(x_train), y, num_classes, x_b, x_ho, y_ho))
     live_ref = None if live is None or not cfg.eval.every else ray.put(live)
     job = TrainJob(cfg.to_dict(), data_ref, tracking_uri, run_id, uuid.uuid4().hex, live_ref, spill_path)
     trainer = TorchTrainer(
@@ -313,9 +321,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     if device.type == "cuda":  # NCCL's object collectives (the pids, CycleGAN pools) use the current device
         torch.cuda.set_device(device)
     numerics = training.configure_numerics(cfg.train.deterministic, device)
-    x, y, num_classes, x_b = ray.get(job.data_ref)
+    x, y, num_classes, x_b, x_ho, y_ho = ray.get(job.data_ref)
     x = torch.from_numpy(data.unship(x))
-    x, y, x_b = (training.place_data(t, device) for t in (x, y, x_b))
+    x_ho = None if x_ho is None else torch.from_numpy(data.unship(x_ho))
+    x, y, x_b, x_ho, y_ho = (training.place_data(t, device) for t in (x, y, x_b, x_ho, y_ho))
     num_classes = num_classes if cfg.model.conditional else None
 
     gan = training.build_gan(cfg, list(x.shape[1:]), device, num_classes)
@@ -350,6 +359,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         x_b,
         device,
         channels_last=cfg.train.channels_last and x.dim() == 4,
+        heldout=x_ho,
+        heldout_y=y_ho,
     )
     metrics = None
     if rank == 0:
@@ -393,7 +404,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         if world > 1:  # every worker holds (and rank 0 saves) the same batch-norm running statistics
             for module in (g.G, g.D, g.G_ema):
                 comm.average_buffers(module)
-        report = {"step": g.step, **latest}
+        report = {"step": g.step, **latest, "diagnosis": g.monitor.verdict}
         # CycleGAN history pools are per worker: rank 0's checkpoint carries every rank's
         pools = comm.gather({k: p.state_dict() for k, p in g.pools.items()}) if g.pools and world > 1 else None
         if metrics is not None:
@@ -412,7 +423,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             torch.save({**training.gan_state(g), **extra}, Path(d) / STATE_FILE)
             ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
 
-    hooks = training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval)
+    def on_event(g: training.GAN, event: dict[str, Any]) -> None:
+        if rank == 0:
+            print(f"[train] monitor: {monitor.describe(event)}", flush=True)
+
+    hooks = training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval, on_event=on_event)
     if world > 1:
         hooks.sync_grads, hooks.reduce_stats = comm.sync_grads, comm.reduce_stats
     if gan.step >= cfg.train.steps:  # already finished: hand the final state back again

@@ -158,6 +158,7 @@ class Monitor:
             "rollbacks": sum(e["kind"] == "rollback" for e in self.events),
             "events": list(self.events),
             "signals": dict(self.last),
+            "thresholds": asdict(self.thresholds),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -284,6 +285,23 @@ class Monitor:
         return None
 
 
+def tags(report: dict[str, Any]) -> dict[str, str]:
+    """A report as MLflow tags (the run list filters on them): the verdict, the rollbacks, and the step
+    each kind of event was first seen at."""
+    out = {"ganpipe.diagnosis": report["verdict"], "ganpipe.diagnosis.rollbacks": str(report["rollbacks"])}
+    for e in report["events"]:
+        out.setdefault(f"ganpipe.diagnosis.{e['kind']}", f"step {e['step']}")
+    return out
+
+
+def describe(event: dict[str, Any]) -> str:
+    """One line for a person: the step, the verdict, what it means and the evidence."""
+    evidence = ", ".join(
+        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.get("evidence", {}).items()
+    )
+    return f"step {event['step']}: {event['kind']}: {EXPLAIN.get(event['kind'], '')} ({evidence})"
+
+
 def _coverage(evals: dict[str, float]) -> list[str]:
     return [k for k in ("modes", "class_modes") if isinstance(evals.get(k), (int, float))]
 
@@ -296,7 +314,3 @@ def _plain(x: Any) -> Any:
     if isinstance(x, float):
         return x if math.isfinite(x) else str(x)
     return x
-
-
-def thresholds_dict(t: Thresholds) -> dict[str, Any]:
-    return asdict(t)

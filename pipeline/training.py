@@ -95,6 +95,13 @@ def new_monitor(cfg: Config) -> Monitor:
     return Monitor(LOSSES[cfg.loss.name].decision is not None, Thresholds(overfit_target=cfg.train.ada.target))
 
 
+def diagnosis(cfg: Config, state: dict[str, Any]) -> dict[str, Any]:
+    """The stability monitor's report (monitor.Monitor.report) from a saved GAN state."""
+    mon = new_monitor(cfg)
+    mon.load_state_dict(state.get("monitor") or {})
+    return mon.report()
+
+
 def configure_numerics(deterministic: bool, device: torch.device | str) -> dict[str, Any]:
     """Set PyTorch's process-wide numerics for training on `device`; returns the flags in effect.
 
@@ -654,8 +661,8 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
             now = time.perf_counter()
             means["time/step_s"] = (now - tick) / count
             means = hooks.reduce_stats(means)
-            if "ema/distance" in gan.monitor.last:
-                means["ema/distance"] = gan.monitor.last["ema/distance"]
+            # the monitor's own signals as of its last tick, logged beside the step statistics
+            means.update({k: v for k, v in gan.monitor.last.items() if k in TICK_SIGNALS})
             gan.history.append({"step": gan.step, **means})
             hooks.on_log(gan.step, means)
             tick = now
@@ -686,13 +693,13 @@ def _judge(gan: GAN, cfg: Config, batches: Batches, means: dict[str, float], hoo
     if t.on_divergence == "rollback" and gan.snapshots and rollbacks < t.max_rollbacks:
         _rollback(gan, cfg, hooks)
         return True
-    why = (
-        f"after {rollbacks} rollback(s) (train.max_rollbacks {t.max_rollbacks})"
-        if t.on_divergence == "rollback" and rollbacks
-        else "no healthy state to roll back to"
-        if t.on_divergence == "rollback"
-        else f"train.on_divergence: {t.on_divergence}"
-    )
+    why = f"train.on_divergence: {t.on_divergence}"
+    if t.on_divergence == "rollback":
+        why = (
+            f"after {rollbacks} rollback(s) (train.max_rollbacks {t.max_rollbacks})"
+            if rollbacks >= t.max_rollbacks
+            else "no healthy state to roll back to yet"
+        )
     if bad:
         first = next((k for k in bad if k.startswith("loss/")), bad[0])
         value = diverged["evidence"].get(first)
@@ -731,6 +738,7 @@ def _rollback(gan: GAN, cfg: Config, hooks: Hooks) -> None:
     hooks.on_event(gan, gan.monitor.rolled_back(at, gan.step, lrs))
 
 
+TICK_SIGNALS = ("weights/G", "weights/D", "ema/distance", "D/r_train", "D/r_heldout")  # see tick_signals
 HELDOUT_ROWS = 512  # reals scored at each tick, of the training set and of the held-out set
 
 

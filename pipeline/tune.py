@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, datasets
+from pipeline import data, datasets, monitor
 from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
 from pipeline.outputs import load_tensors
 
@@ -155,6 +155,7 @@ class SweepJob:
     x_val_b: np.ndarray | None = None
     x_val: np.ndarray | None = None  # CycleGAN: domain A's validation images
     spill_path: str | None = None  # where trials keep metrics the MLflow server never took
+    y_val: np.ndarray | None = None  # labels of x_val (conditional models: the monitor's held-out reals)
 
 
 def cycle_metrics(G: torch.nn.Module, cfg: Config, x_val: np.ndarray, x_val_b: np.ndarray, n: int) -> dict[str, float]:
@@ -191,8 +192,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     training.configure_numerics(cfg.train.deterministic, device)
     # copies (arrays from the object store are read-only), on the trial's GPU when they fit there
     # an image store arrives by path (data.StoreFile) and is memory-mapped, not copied
-    x_np = data.unship(job.x_train)
-    x = training.place_data(torch.from_numpy(x_np) if isinstance(x_np, np.memmap) else torch.tensor(x_np), device)
+    x = training.place_data(_tensor(job.x_train), device)
     y = None if job.y_train is None else training.place_data(torch.tensor(job.y_train), device)
     num_classes = job.num_classes if cfg.model.conditional else None
     gan = training.build_gan(cfg, list(x.shape[1:]), device, num_classes)
@@ -215,9 +215,17 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     # metrics go to MLflow from a background thread: a server that is away for a while delays
     # nothing, and what it never takes is kept in `job.spill_path` (see tracking.MetricBuffer)
     sent = tracking.MetricBuffer(job.tracking_uri, run_id, job.spill_path, cfg.tracking.flush_timeout_s)
+    tagged = [None]  # the verdict the trial's MLflow run was last tagged with
 
     def on_log(step: int, stats: dict[str, float]) -> None:
         last.update(stats)
+
+    def diagnose(g: training.GAN) -> str:
+        report = g.monitor.report()
+        if report["verdict"] != tagged[0] or report["events"]:
+            tracking.set_tags(job.tracking_uri, run_id, monitor.tags(report))
+            tagged[0] = report["verdict"]
+        return report["verdict"]
 
     def on_checkpoint(g: training.GAN, final: bool) -> None:
         G = g.G_ema if g.G_ema is not None else g.G
@@ -231,6 +239,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         sent.add(g.step, {**metrics, **hp})
         sent.flush()
         sent.wait_sent(2.0)  # in MLflow before Tune sees the report (and may stop the trial), unless the server is away
+        metrics["diagnosis"] = diagnose(g)  # the stopper ends a collapsed or diverged trial (DiagnosisStopper)
         with tempfile.TemporaryDirectory() as d:
             torch.save(training.gan_state(g), Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -246,6 +255,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         x_b=x_b,
         device=device,
         channels_last=cfg.train.channels_last and x.dim() == 4,
+        **heldout(job, cfg, device),
     )
     start = gan.step
     try:
@@ -256,6 +266,23 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
             on_checkpoint(gan, True)
     finally:
         sent.close()
+
+
+def heldout(job: SweepJob, cfg: Config, device) -> dict[str, torch.Tensor | None]:
+    """The validation reals (and labels, for conditional models) as the monitor's held-out set."""
+    from pipeline import training
+
+    if job.x_val is None or cfg.model.family == "cyclegan":
+        return {}
+    y = torch.tensor(job.y_val) if cfg.model.conditional and job.y_val is not None else None
+    return {"heldout": training.place_data(_tensor(job.x_val), device), "heldout_y": training.place_data(y, device)}
+
+
+def _tensor(shipped) -> torch.Tensor:
+    """An array from the object store as a tensor: a memory-mapped store is mapped (no copy), anything
+    else copied (arrays from the object store are read-only)."""
+    a = data.unship(shipped)
+    return torch.from_numpy(a) if isinstance(a, np.memmap) else torch.tensor(a)
 
 
 def _trial_device() -> torch.device:
@@ -270,7 +297,7 @@ def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
     resumed sweep resumes it too), evaluated at every checkpoint, reporting to Tune via a callback."""
     from ray import tune
 
-    from pipeline import distributed, tracking
+    from pipeline import distributed, tracking, training
 
     ctx = tune.get_context()
     run_id = tracking.nested_run(
@@ -283,7 +310,7 @@ def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
         trial_tags(job, overrides),
     )
     every = build_config(deep_merge(cfg.to_dict(), {"eval": {"every": cfg.train.checkpoint_every}}))
-    distributed.fit(
+    state, _ = distributed.fit(
         every,
         job.x_train,
         job.tracking_uri,
@@ -293,7 +320,9 @@ def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
         job.num_classes,
         live=job.live,
         callbacks=[_train_to_tune()],
+        heldout=None if job.x_val is None else (data.unship(job.x_val), job.y_val if cfg.model.conditional else None),
     )
+    tracking.set_tags(job.tracking_uri, run_id, monitor.tags(training.diagnosis(cfg, state)))
 
 
 def _train_to_tune():
@@ -476,11 +505,23 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 storage_filesystem=fs,
                 verbose=0,
                 callbacks=callbacks,
+                stop=DiagnosisStopper(),
                 # PBT copies a donor's checkpoint a tick later: keep a few, not just the newest
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
             ),
         )
     return tuner.fit()
+
+
+class DiagnosisStopper:
+    """Stops a trial whose stability verdict (the `diagnosis` of its reports) is severe
+    (monitor.SEVERE: mode collapse, divergence): its remaining steps would be wasted."""
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return result.get("diagnosis") in monitor.SEVERE
+
+    def stop_all(self) -> bool:
+        return False
 
 
 def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:
@@ -494,17 +535,22 @@ def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:
         row.update({k: plain(r.config.get(k)) for k in keys})
         row["score"] = m.get(cfg.tune.metric)
         row.update({k: m.get(k) for k in REPORTED})
+        row["diagnosis"] = m.get("diagnosis")
         row["error"] = error
         rows.append(row)
     return rows
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The best trial by its last reported `metric`: among finished trials if any, else stopped ones."""
+    """The best trial by its last reported `metric`: among finished trials if any, else stopped ones;
+    never a failed one, nor one the stability monitor found collapsed or diverged."""
     scored = [
         r
         for r in rows
-        if r["status"] != "failed" and isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])
+        if r["status"] != "failed"
+        and r.get("diagnosis") not in monitor.SEVERE
+        and isinstance(r.get(metric), (int, float))
+        and math.isfinite(r[metric])
     ]
     finished = [r for r in scored if r["status"] == "finished"]
     scored = finished or scored

@@ -32,6 +32,7 @@ INPUTS = {
     "--features": (outputs.FEATURES, "feature extractor folder"),
     "--train-metrics": (outputs.TRAIN_METRICS, "train stage metrics"),
     "--eval-metrics": (outputs.EVAL_METRICS, "evaluate stage metrics"),
+    "--diagnostics": (outputs.DIAGNOSTICS, "the train stage's stability verdict"),
 }
 
 

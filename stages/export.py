@@ -11,7 +11,7 @@ from stages import common
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("ganpipe export", __doc__)
-    common.inputs(p, "--data", "--models", "--train-metrics", "--eval-metrics")
+    common.inputs(p, "--data", "--models", "--train-metrics", "--eval-metrics", "--diagnostics")
     common.path(p, "--out", outputs.EXPORT, "output folder")
     args = p.parse_args(argv)
     return common.run(lambda: run_export(args))
@@ -23,11 +23,12 @@ def run_export(args) -> None:
     train_info = outputs.read_json(args.train_metrics, "run the train stage first")
     record = outputs.read_run_record(args.models)
     eval_info = outputs.read_json(args.eval_metrics, "run the evaluate stage first")
+    diagnosis = outputs.read_json(args.diagnostics, "run the train stage first")
     G, spec = outputs.load_generator(Path(args.models) / "generator.pt")
     uri = common.tracking_uri(cfg)
     run_id = record["mlflow_run_id"]
     if spec.get("family") == "cyclegan":
-        return _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_info, uri)
+        return _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_info, uri, diagnosis)
     with outputs.atomic_dir(args.out) as tmp:
         files, diffs = export.export_all(G, spec["z_dim"], list(cfg.export.formats), tmp, spec.get("num_classes"))
         card = export.model_card(spec, manifest, cfg, train_info, record, eval_info, diffs, outputs.git_commit(), None)
@@ -48,10 +49,10 @@ def run_export(args) -> None:
     print(f"[export] {', '.join(card['files'].values())} ({shown}); model card {args.out}/model_card.json")
     if model_uri:
         print(f"[export] registered in MLflow as {model_uri}")
-    _summary(eval_info, train_info, record, uri)
+    _summary(eval_info, train_info, record, uri, diagnosis)
 
 
-def _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_info, uri) -> None:
+def _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_info, uri, diagnosis) -> None:
     """CycleGAN: generator_xy (G: X -> Y) and generator_yx (F: Y -> X), each registered in MLflow as
     `<export.model_name>-xy` / `-yx`."""
     with outputs.atomic_dir(args.out) as tmp:
@@ -80,10 +81,10 @@ def _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_i
     print(f"[export] {', '.join(card['files'].values())} ({shown}); model card {args.out}/model_card.json")
     for stem, model_uri in model_uris.items():
         print(f"[export] {stem} ({card['generators'][stem]['direction']}) registered in MLflow as {model_uri}")
-    _summary(eval_info, train_info, record, uri, "generator_xy / generator_yx (.onnx, .pt), model_card.json")
+    _summary(eval_info, train_info, record, uri, diagnosis, "generator_xy / generator_yx (.onnx, .pt), model_card.json")
 
 
-def _summary(eval_info: dict, train_info: dict, record: dict, uri: str, model: str = "") -> None:
+def _summary(eval_info: dict, train_info: dict, record: dict, uri: str, diagnosis: dict, model: str = "") -> None:
     """What a user wants to see when the pipeline ends."""
     figures = {k: v for k, v in eval_info.items() if not isinstance(v, dict)}
     shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(figures.items()))
@@ -100,10 +101,22 @@ def _summary(eval_info: dict, train_info: dict, record: dict, uri: str, model: s
         f"metrics   {shown}\n"
         f"{measured}"
         f"training  {_trained(train_info, record)}, MLflow run {record['mlflow_run_id']}\n"
+        f"stability {_stability(diagnosis)}\n"
         "plots     plots/samples.png, plots/losses.png   (dvc plots show: all of them as HTML)\n"
         f"model     {model or 'export/generator.onnx, export/generator.pt, export/model_card.json'}\n"
         f"MLflow UI {ui}"
     )
+
+
+def _stability(diagnosis: dict) -> str:
+    """The monitor's verdict, each problem with the step it was first seen at (metrics/diagnostics.json)."""
+    firsts = {}
+    for e in diagnosis.get("events", []):
+        firsts.setdefault(e["kind"], e["step"])
+    if not firsts:
+        return "healthy (no instability seen; metrics/diagnostics.json)"
+    seen = ", ".join(f"{k} at step {v}" for k, v in firsts.items())
+    return f"{diagnosis['verdict']}: {seen} (metrics/diagnostics.json)"
 
 
 def _trained(train_info: dict, record: dict) -> str:

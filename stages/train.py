@@ -14,6 +14,7 @@ from pipeline import (
     distributed,
     identity,
     live_eval,
+    monitor,
     outputs,
     plots,
     protocol,
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     common.inputs(p, "--data", "--features")
     common.path(p, "--models", outputs.MODELS, "output folder for models")
     common.path(p, "--metrics", outputs.TRAIN_METRICS, "output metrics file")
+    common.path(p, "--diagnostics", outputs.DIAGNOSTICS, "output: the stability monitor's verdict and events")
     args = p.parse_args(argv)
     return common.run(lambda: train(args))
 
@@ -96,6 +98,7 @@ def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resu
             live,
             spill_path=str(spill),
             x_train_b=prepared.b.x_train if cycle else None,
+            heldout=None if cycle else (prepared.x_val, prepared.y_val if cfg.model.conditional else None),
         )
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Ray's handler may turn it into SystemExit)
         at = distributed.latest_checkpoint_step(cfg.storage.root, cfg.storage.s3_endpoint_url, name)
@@ -140,7 +143,12 @@ def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resu
         "D_fake": final.get("D/fake"),
     }
     outputs.write_json(args.metrics, summary)
+    diagnosis = diagnostics(cfg, state)
+    outputs.write_json(args.diagnostics, diagnosis)
+    print(f"[train] stability: {diagnosis['verdict']}: {diagnosis['explanation']}" + _rollbacks(diagnosis))
     try:
+        tracking.set_tags(uri, run_id, monitor.tags(diagnosis))
+        tracking.log_dict(uri, run_id, training.diagnosis(cfg, state), "diagnostics.json")  # with the thresholds
         tracking.log_artifacts(uri, run_id, [args.models], "models")
         tracking.log_summary_metrics(
             uri, run_id, {"train/wall_time_s": record["trained_s"], "sys/restarts": record["restarts"]}, state["step"]
@@ -163,6 +171,20 @@ def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resu
     else:
         print(f"[train] done: {state['step']} steps in {wall:.1f}s -> {args.models}, {args.metrics}")
     common.deliver_spilled("train", uri, spill)
+
+
+def diagnostics(cfg, state: dict) -> dict:
+    """metrics/diagnostics.json: the stability monitor's verdict (`healthy` or the first problem
+    found), its events (kind, step, evidence, explanation) and its last signals; the thresholds
+    stay in the MLflow artifact (they are code, not a result)."""
+    return {k: v for k, v in training.diagnosis(cfg, state).items() if k != "thresholds"}
+
+
+def _rollbacks(diagnosis: dict) -> str:
+    problems = [p for p in diagnosis["problems"] if p != diagnosis["verdict"]]
+    more = f"; also {', '.join(problems)}" if problems else ""
+    n = diagnosis["rollbacks"]
+    return more + (f"; {n} rollback(s)" if n else "") + (" (metrics/diagnostics.json)" if diagnosis["events"] else "")
 
 
 def _run_record(state: dict, run_id: str, uri: str, result_path: str, identity_key: str, wall: float) -> dict:

@@ -83,6 +83,7 @@ def _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path,
             None if b is None else b.x_val,
             prepared.x_val,
             str(common.spill_path(parent)),
+            prepared.y_val,
         )
         try:
             results = tune.run_sweep(cfg, parsed, job, storage_path, fs, name)
