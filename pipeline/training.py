@@ -275,6 +275,10 @@ class Batches:
     def stream(self, step: int, phase: int):
         return self.draws.stream(step, phase)
 
+    def reals_index(self, step: int, phase: int) -> torch.Tensor:
+        """The rows of `x` that `reals(step, phase)` takes (this worker's slice)."""
+        return self._index(step, phase, len(self.x), self.x)
+
     def _index(self, step: int, phase: int, n: int, on: torch.Tensor) -> torch.Tensor:
         host = on.device.type == "cpu" and self.device.type != "cpu"
         return self.shard.take(self.stream(step, phase).randint(0, n, (self.batch_size,), host=host))
@@ -335,14 +339,16 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
     with autocast(cfg, real.device):
         with torch.no_grad():
             fake = gan.G(batches.latents(step, base + 1), *_y(y))
-        spread = batch_spread(fake, real)
+        spread = batch_spread(fake, real) if probing(step) else None
         # augmentation (train.augment): reals and fakes alike, ADA with the same p
         real = _augment(gan, cfg, batches, real, step, base + 3)
         fake = _augment(gan, cfg, batches, fake, step, base + 4)
         d_real, d_fake = gan.D(real, *_y(y)).float(), gan.D(fake, *_y(y)).float()
     total = loss.d(d_real, d_fake)
-    stats = {"loss/D": total.detach(), "fake/spread": spread}
-    stats["D/acc_real"], stats["D/acc_fake"] = loss.accuracy(d_real.detach(), d_fake.detach())
+    stats = {"loss/D": total.detach()}
+    if spread is not None:  # the monitor's signals, on every PROBE_EVERY-th step
+        stats["fake/spread"] = spread
+        stats["D/acc_real"], stats["D/acc_fake"] = loss.accuracy(d_real.detach(), d_fake.detach())
     if cfg.train.ada.enabled:
         stats["ada/r_t"] = overfit_signal(d_real)
     total, penalties = loss.regularise(total, [(gan.D, real, fake, y)], lambda _: batches.uniform(step, base + 2))
@@ -361,19 +367,30 @@ def batch_spread(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 Probe = tuple[torch.Tensor, torch.Tensor]  # (fakes, D's scores on them) of the generator step
+PROBE_EVERY = 10  # the monitor's per-step signals are measured on every 10th step: 5 a 50-step window
 
 
-def g_loss(gan: GAN, cfg: Config, batches: Batches, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], Probe]:
-    """G's loss, its stats and the probe: the fakes and their scores, whose gradients
-    (`probe_stats`) say whether G still learns."""
+def probing(step: int) -> bool:
+    """Whether `step` measures the monitor's signals (the same steps on every worker)."""
+    return step % PROBE_EVERY == 0
+
+
+def g_loss(
+    gan: GAN, cfg: Config, batches: Batches, step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], Probe | None]:
+    """G's loss, its stats and, on probing steps, the probe: the fakes and their scores, whose
+    gradients (`probe_stats`) say whether G still learns."""
     z, y = batches.latents(step, 63), batches.random_labels(step, 61)
+    probe = probing(step)
     with autocast(cfg, z.device):
         fake = gan.G(z, *_y(y))
-        fake.retain_grad()
+        if probe:
+            fake.retain_grad()
         scores = gan.D(_augment(gan, cfg, batches, fake, step, 62), *_y(y)).float()
-        scores.retain_grad()
+        if probe:
+            scores.retain_grad()
     loss = loss_terms(cfg).g(scores)
-    return loss, {"loss/G": loss.detach()}, (fake, scores)
+    return loss, {"loss/G": loss.detach()}, (fake, scores) if probe else None
 
 
 def probe_stats(probe: Probe, grads: tuple[torch.Tensor | None, torch.Tensor | None], scale=1.0) -> dict:
@@ -427,28 +444,34 @@ def _ada_tick(gan: GAN, cfg: Config, stats: dict[str, torch.Tensor], reduce: Cal
 
 
 def _backward_apply(
-    total: torch.Tensor, opt: torch.optim.Optimizer, module: torch.nn.Module, sync: GradSync, scaler
-) -> torch.Tensor:
-    """Backward, average gradients across workers, step (through the fp16 loss scaler if any); returns
-    the averaged gradient's norm (a skipped fp16 step's inf/NaN reads as 0)."""
+    total: torch.Tensor, opt: torch.optim.Optimizer, module: torch.nn.Module, sync: GradSync, scaler, measure: bool
+) -> dict[str, torch.Tensor]:
+    """Backward, average gradients across workers, step (through the fp16 loss scaler if any); with
+    `measure`, returns {"norm": the averaged gradient's norm} (a skipped fp16 step's inf/NaN reads as 0)."""
     opt.zero_grad(set_to_none=True)
     if scaler is None:
         total.backward()
-        return _apply(opt, module, sync)
+        return _apply(opt, module, sync, measure)
     scaler.scale(total).backward()
     sync(module)  # scaled gradients average the same way; every worker then sees the same inf/NaN
-    scaler.unscale_(opt)  # step() then uses these unscaled gradients as they are
-    norm = torch.nan_to_num(grad_norm(module), nan=0.0, posinf=0.0)
+    out = {}
+    if measure:
+        scaler.unscale_(opt)  # step() then uses these unscaled gradients as they are
+        out["norm"] = torch.nan_to_num(grad_norm(module), nan=0.0, posinf=0.0)
     scaler.step(opt)
     scaler.update()
-    return norm
+    return out
 
 
-def _apply(opt: torch.optim.Optimizer, module: torch.nn.Module, sync: GradSync) -> torch.Tensor:
+def _apply(opt: torch.optim.Optimizer, module: torch.nn.Module, sync: GradSync, measure: bool) -> dict:
     sync(module)
-    norm = grad_norm(module)
+    out = {"norm": grad_norm(module)} if measure else {}
     opt.step()
-    return norm
+    return out
+
+
+def _norm_stat(name: str, measured: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: measured["norm"]} if measured else {}
 
 
 def _loss_scale(scaler) -> torch.Tensor | float:
@@ -457,16 +480,17 @@ def _loss_scale(scaler) -> torch.Tensor | float:
 
 def d_step(gan: GAN, cfg: Config, batches: Batches, step: int, k: int, sync: GradSync) -> dict[str, torch.Tensor]:
     total, stats = d_loss(gan, cfg, batches, step, k)
-    stats["grad/D"] = _backward_apply(total, gan.opt_d, gan.D, sync, gan.scaler_d)
+    stats.update(_norm_stat("grad/D", _backward_apply(total, gan.opt_d, gan.D, sync, gan.scaler_d, probing(step))))
     loss_terms(cfg).after_d_step(gan.D)
     return stats
 
 
 def g_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -> dict[str, torch.Tensor]:
     total, stats, probe = g_loss(gan, cfg, batches, step)
-    scale = _loss_scale(gan.scaler_g)  # the scale this step's gradients carry (update() may change it)
-    stats["grad/G"] = _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g)
-    stats.update(probe_stats(probe, (probe[0].grad, probe[1].grad), scale))
+    scale = _loss_scale(gan.scaler_g) if probe else 1.0  # the scale this step's gradients carry
+    stats.update(_norm_stat("grad/G", _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g, bool(probe))))
+    if probe:
+        stats.update(probe_stats(probe, (probe[0].grad, probe[1].grad), scale))
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
     return stats
@@ -476,7 +500,7 @@ def simultaneous_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: 
     """Both players' gradients taken at the same point, then both step (gradient descent-ascent)."""
     d_total, stats = d_loss(gan, cfg, batches, step, 0)
     g_total, g_stats, probe = g_loss(gan, cfg, batches, step)
-    for total, module, opt, extra in ((d_total, gan.D, gan.opt_d, ()), (g_total, gan.G, gan.opt_g, probe)):
+    for total, module, opt, extra in ((d_total, gan.D, gan.opt_d, ()), (g_total, gan.G, gan.opt_g, probe or ())):
         params = [p for p in module.parameters() if p.requires_grad]
         grads = torch.autograd.grad(total, params + list(extra), retain_graph=True, allow_unused=True)
         opt.zero_grad(set_to_none=True)
@@ -484,8 +508,8 @@ def simultaneous_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: 
             p.grad = g
         if extra:
             g_stats.update(probe_stats(probe, grads[len(params) :]))
-    stats["grad/D"] = _apply(gan.opt_d, gan.D, sync)
-    g_stats["grad/G"] = _apply(gan.opt_g, gan.G, sync)
+    stats.update(_norm_stat("grad/D", _apply(gan.opt_d, gan.D, sync, probing(step))))
+    g_stats.update(_norm_stat("grad/G", _apply(gan.opt_g, gan.G, sync, probing(step))))
     loss_terms(cfg).after_d_step(gan.D)
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
@@ -546,7 +570,7 @@ def cycle_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSyn
     discriminators (the first on the generators' fakes; later ones on fresh batches)."""
     reals = (batches.reals(step, 0), batches.reals_b(step, 1))
     total, stats, fakes = cycle_g_loss(gan, cfg, *reals)
-    stats["grad/G"] = _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g)
+    stats.update(_norm_stat("grad/G", _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g, probing(step))))
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
     for k in range(cfg.train.n_critic):
@@ -555,7 +579,8 @@ def cycle_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSyn
             with torch.no_grad(), autocast(cfg, reals[0].device):
                 fakes = (gan.G.yx(reals[1]), gan.G.xy(reals[0]))
         d_total, d_stats = cycle_d_loss(gan, cfg, batches, step, k, reals, tuple(f.detach() for f in fakes))
-        d_stats["grad/D"] = _backward_apply(d_total, gan.opt_d, gan.D, sync, gan.scaler_d)
+        measured = _backward_apply(d_total, gan.opt_d, gan.D, sync, gan.scaler_d, probing(step))
+        d_stats.update(_norm_stat("grad/D", measured))
         loss_terms(cfg).after_d_step(gan.D)
         stats.update(d_stats)
     return stats
@@ -578,37 +603,53 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 class _Sums:
     """Step statistics summed on the device, copied to the host (one copy for all of them) at every
     tick, where they add to two windows: the log's (train.log_every) and the monitor's
-    (train.monitor_every). Each window is a sum and a count, so its means do not depend on the other's
-    cadence."""
+    (train.monitor_every). Each window keeps a sum and a count per statistic (the monitor's signals are
+    measured on every PROBE_EVERY-th step only) and its number of steps, so its means do not depend
+    on the other window's cadence."""
 
     def __init__(self) -> None:
         self.device: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
         self.n = 0
-        self.windows: dict[str, tuple[dict[str, float], int]] = {"log": ({}, 0), "monitor": ({}, 0)}
+        self.windows: dict[str, tuple[dict[str, float], dict[str, int], int]] = {
+            "log": ({}, {}, 0),
+            "monitor": ({}, {}, 0),
+        }
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for name, v in stats.items():
             self.device[name] = self.device.get(name, 0.0) + v
+            self.counts[name] = self.counts.get(name, 0) + 1
         self.n += 1
 
     def drain(self) -> None:
         if not self.n:
             return
         values = torch.stack([v.double() for v in self.device.values()]).tolist()
-        for name, (sums, count) in self.windows.items():
+        for name, (sums, counts, steps) in self.windows.items():
             for k, v in zip(self.device, values):
                 sums[k] = sums.get(k, 0.0) + v
-            self.windows[name] = (sums, count + self.n)
-        self.device, self.n = {}, 0
+                counts[k] = counts.get(k, 0) + self.counts[k]
+            self.windows[name] = (sums, counts, steps + self.n)
+        self.device, self.counts, self.n = {}, {}, 0
 
     def finite(self, window: str) -> bool:
         return all(math.isfinite(v) for v in self.windows[window][0].values())
 
     def take(self, window: str) -> tuple[dict[str, float], int]:
         """The window's means and its step count; the window starts again."""
-        sums, count = self.windows[window]
-        self.windows[window] = ({}, 0)
-        return {k: v / count for k, v in sums.items()}, count
+        sums, counts, steps = self.windows[window]
+        self.windows[window] = ({}, {}, 0)
+        return {k: v / counts[k] for k, v in sums.items()}, steps
+
+
+def _check_finite(step: int, values: dict[str, Any], why: str = "") -> None:
+    """Raise NonFiniteLoss naming the step and the first non-finite value (a loss first)."""
+    bad = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        first = next((k for k in bad if k.startswith("loss/")), bad[0])
+        reason = f"{why}; " if why else ""
+        raise NonFiniteLoss(f"step {step}: {first} is {values[first]}; stopping ({reason}last good checkpoint kept)")
 
 
 def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GAN:
@@ -616,8 +657,10 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
 
     Step statistics stay on the device and reach the host at each tick: every `train.monitor_every`
     steps (the stability monitor judges the run, see `_judge`), every `log_every` steps (`on_log`)
-    and at every checkpoint. A NaN or inf found at any tick is judged at once, so a bad value never
-    reaches a checkpoint (checking every step would force a sync on GPUs).
+    and at every checkpoint. A NaN or inf is caught at the first tick after it, so it never reaches a
+    checkpoint (checking every step would force a sync on GPUs): at the monitor's tick, which every
+    worker reaches together, the monitor may roll the run back; at a log or checkpoint tick between
+    two of its ticks, the run stops there.
     """
     t = cfg.train
     sums, tick = _Sums(), time.perf_counter()
@@ -651,7 +694,12 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
             row = hooks.on_eval(gan)
             if row:
                 gan.evals.append({"step": gan.step, **row})
-        if judges or not sums.finite("monitor"):
+        if not judges and not sums.finite("monitor"):
+            # between the monitor's ticks (a log or checkpoint tick): stop here, on this worker, so the
+            # value never reaches a checkpoint; the monitor's tick, which every worker reaches together,
+            # is where a rollback can happen
+            _check_finite(gan.step, sums.windows["monitor"][0])
+        if judges:
             means, _ = sums.take("monitor")
             if _judge(gan, cfg, batches, means, hooks):  # rolled back: the windows start again
                 sums, tick = _Sums(), time.perf_counter()
@@ -701,9 +749,7 @@ def _judge(gan: GAN, cfg: Config, batches: Batches, means: dict[str, float], hoo
             else "no healthy state to roll back to yet"
         )
     if bad:
-        first = next((k for k in bad if k.startswith("loss/")), bad[0])
-        value = diverged["evidence"].get(first)
-        raise NonFiniteLoss(f"step {gan.step}: {first} is {value}; stopping ({why}; last good checkpoint kept)")
+        _check_finite(gan.step, signals, why)
     evidence = ", ".join(f"{k}={v:.4g}" for k, v in diverged["evidence"].items() if isinstance(v, float))
     raise Diverged(f"step {gan.step}: the run diverged ({evidence}); stopping ({why}; last good checkpoint kept)")
 
@@ -739,7 +785,7 @@ def _rollback(gan: GAN, cfg: Config, hooks: Hooks) -> None:
 
 
 TICK_SIGNALS = ("weights/G", "weights/D", "ema/distance", "D/r_train", "D/r_heldout")  # see tick_signals
-HELDOUT_ROWS = 512  # reals scored at each tick, of the training set and of the held-out set
+HELDOUT_ROWS = 256  # reals scored at each tick, of the training set and of the held-out set
 
 
 @torch.no_grad()

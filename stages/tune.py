@@ -105,7 +105,10 @@ def _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path,
                 tracking.end_run(uri, row["mlflow_run_id"], STATUS[row["status"]])
         best = tune.best_row(rows, cfg.tune.metric, cfg.tune.mode)
         if best is None:
-            raise RuntimeError(f"no trial reported a finite {cfg.tune.metric}; see the MLflow sweep run {parent}")
+            raise RuntimeError(
+                f"no trial reported a finite {cfg.tune.metric} without collapsing or diverging; the nested runs of "
+                f"the MLflow sweep run {parent} hold each trial's status and ganpipe.diagnosis"
+            )
 
         out = Path(args.out)
         best_raw = redact_tree(deep_merge(raw, unflatten({k: best[k] for k in parsed})))

@@ -124,3 +124,39 @@ def test_the_memory_mapped_image_store_trains_as_the_same_images_in_memory(ray_l
     assert mapped["step"] == floats["step"] == 20
     assert_close(mapped["G"], floats["G"], atol=0)
     assert_close(mapped["D"], floats["D"], atol=0)
+
+
+def _row_first_drawn_after(x: torch.Tensor, batch_size: int, seed: int, after: int) -> tuple[int, int]:
+    """A row of `x` that no real batch (phase 0) draws before step `after`, and the step that first does."""
+    from pipeline import training
+
+    b = training.Batches(x, batch_size, 2, seed)
+    drawn: set[int] = set()
+    for step in range(after):
+        b.begin(step)
+        drawn.update(b.reals_index(step, 0).tolist())
+    for step in range(after, after + 200):
+        b.begin(step)
+        fresh = [i for i in b.reals_index(step, 0).tolist() if i not in drawn]
+        if fresh:
+            return fresh[0], step
+    raise AssertionError("no row is first drawn within 200 steps")
+
+
+def test_two_workers_roll_back_together_and_stop_like_one(ray_local, tmp_path):
+    """A row that overflows D's scores, first drawn after two healthy monitor ticks: the loss turns NaN
+    on one worker's shard only, the monitor's reduced signals show it to both, both roll back to the same
+    healthy state (no worker left waiting in a collective), replay into the same row, and stop after
+    train.max_rollbacks with the message one worker gives."""
+    x = torch.randn(20000, 2, generator=torch.Generator().manual_seed(0))
+    row, step = _row_first_drawn_after(x, 64, seed=0, after=110)
+    x[row] = 3e38
+    train = {"steps": 400, "batch_size": 64, "log_every": 50, "checkpoint_every": 50, "max_rollbacks": 1}
+    messages = []
+    for workers in (1, 2):
+        with pytest.raises(RuntimeError) as info:
+            fit(tmp_path, f"rollback-{workers}", x=x.numpy(), train={**train, "num_workers": workers})
+        messages.append(str(info.value).split("NonFiniteLoss: ", 1)[-1])
+    tick = -(-(step + 1) // 50) * 50  # the first monitor tick at or after the bad step
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"step {tick}: loss/") and "after 1 rollback(s) (train.max_rollbacks 1)" in messages[0]

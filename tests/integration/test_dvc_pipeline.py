@@ -54,6 +54,13 @@ def test_repro_runs_every_stage_then_only_what_changed(project: Path):
     assert run.data.params["train.lr_d"] == "0.001"
     assert len(client.get_metric_history(run.info.run_id, "loss/D")) == 300 // 50
     assert "eval/w1" in run.data.metrics
+    # the stability monitor: its verdict in DVC metrics, as MLflow tags and artifact, its signals as metrics
+    diagnosis = json.loads((project / "metrics/diagnostics.json").read_text())
+    assert diagnosis["verdict"] == run.data.tags["ganpipe.diagnosis"] and diagnosis["rollbacks"] == 0
+    assert set(diagnosis["signals"]) >= {"grad/D", "grad/G", "grad/G_scores", "fake/spread", "D/r_heldout"}
+    assert len(client.get_metric_history(run.info.run_id, "grad/G_scores")) == 300 // 50
+    artifact = client.download_artifacts(run.info.run_id, "diagnostics.json", str(project / "dl"))
+    assert json.loads(Path(artifact).read_text())["thresholds"]["overfit_target"] == 0.6
     assert client.get_model_version_by_alias("ganpipe-generator", "candidate").run_id == run.info.run_id
     tags = run.data.tags  # lineage: from the run back to code, data, params and the Ray run
     assert tags["mlflow.source.git.commit"] == card["git"]["commit"] and tags["ganpipe.git_dirty"] in ("true", "false")

@@ -24,7 +24,7 @@ from tests.integration.conftest import ROOT, make_project, sh
 
 pytestmark = pytest.mark.integration
 
-METRICS = ("metrics/train.json", "metrics/eval.json", "metrics/features.json")
+METRICS = ("metrics/train.json", "metrics/eval.json", "metrics/features.json", "metrics/diagnostics.json")
 
 
 def lock_inputs(lock: dict) -> dict:
@@ -47,6 +47,9 @@ def test_default_dvc_repro_reproduces_the_committed_metrics_and_lock(tmp_path: P
 
     for rel in METRICS:
         assert json.loads((proj / rel).read_text()) == json.loads((ROOT / rel).read_text()), rel
+    # the stability monitor finds the default recipe healthy (and says so in the summary)
+    assert json.loads((proj / "metrics/diagnostics.json").read_text())["verdict"] == "healthy"
+    assert "stability healthy" in out
     ours = yaml.safe_load((proj / "dvc.lock").read_text())
     committed = yaml.safe_load((ROOT / "dvc.lock").read_text())
     assert lock_inputs(ours) == lock_inputs(committed)

@@ -92,6 +92,24 @@ def test_a_nan_trial_is_recorded_as_failed_and_the_sweep_goes_on(project: Path):
     assert len(failed) == 1 and "NonFiniteLoss" in failed[0].data.tags["ganpipe.trial_error"]
 
 
+def test_a_collapsed_trial_is_stopped_early_and_its_verdict_recorded(project: Path):
+    """lr_g 1e-9: G never leaves its initial, tightly bunched outputs while D keeps a gradient for it
+    (mode collapse, first seen at step 350); the stopper ends the trial at its next report."""
+    sh(project, sys.executable, "stages/prepare.py")
+    space = {"train.lr_g": {"grid": [0.001, 1.0e-9]}}
+    sweep(project, {"num_samples": 1, "scheduler": "none", "search_space": space}, {"steps": 1000})
+    rows = {float(r["train.lr_g"]): r for r in trials(project)}
+    assert rows[1.0e-9]["status"] == "stopped_early" and rows[1.0e-9]["diagnosis"] == "mode_collapse"
+    assert rows[0.001]["status"] == "finished" and rows[0.001]["diagnosis"] == "healthy"
+    _, _, children = mlflow_children(project)
+    by_lr = {float(c.data.params["train.lr_g"]): c for c in children}
+    assert by_lr[1.0e-9].data.tags["ganpipe.diagnosis"] == "mode_collapse"
+    assert by_lr[1.0e-9].data.tags["ganpipe.diagnosis.mode_collapse"] == "step 350"
+    assert by_lr[0.001].data.tags["ganpipe.diagnosis"] == "healthy"
+    best = yaml.safe_load((project / "tune/best_params.yaml").read_text())
+    assert best["train"]["lr_g"] == pytest.approx(0.001)
+
+
 def test_pbt_mutates_learning_rates_and_the_optimizer_uses_them(project: Path):
     sh(project, sys.executable, "stages/prepare.py")
     space = {"train.lr_g": {"loguniform": [1e-4, 1e-2]}}

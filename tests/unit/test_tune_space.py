@@ -62,6 +62,22 @@ def test_best_row_prefers_finished_trials_and_skips_failed():
     assert best_row(rows[:2], "w1", "max")["trial_id"] == "b"
 
 
+def test_best_row_never_picks_a_collapsed_or_diverged_trial_and_the_stopper_ends_them():
+    from pipeline.tune import DiagnosisStopper
+
+    rows = [
+        {"trial_id": "a", "status": "finished", "w1": 0.01, "diagnosis": "mode_collapse"},
+        {"trial_id": "b", "status": "finished", "w1": 0.02, "diagnosis": "diverged"},
+        {"trial_id": "c", "status": "finished", "w1": 0.5, "diagnosis": "d_overfit"},  # a warning, not severe
+        {"trial_id": "d", "status": "finished", "w1": 0.9, "diagnosis": "healthy"},
+    ]
+    assert best_row(rows, "w1", "min")["trial_id"] == "c"
+    assert best_row(rows[:2], "w1", "min") is None
+    stop = DiagnosisStopper()
+    assert [stop("t", {"diagnosis": r["diagnosis"]}) for r in rows] == [True, True, False, False]
+    assert not stop("t", {"step": 100}) and not stop.stop_all()
+
+
 @pytest.mark.parametrize("steps, every", [(400, 1000), (10_000, 1000), (300, 100), (50, 50)])
 def test_asha_rungs_fit_inside_the_run(steps: int, every: int):
     from pipeline.config import build_config
