@@ -239,7 +239,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         sent.add(g.step, {**metrics, **hp})
         sent.flush()
         sent.wait_sent(2.0)  # in MLflow before Tune sees the report (and may stop the trial), unless the server is away
-        metrics["diagnosis"] = diagnose(g)  # the stopper ends a collapsed or diverged trial (DiagnosisStopper)
+        metrics["diagnosis"] = diagnose(g)  # the stopper ends a collapsed or diverged trial (stops_trial)
         with tempfile.TemporaryDirectory() as d:
             torch.save(training.gan_state(g), Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -505,7 +505,7 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 storage_filesystem=fs,
                 verbose=0,
                 callbacks=callbacks,
-                stop=DiagnosisStopper(),
+                stop=diagnosis_stopper(),
                 # PBT copies a donor's checkpoint a tick later: keep a few, not just the newest
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
             ),
@@ -513,15 +513,24 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
     return tuner.fit()
 
 
-class DiagnosisStopper:
-    """Stops a trial whose stability verdict (the `diagnosis` of its reports) is severe
-    (monitor.SEVERE: mode collapse, divergence): its remaining steps would be wasted."""
+def stops_trial(result: dict[str, Any]) -> bool:
+    """A trial whose stability verdict (the `diagnosis` of its reports) is severe (monitor.SEVERE: mode
+    collapse, divergence) is stopped: its remaining steps would be wasted."""
+    return result.get("diagnosis") in monitor.SEVERE
 
-    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return result.get("diagnosis") in monitor.SEVERE
 
-    def stop_all(self) -> bool:
-        return False
+def diagnosis_stopper():
+    """The Tune stopper for `stops_trial` (Ray imported here, when a sweep runs)."""
+    from ray.tune import Stopper
+
+    class DiagnosisStopper(Stopper):
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            return stops_trial(result)
+
+        def stop_all(self) -> bool:
+            return False
+
+    return DiagnosisStopper()
 
 
 def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:

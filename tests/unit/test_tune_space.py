@@ -63,7 +63,7 @@ def test_best_row_prefers_finished_trials_and_skips_failed():
 
 
 def test_best_row_never_picks_a_collapsed_or_diverged_trial_and_the_stopper_ends_them():
-    from pipeline.tune import DiagnosisStopper
+    from pipeline.tune import stops_trial
 
     rows = [
         {"trial_id": "a", "status": "finished", "w1": 0.01, "diagnosis": "mode_collapse"},
@@ -73,9 +73,8 @@ def test_best_row_never_picks_a_collapsed_or_diverged_trial_and_the_stopper_ends
     ]
     assert best_row(rows, "w1", "min")["trial_id"] == "c"
     assert best_row(rows[:2], "w1", "min") is None
-    stop = DiagnosisStopper()
-    assert [stop("t", {"diagnosis": r["diagnosis"]}) for r in rows] == [True, True, False, False]
-    assert not stop("t", {"step": 100}) and not stop.stop_all()
+    assert [stops_trial({"diagnosis": r["diagnosis"]}) for r in rows] == [True, True, False, False]
+    assert not stops_trial({"step": 100})
 
 
 @pytest.mark.parametrize("steps, every", [(400, 1000), (10_000, 1000), (300, 100), (50, 50)])
