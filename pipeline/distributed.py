@@ -404,7 +404,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         if world > 1:  # every worker holds (and rank 0 saves) the same batch-norm running statistics
             for module in (g.G, g.D, g.G_ema):
                 comm.average_buffers(module)
-        report = {"step": g.step, **latest, "diagnosis": g.monitor.verdict}
+        report = {"step": g.step, **latest, "diagnosis": g.monitor.verdict, "severe": ",".join(g.monitor.severe)}
         # CycleGAN history pools are per worker: rank 0's checkpoint carries every rank's
         pools = comm.gather({k: p.state_dict() for k, p in g.pools.items()}) if g.pools and world > 1 else None
         if metrics is not None:

@@ -6,7 +6,8 @@ takes the same action), the last in-training evaluation, and the distance betwee
 raw generator. The signals (`SIGNALS`) and what each verdict reads of them:
 
 - `diverged`: a non-finite value, or a gradient norm of D or G (`grad/D`, `grad/G`) far above its
-  running median (`explode` times), or growing geometrically over `growth_ticks` ticks: the
+  running median (`explode` times), the weights `blowup` times their norm at the first tick, or
+  growing geometrically over `growth_ticks` ticks: the
   spiral of simultaneous gradient descent-ascent on a bilinear game, a learning rate too high.
 - `vanishing_g_gradient`: the generator's gradient at its fakes collapses while D rejects them: the
   loss's slope at the fakes' scores (`grad/G_scores`, |d loss / d score| per sample) under
@@ -78,6 +79,7 @@ class Thresholds:
     explode: float = 1000.0  # a gradient norm or a loss this many times its running median
     growth: float = 2.0  # the weights' norm this many times larger than `growth_ticks` ticks ago, rising every tick
     growth_ticks: int = 6
+    blowup: float = 1000.0  # ... or this many times its norm at the first tick
     vanish: float = 0.05  # |d loss / d score| under this (D(G(z)) < 5% under minimax), or the input
     #                      gradient under this times its peak
     rejects: float = 0.95  # D rejects at least this share of fakes (vanishing gradient)
@@ -146,8 +148,20 @@ class Monitor:
 
     def rolled_back(self, step: int, to_step: int, evidence: dict[str, Any]) -> dict[str, Any]:
         """Record a rollback from `step` to `to_step`; the trends start again from there."""
-        self.history, self.streaks, self.peaks = {}, {}, {}
+        self.history, self.streaks, self.peaks, self.ticks = {}, {}, {}, 0  # the warm-up too
         return self.record("rollback", step, {"to_step": int(to_step), **evidence})
+
+    @property
+    def severe(self) -> list[str]:
+        """The severe problems (SEVERE) that stand: a collapse, or a divergence no rollback followed.
+        A sweep stops such a trial and never picks it as best."""
+        out = []
+        for i, e in enumerate(self.events):
+            later = self.events[i + 1 :]
+            recovered = e["kind"] == "diverged" and any(x["kind"] == "rollback" for x in later)
+            if e["kind"] in SEVERE and not recovered and e["kind"] not in out:
+                out.append(e["kind"])
+        return out
 
     def report(self) -> dict[str, Any]:
         verdict = self.verdict
@@ -155,9 +169,10 @@ class Monitor:
             "verdict": verdict,
             "explanation": EXPLAIN[verdict],
             "problems": sorted({e["kind"] for e in self.events} & set(PROBLEMS)),
+            "severe": self.severe,
             "rollbacks": sum(e["kind"] == "rollback" for e in self.events),
             "events": list(self.events),
-            "signals": dict(self.last),
+            "signals": _plain(dict(self.last)),  # a NaN as the string "nan": diagnostics.json stays JSON
             "thresholds": asdict(self.thresholds),
         }
 
@@ -204,8 +219,11 @@ class Monitor:
 
     def _explosion(self, s: dict[str, float]) -> dict[str, Any] | None:
         th = self.thresholds
-        if self.ticks <= th.warmup:
-            return None
+        if "weights/G" in s and "weights/D" in s and "weights/first" not in self.peaks:
+            self.peaks["weights/first"] = math.hypot(s["weights/G"], s["weights/D"])
+        blown = self._blowup(s) if self.ticks > 1 else None
+        if blown or self.ticks <= th.warmup:
+            return blown
         for key in ("grad/D", "grad/G", "loss/D", "loss/G"):
             v, past = s.get(key), [abs(x) for x in self.history.get(key, [])]
             if v is None or len(past) < th.warmup:
@@ -224,6 +242,16 @@ class Monitor:
             rising = all(b > a for a, b in zip(window, window[1:]))
             if len(window) > th.growth_ticks and rising and window[0] > 0 and v > th.growth * window[0]:
                 return {"weights": v, f"{th.growth_ticks}_ticks_ago": window[0], "ratio": v / window[0]}
+        return None
+
+    def _blowup(self, s: dict[str, float]) -> dict[str, Any] | None:
+        """The weights (both players) `blowup` times their norm at the first tick: a blow-up, even one
+        over before the warm-up ends (the running median would take it as the norm)."""
+        if "weights/G" not in s or "weights/D" not in s:
+            return None
+        v, first = math.hypot(s["weights/G"], s["weights/D"]), self.peaks.get("weights/first", 0.0)
+        if first > 0 and math.isfinite(v) and v > self.thresholds.blowup * first:
+            return {"weights": v, "at_first_tick": first, "ratio": v / first}
         return None
 
     def _vanishing(self, s: dict[str, float]) -> dict[str, Any] | None:

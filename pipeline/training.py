@@ -55,6 +55,7 @@ class GAN:
     monitor: Monitor = field(default_factory=Monitor)  # the stability monitor's state (pipeline.monitor)
     lr_scale: float = 1.0  # both learning rates times this: train.rollback_lr_factor per rollback
     snapshots: list[dict[str, Any]] = field(default_factory=list)  # on_divergence rollback: the last healthy states
+    monitor_window: dict[str, Any] = field(default_factory=dict)  # the monitor's open window at a checkpoint
 
 
 def build_gan(
@@ -164,6 +165,7 @@ def gan_state(gan: GAN) -> dict[str, Any]:
         "monitor": gan.monitor.state_dict(),
         "lr_scale": gan.lr_scale,
         "snapshots": list(gan.snapshots),
+        "monitor_window": dict(gan.monitor_window),
     }
 
 
@@ -190,6 +192,7 @@ def load_gan_state(gan: GAN, state: dict[str, Any], cfg: Config) -> None:
     if state.get("monitor"):
         gan.monitor.load_state_dict(state["monitor"])
     gan.snapshots = list(state.get("snapshots") or [])
+    gan.monitor_window = dict(state.get("monitor_window") or {})
 
 
 def set_learning_rates(gan: GAN, cfg: Config) -> None:
@@ -339,16 +342,19 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
     with autocast(cfg, real.device):
         with torch.no_grad():
             fake = gan.G(batches.latents(step, base + 1), *_y(y))
-        spread = batch_spread(fake, real) if probing(step) else None
+        probe = probing(step, cfg)
+        # one sample has no spread: a batch of 1 per worker would read as a collapse
+        spread = batch_spread(fake, real) if probe and real.shape[0] > 1 else None
         # augmentation (train.augment): reals and fakes alike, ADA with the same p
         real = _augment(gan, cfg, batches, real, step, base + 3)
         fake = _augment(gan, cfg, batches, fake, step, base + 4)
         d_real, d_fake = gan.D(real, *_y(y)).float(), gan.D(fake, *_y(y)).float()
     total = loss.d(d_real, d_fake)
     stats = {"loss/D": total.detach()}
-    if spread is not None:  # the monitor's signals, on every PROBE_EVERY-th step
-        stats["fake/spread"] = spread
+    if probe:  # the monitor's signals (see `probing`)
         stats["D/acc_real"], stats["D/acc_fake"] = loss.accuracy(d_real.detach(), d_fake.detach())
+    if spread is not None:
+        stats["fake/spread"] = spread
     if cfg.train.ada.enabled:
         stats["ada/r_t"] = overfit_signal(d_real)
     total, penalties = loss.regularise(total, [(gan.D, real, fake, y)], lambda _: batches.uniform(step, base + 2))
@@ -370,9 +376,11 @@ Probe = tuple[torch.Tensor, torch.Tensor]  # (fakes, D's scores on them) of the 
 PROBE_EVERY = 10  # the monitor's per-step signals are measured on every 10th step: 5 a 50-step window
 
 
-def probing(step: int) -> bool:
-    """Whether `step` measures the monitor's signals (the same steps on every worker)."""
-    return step % PROBE_EVERY == 0
+def probing(step: int, cfg: Config) -> bool:
+    """Whether `step` measures the monitor's signals: every PROBE_EVERY-th step and the last step of
+    each monitor window (so every window has one, whatever train.monitor_every). The same steps on
+    every worker."""
+    return step % PROBE_EVERY == 0 or (step + 1) % cfg.train.monitor_every == 0
 
 
 def g_loss(
@@ -381,7 +389,7 @@ def g_loss(
     """G's loss, its stats and, on probing steps, the probe: the fakes and their scores, whose
     gradients (`probe_stats`) say whether G still learns."""
     z, y = batches.latents(step, 63), batches.random_labels(step, 61)
-    probe = probing(step)
+    probe = probing(step, cfg)
     with autocast(cfg, z.device):
         fake = gan.G(z, *_y(y))
         if probe:
@@ -396,16 +404,21 @@ def g_loss(
 def probe_stats(probe: Probe, grads: tuple[torch.Tensor | None, torch.Tensor | None], scale=1.0) -> dict:
     """The generator's gradient at its fakes, per loss term: `grad/G_fakes` = mean ||d l_i / d x||
     over the fakes, `grad/G_scores` = mean |d l_i / d s_i| over D's scores (the loss's slope: under
-    the saturating minimax loss it is D(G(z)), which vanishes when D wins). `scale`: fp16 loss scale."""
+    the saturating minimax loss it is D(G(z)), which vanishes when D wins). `scale`: the fp16 loss
+    scale these gradients carry; a step the scaler skips (inf/NaN gradients) reads as 0, as its
+    gradient norms do."""
     fake, scores = probe
     g_fake, g_scores = grads
     if g_fake is None or g_scores is None:
         return {}
     n = scores.numel()  # loss terms (fewer than fakes when packed)
-    return {
+    out = {
         "grad/G_fakes": g_fake.detach().float().flatten(1).norm(dim=1).mean() * n / scale,
         "grad/G_scores": g_scores.detach().float().abs().mean() * n / scale,
     }
+    if scale != 1.0:
+        out = {k: torch.nan_to_num(v, nan=0.0, posinf=0.0) for k, v in out.items()}
+    return out
 
 
 def grad_norm(module: torch.nn.Module) -> torch.Tensor:
@@ -456,6 +469,7 @@ def _backward_apply(
     sync(module)  # scaled gradients average the same way; every worker then sees the same inf/NaN
     out = {}
     if measure:
+        out["scale"] = float(scaler.get_scale())  # what this step's gradients carry (update() changes it)
         scaler.unscale_(opt)  # step() then uses these unscaled gradients as they are
         out["norm"] = torch.nan_to_num(grad_norm(module), nan=0.0, posinf=0.0)
     scaler.step(opt)
@@ -474,23 +488,19 @@ def _norm_stat(name: str, measured: dict[str, torch.Tensor]) -> dict[str, torch.
     return {name: measured["norm"]} if measured else {}
 
 
-def _loss_scale(scaler) -> torch.Tensor | float:
-    return 1.0 if scaler is None else scaler._get_scale_async()
-
-
 def d_step(gan: GAN, cfg: Config, batches: Batches, step: int, k: int, sync: GradSync) -> dict[str, torch.Tensor]:
     total, stats = d_loss(gan, cfg, batches, step, k)
-    stats.update(_norm_stat("grad/D", _backward_apply(total, gan.opt_d, gan.D, sync, gan.scaler_d, probing(step))))
+    stats.update(_norm_stat("grad/D", _backward_apply(total, gan.opt_d, gan.D, sync, gan.scaler_d, probing(step, cfg))))
     loss_terms(cfg).after_d_step(gan.D)
     return stats
 
 
 def g_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -> dict[str, torch.Tensor]:
     total, stats, probe = g_loss(gan, cfg, batches, step)
-    scale = _loss_scale(gan.scaler_g) if probe else 1.0  # the scale this step's gradients carry
-    stats.update(_norm_stat("grad/G", _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g, bool(probe))))
+    measured = _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g, probe is not None)
+    stats.update(_norm_stat("grad/G", measured))
     if probe:
-        stats.update(probe_stats(probe, (probe[0].grad, probe[1].grad), scale))
+        stats.update(probe_stats(probe, (probe[0].grad, probe[1].grad), measured.get("scale", 1.0)))
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
     return stats
@@ -508,8 +518,8 @@ def simultaneous_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: 
             p.grad = g
         if extra:
             g_stats.update(probe_stats(probe, grads[len(params) :]))
-    stats.update(_norm_stat("grad/D", _apply(gan.opt_d, gan.D, sync, probing(step))))
-    g_stats.update(_norm_stat("grad/G", _apply(gan.opt_g, gan.G, sync, probing(step))))
+    stats.update(_norm_stat("grad/D", _apply(gan.opt_d, gan.D, sync, probing(step, cfg))))
+    g_stats.update(_norm_stat("grad/G", _apply(gan.opt_g, gan.G, sync, probing(step, cfg))))
     loss_terms(cfg).after_d_step(gan.D)
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
@@ -570,7 +580,7 @@ def cycle_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSyn
     discriminators (the first on the generators' fakes; later ones on fresh batches)."""
     reals = (batches.reals(step, 0), batches.reals_b(step, 1))
     total, stats, fakes = cycle_g_loss(gan, cfg, *reals)
-    stats.update(_norm_stat("grad/G", _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g, probing(step))))
+    stats.update(_norm_stat("grad/G", _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g, probing(step, cfg))))
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
     for k in range(cfg.train.n_critic):
@@ -579,7 +589,7 @@ def cycle_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSyn
             with torch.no_grad(), autocast(cfg, reals[0].device):
                 fakes = (gan.G.yx(reals[1]), gan.G.xy(reals[0]))
         d_total, d_stats = cycle_d_loss(gan, cfg, batches, step, k, reals, tuple(f.detach() for f in fakes))
-        measured = _backward_apply(d_total, gan.opt_d, gan.D, sync, gan.scaler_d, probing(step))
+        measured = _backward_apply(d_total, gan.opt_d, gan.D, sync, gan.scaler_d, probing(step, cfg))
         d_stats.update(_norm_stat("grad/D", measured))
         loss_terms(cfg).after_d_step(gan.D)
         stats.update(d_stats)
@@ -607,14 +617,21 @@ class _Sums:
     measured on every PROBE_EVERY-th step only) and its number of steps, so its means do not depend
     on the other window's cadence."""
 
-    def __init__(self) -> None:
+    def __init__(self, monitor: dict[str, Any] | None = None) -> None:
+        """`monitor`: the monitor's open window as `window` gave it (a resumed run's)."""
         self.device: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.n = 0
+        m = monitor or {}
         self.windows: dict[str, tuple[dict[str, float], dict[str, int], int]] = {
             "log": ({}, {}, 0),
-            "monitor": ({}, {}, 0),
+            "monitor": (dict(m.get("sums", {})), dict(m.get("counts", {})), int(m.get("steps", 0))),
         }
+
+    def window(self, name: str) -> dict[str, Any]:
+        """A copy of the window's sums, counts and steps (plain data, for a checkpoint)."""
+        sums, counts, steps = self.windows[name]
+        return {"sums": dict(sums), "counts": dict(counts), "steps": steps}
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for name, v in stats.items():
@@ -663,7 +680,7 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
     two of its ticks, the run stops there.
     """
     t = cfg.train
-    sums, tick = _Sums(), time.perf_counter()
+    sums, tick = _Sums(gan.monitor_window), time.perf_counter()
     gan.G.train()
     gan.D.train()
     while gan.step < t.steps:
@@ -715,6 +732,7 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
             hooks.on_log(gan.step, means)
             tick = now
         if saves:
+            gan.monitor_window = sums.window("monitor")  # a resumed run closes this window as this one would
             hooks.on_checkpoint(gan, last)
     return gan
 
@@ -730,11 +748,12 @@ def _judge(gan: GAN, cfg: Config, batches: Batches, means: dict[str, float], hoo
     for event in events:
         hooks.on_event(gan, event)
     diverged = next((e for e in events if e["kind"] == "diverged"), None)
-    if diverged is None:
+    # a NaN or inf is acted on at every tick, recorded already or not: nothing trains on from it
+    bad = [k for k, v in signals.items() if not math.isfinite(v)]
+    if diverged is None and not bad:
         if t.on_divergence == "rollback" and not gan.monitor.streaks.get("diverged"):
             gan.snapshots = (gan.snapshots + [_snapshot(gan)])[-2:]
         return False
-    bad = diverged["evidence"].get("non_finite")
     if t.on_divergence == "warn" and not bad:
         return False
     rollbacks = sum(e["kind"] == "rollback" for e in gan.monitor.events)
@@ -750,13 +769,16 @@ def _judge(gan: GAN, cfg: Config, batches: Batches, means: dict[str, float], hoo
         )
     if bad:
         _check_finite(gan.step, signals, why)
-    evidence = ", ".join(f"{k}={v:.4g}" for k, v in diverged["evidence"].items() if isinstance(v, float))
+    evidence = ", ".join(
+        f"{k}={v:.4g}" for k, v in (diverged or {}).get("evidence", {}).items() if isinstance(v, float)
+    )
     raise Diverged(f"step {gan.step}: the run diverged ({evidence}); stopping ({why}; last good checkpoint kept)")
 
 
 def _snapshot(gan: GAN) -> dict[str, Any]:
     """A host copy of everything the run continues from (weights, optimizers, ADA, pools, step)."""
-    state = {k: v for k, v in gan_state(gan).items() if k not in ("history", "evals", "monitor", "snapshots")}
+    skip = ("history", "evals", "monitor", "monitor_window", "snapshots")
+    state = {k: v for k, v in gan_state(gan).items() if k not in skip}
     return _host_copy(state)
 
 
@@ -780,6 +802,9 @@ def _rollback(gan: GAN, cfg: Config, hooks: Hooks) -> None:
     load_gan_state(gan, {**_host_copy(snap), **keep, "snapshots": gan.snapshots[:1]}, cfg)
     gan.lr_scale = scale * cfg.train.rollback_lr_factor  # compounds over rollbacks to the same state
     set_learning_rates(gan, cfg)
+    # the record starts again where the run did: no step twice in history.csv and evals.csv
+    gan.history = [row for row in gan.history if row["step"] <= gan.step]
+    gan.evals = [row for row in gan.evals if row["step"] <= gan.step]
     lrs = {"lr_g": gan.opt_g.param_groups[0]["lr"], "lr_d": gan.opt_d.param_groups[0]["lr"]}
     hooks.on_event(gan, gan.monitor.rolled_back(at, gan.step, lrs))
 

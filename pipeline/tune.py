@@ -215,17 +215,17 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     # metrics go to MLflow from a background thread: a server that is away for a while delays
     # nothing, and what it never takes is kept in `job.spill_path` (see tracking.MetricBuffer)
     sent = tracking.MetricBuffer(job.tracking_uri, run_id, job.spill_path, cfg.tracking.flush_timeout_s)
-    tagged = [None]  # the verdict the trial's MLflow run was last tagged with
+    tagged = [0]  # the events the trial's MLflow run was last tagged with
 
     def on_log(step: int, stats: dict[str, float]) -> None:
         last.update(stats)
 
-    def diagnose(g: training.GAN) -> str:
+    def diagnose(g: training.GAN) -> dict[str, str]:
         report = g.monitor.report()
-        if report["verdict"] != tagged[0] or report["events"]:
-            tracking.set_tags(job.tracking_uri, run_id, monitor.tags(report))
-            tagged[0] = report["verdict"]
-        return report["verdict"]
+        if len(report["events"]) != tagged[0]:  # new events: tag the trial's run
+            tag_quietly(job.tracking_uri, run_id, monitor.tags(report))
+            tagged[0] = len(report["events"])
+        return {"diagnosis": report["verdict"], "severe": ",".join(report["severe"])}
 
     def on_checkpoint(g: training.GAN, final: bool) -> None:
         G = g.G_ema if g.G_ema is not None else g.G
@@ -239,7 +239,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         sent.add(g.step, {**metrics, **hp})
         sent.flush()
         sent.wait_sent(2.0)  # in MLflow before Tune sees the report (and may stop the trial), unless the server is away
-        metrics["diagnosis"] = diagnose(g)  # the stopper ends a collapsed or diverged trial (stops_trial)
+        metrics.update(diagnose(g))  # the stopper ends a collapsed or diverged trial (stops_trial)
         with tempfile.TemporaryDirectory() as d:
             torch.save(training.gan_state(g), Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -322,7 +322,7 @@ def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
         callbacks=[_train_to_tune()],
         heldout=None if job.x_val is None else (data.unship(job.x_val), job.y_val if cfg.model.conditional else None),
     )
-    tracking.set_tags(job.tracking_uri, run_id, monitor.tags(training.diagnosis(cfg, state)))
+    tag_quietly(job.tracking_uri, run_id, monitor.tags(training.diagnosis(cfg, state)))
 
 
 def _train_to_tune():
@@ -513,10 +513,23 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
     return tuner.fit()
 
 
+def tag_quietly(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Tag a trial's MLflow run; a server that is away costs the tags (the verdict stays in the trial's
+    reports and trials.csv), never the trial."""
+    from pipeline import tracking
+
+    try:
+        tracking.set_tags(uri, run_id, tags)
+    except Exception as e:
+        if not (tracking.is_server_error(e) or isinstance(e, OSError)):
+            raise
+        print(f"[tune] MLflow at {tracking.redact(uri)} did not take the trial's verdict tags: {e}", flush=True)
+
+
 def stops_trial(result: dict[str, Any]) -> bool:
-    """A trial whose stability verdict (the `diagnosis` of its reports) is severe (monitor.SEVERE: mode
-    collapse, divergence) is stopped: its remaining steps would be wasted."""
-    return result.get("diagnosis") in monitor.SEVERE
+    """A trial with a severe problem standing (its reports' `severe`: a mode collapse, or a divergence no
+    rollback followed; monitor.Monitor.severe) is stopped: its remaining steps would be wasted."""
+    return bool(result.get("severe"))
 
 
 def diagnosis_stopper():
@@ -544,7 +557,7 @@ def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:
         row.update({k: plain(r.config.get(k)) for k in keys})
         row["score"] = m.get(cfg.tune.metric)
         row.update({k: m.get(k) for k in REPORTED})
-        row["diagnosis"] = m.get("diagnosis")
+        row["diagnosis"], row["severe"] = m.get("diagnosis"), m.get("severe") or ""
         row["error"] = error
         rows.append(row)
     return rows
@@ -557,7 +570,7 @@ def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, An
         r
         for r in rows
         if r["status"] != "failed"
-        and r.get("diagnosis") not in monitor.SEVERE
+        and not r.get("severe")
         and isinstance(r.get(metric), (int, float))
         and math.isfinite(r[metric])
     ]

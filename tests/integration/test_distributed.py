@@ -159,4 +159,6 @@ def test_two_workers_roll_back_together_and_stop_like_one(ray_local, tmp_path):
         messages.append(str(info.value).split("NonFiniteLoss: ", 1)[-1])
     tick = -(-(step + 1) // 50) * 50  # the first monitor tick at or after the bad step
     assert messages[0] == messages[1]
-    assert messages[0].startswith(f"step {tick}: loss/") and "after 1 rollback(s) (train.max_rollbacks 1)" in messages[0]
+    assert (
+        messages[0].startswith(f"step {tick}: loss/") and "after 1 rollback(s) (train.max_rollbacks 1)" in messages[0]
+    )

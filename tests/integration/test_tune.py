@@ -100,6 +100,7 @@ def test_a_collapsed_trial_is_stopped_early_and_its_verdict_recorded(project: Pa
     sweep(project, {"num_samples": 1, "scheduler": "none", "search_space": space}, {"steps": 1000})
     rows = {float(r["train.lr_g"]): r for r in trials(project)}
     assert rows[1.0e-9]["status"] == "stopped_early" and rows[1.0e-9]["diagnosis"] == "mode_collapse"
+    assert rows[1.0e-9]["severe"] == "mode_collapse" and not rows[0.001]["severe"]
     assert rows[0.001]["status"] == "finished" and rows[0.001]["diagnosis"] == "healthy"
     _, _, children = mlflow_children(project)
     by_lr = {float(c.data.params["train.lr_g"]): c for c in children}

@@ -184,8 +184,8 @@ def test_the_default_recipe_raises_no_flag():
 # ---- actions -----------------------------------------------------------------------------
 
 
-def _dirac_run(steps: int, **train):
-    case = _case("Dirac GAN, simultaneous", train={"steps": steps, **train})
+def _dirac_run(steps: int, loss: dict | None = None, **train):
+    case = _case("Dirac GAN, simultaneous", train={"steps": steps, **train}, loss=loss or {})
     cfg = cases.config(case)
     batches = cases.batches_for(case, cfg)
     gan = training.build_gan(cfg, [1])
@@ -249,3 +249,51 @@ def test_a_run_resumed_across_a_rollback_matches_the_uninterrupted_one():
     assert resumed.monitor.report() == whole.monitor.report()
     assert resumed.lr_scale == whole.lr_scale < 1
     assert all(torch.equal(a, b) for a, b in zip(whole.G.state_dict().values(), resumed.G.state_dict().values()))
+
+
+def test_warn_still_stops_at_a_nan_after_the_divergence_was_recorded():
+    """lr 0.5, no clipping to speak of: the spiral grows by sqrt(1.25) a step; `warn` records the
+    divergence and trains on, until float32 overflows: from NaN nothing trains on, whatever was
+    recorded before."""
+    gan, cfg, batches = _dirac_run(3000, loss={"clip": 1.0e38}, on_divergence="warn", lr_g=0.5, lr_d=0.5)
+    with pytest.raises(training.NonFiniteLoss, match=r"^step \d+: \S+ is (nan|inf)"):
+        training.train(gan, cfg, batches)
+    first = next(e["step"] for e in gan.monitor.events if e["kind"] == "diverged")
+    assert first < gan.step < 3000
+
+
+def test_one_sample_per_worker_has_no_spread_to_read():
+    r = cases.run(_case("grid default", train={"batch_size": 1, "steps": 600}))
+    assert "fake/spread" not in r["report"]["signals"] and "mode_collapse" not in r["problems"]
+
+
+def test_every_window_measures_the_signals_whatever_its_length():
+    r = cases.run(_case("collapsed G (grid)", train={"monitor_every": 5, "steps": 200}))
+    assert r["verdict"] == "mode_collapse"  # 3 windows of 5 steps in a row after the warm-up
+    assert r["first_seen"] == 5 * (4 + 3)
+
+
+def test_a_resume_between_two_monitor_ticks_judges_as_the_uninterrupted_run():
+    case = _case("G collapses at step 1000", train={"steps": 400, "checkpoint_every": 130})
+    case = cases.Case(case.name, case.params, case.expect, 0, cases.collapse_from(200), case.dirac, case.tags)
+    cfg = cases.config(case)
+
+    def run(steps, state=None):
+        c = build_config(deep_merge(cfg.to_dict(), {"train": {"steps": steps}}))
+        batches = cases.batches_for(case, c)
+        gan = training.build_gan(c, [2])
+        case.alter(gan, c)
+        begin = batches.begin
+
+        def tick(step):
+            gan.clock[0] = step
+            begin(step)
+
+        batches.begin = tick
+        if state is not None:
+            training.load_gan_state(gan, state, c)
+        return training.train(gan, c, batches)
+
+    whole = run(400)
+    resumed = run(400, training.gan_state(run(130)))  # 130: inside the window 100..150
+    assert whole.monitor.report() == resumed.monitor.report() and whole.monitor.verdict == "mode_collapse"

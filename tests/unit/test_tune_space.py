@@ -66,15 +66,29 @@ def test_best_row_never_picks_a_collapsed_or_diverged_trial_and_the_stopper_ends
     from pipeline.tune import stops_trial
 
     rows = [
-        {"trial_id": "a", "status": "finished", "w1": 0.01, "diagnosis": "mode_collapse"},
-        {"trial_id": "b", "status": "finished", "w1": 0.02, "diagnosis": "diverged"},
-        {"trial_id": "c", "status": "finished", "w1": 0.5, "diagnosis": "d_overfit"},  # a warning, not severe
-        {"trial_id": "d", "status": "finished", "w1": 0.9, "diagnosis": "healthy"},
+        {"trial_id": "a", "status": "finished", "w1": 0.01, "diagnosis": "mode_collapse", "severe": "mode_collapse"},
+        # the first problem was a warning; a divergence came later and stands
+        {"trial_id": "b", "status": "finished", "w1": 0.02, "diagnosis": "oscillating", "severe": "diverged"},
+        {"trial_id": "c", "status": "finished", "w1": 0.5, "diagnosis": "d_overfit", "severe": ""},  # not severe
+        {"trial_id": "d", "status": "finished", "w1": 0.9, "diagnosis": "healthy", "severe": ""},
     ]
     assert best_row(rows, "w1", "min")["trial_id"] == "c"
     assert best_row(rows[:2], "w1", "min") is None
-    assert [stops_trial({"diagnosis": r["diagnosis"]}) for r in rows] == [True, True, False, False]
+    assert [stops_trial(r) for r in rows] == [True, True, False, False]
     assert not stops_trial({"step": 100})
+
+
+def test_severe_problems_are_the_standing_ones():
+    from pipeline import monitor
+
+    m = monitor.Monitor()
+    m.record("oscillating", 100, {})
+    m.record("diverged", 200, {})
+    assert m.verdict == "oscillating" and m.severe == ["diverged"]
+    m.rolled_back(200, 100, {})  # recovered: a rollback followed the divergence
+    assert m.severe == [] and m.report()["severe"] == []
+    m.record("mode_collapse", 400, {})
+    assert m.severe == ["mode_collapse"]
 
 
 @pytest.mark.parametrize("steps, every", [(400, 1000), (10_000, 1000), (300, 100), (50, 50)])
