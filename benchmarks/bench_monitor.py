@@ -56,31 +56,22 @@ class _Off:
 
     def __enter__(self):
         zero = torch.zeros(())
-        self.saved = (
-            training.grad_norm,
-            training.probe_stats,
-            training.batch_spread,
-            losses.Terms.accuracy,
-            training.tick_signals,
-            monitor.Monitor.observe,
-        )
-        training.grad_norm = lambda m: zero
-        training.probe_stats = lambda *a, **k: {}
-        training.batch_spread = lambda f, r: zero
-        losses.Terms.accuracy = lambda self, r, f: (zero, zero)
-        training.tick_signals = lambda *a: {}
-        monitor.Monitor.observe = lambda self, *a, **k: []
+        self.patches = [
+            (training, "grad_norm", lambda m: zero),
+            (training, "probe_stats", lambda *a, **k: {}),
+            (training, "batch_spread", lambda f, r: zero),
+            (losses.Terms, "accuracy", lambda self, r, f: (zero, zero)),
+            (training, "tick_signals", lambda *a: {}),
+            (monitor.Monitor, "observe", lambda self, *a, **k: []),
+        ]
+        self.saved = [getattr(owner, name) for owner, name, _ in self.patches]
+        for owner, name, stand_in in self.patches:
+            setattr(owner, name, stand_in)
         return self
 
     def __exit__(self, *exc):
-        (
-            training.grad_norm,
-            training.probe_stats,
-            training.batch_spread,
-            losses.Terms.accuracy,
-            training.tick_signals,
-            monitor.Monitor.observe,
-        ) = self.saved
+        for (owner, name, _), original in zip(self.patches, self.saved):
+            setattr(owner, name, original)
 
 
 def cost(steps: int, rounds: int = 6) -> dict:

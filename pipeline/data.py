@@ -205,8 +205,11 @@ class StoreFile:
 
 
 def shippable(a: np.ndarray | None):
-    """What crosses to a Ray worker: a memory-mapped store array by its path, anything else as is."""
-    return StoreFile(str(Path(a.filename).resolve())) if isinstance(a, np.memmap) else a
+    """What crosses to a Ray worker: a memory-mapped store array by its path, anything else as is (a
+    memmap that lost its file, as one unpickled from Ray's object store, as a plain array)."""
+    if isinstance(a, np.memmap):
+        return StoreFile(str(Path(a.filename).resolve())) if a.filename else np.asarray(a)
+    return a
 
 
 def unship(a):

@@ -153,7 +153,9 @@ class SweepJob:
     sweep_name: str = "sweep"  # multi-worker trials name their Ray Train runs after it
     x_train_b: np.ndarray | None = None  # CycleGAN: domain B
     x_val_b: np.ndarray | None = None
-    x_val: np.ndarray | None = None  # CycleGAN: domain A's validation images
+    x_val: Any = (
+        None  # validation reals (a data.StoreFile for the image store): the monitor's held-out set, CycleGAN's metric
+    )
     spill_path: str | None = None  # where trials keep metrics the MLflow server never took
     y_val: np.ndarray | None = None  # labels of x_val (conditional models: the monitor's held-out reals)
 
@@ -215,7 +217,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     # metrics go to MLflow from a background thread: a server that is away for a while delays
     # nothing, and what it never takes is kept in `job.spill_path` (see tracking.MetricBuffer)
     sent = tracking.MetricBuffer(job.tracking_uri, run_id, job.spill_path, cfg.tracking.flush_timeout_s)
-    tagged = [0]  # the events the trial's MLflow run was last tagged with
+    tagged = [-1]  # the events the trial's MLflow run was last tagged with (-1: not yet: `healthy` is a verdict too)
 
     def on_log(step: int, stats: dict[str, float]) -> None:
         last.update(stats)
@@ -233,7 +235,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         # the learning rates the optimizers really use (after a PBT exploit: the mutated ones)
         metrics["opt/lr_g"], metrics["opt/lr_d"] = g.opt_g.param_groups[0]["lr"], g.opt_d.param_groups[0]["lr"]
         if cfg.model.family == "cyclegan":
-            metrics.update(cycle_metrics(G, cfg, job.x_val, job.x_val_b, cfg.eval.live_samples))
+            metrics.update(cycle_metrics(G, cfg, data.unship(job.x_val), job.x_val_b, cfg.eval.live_samples))
         else:
             metrics.update(job.live(G, cfg.model.z_dim))
         sent.add(g.step, {**metrics, **hp})

@@ -81,7 +81,7 @@ def _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path,
             name,
             None if b is None else b.x_train,
             None if b is None else b.x_val,
-            prepared.x_val,
+            data.shippable(prepared.x_val),  # a store by path, as x_train
             str(common.spill_path(parent)),
             prepared.y_val,
         )

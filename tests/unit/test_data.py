@@ -419,3 +419,18 @@ def test_a_dataset_is_one_module_the_config_and_the_stages_then_know():
         build_config({"data": {"name": "moons"}, "model": {"arch": "dcgan"}})
     assert point_metric_names("moons") == ("w1",)
     assert set(point_scores("moons", p.x_val, p.x_val)) == {"w1"}
+
+
+def test_a_memmap_that_lost_its_file_ships_as_an_array(tmp_path):
+    """A memory-mapped array unpickled from Ray's object store is a memmap with no file: it crosses
+    to the next worker as its values, not as a path to nowhere."""
+    import pickle
+
+    from pipeline import data as data_module
+
+    np.save(tmp_path / "a.npy", np.arange(12, dtype=np.uint8).reshape(3, 4))
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert isinstance(data_module.shippable(mapped), data_module.StoreFile)
+    orphan = pickle.loads(pickle.dumps(mapped))
+    shipped = data_module.shippable(orphan)
+    assert not isinstance(shipped, data_module.StoreFile) and np.array_equal(shipped, mapped)
