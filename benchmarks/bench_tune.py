@@ -44,13 +44,13 @@ def sweep(raw: dict, root: Path, name: str, callbacks=None):
     uri = tracking.resolve_uri(None, env={}, cwd=root)
     parent, _ = tracking.start_or_resume_run(uri, "bench-tune", name, name)
     job = tune.SweepJob(
-        raw,
-        list(parsed),
-        prepared.x_train,
-        live_eval.from_prepared(cfg, prepared, None),
-        uri,
-        tracking.experiment_id(uri, "bench-tune"),
-        parent,
+        base_raw=raw,
+        keys=list(parsed),
+        x_train=prepared.x_train,
+        live=live_eval.from_prepared(cfg, prepared, None),
+        tracking_uri=uri,
+        experiment_id=tracking.experiment_id(uri, "bench-tune"),
+        parent_run_id=parent,
     )
     t0 = time.perf_counter()
     results = tune.run_sweep(cfg, parsed, job, str(root / "ray"), None, name, callbacks)

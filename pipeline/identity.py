@@ -50,6 +50,7 @@ TUNE_SOURCES = tuple(s for s in TRAIN_SOURCES if s != "stages/train.py") + ("sta
 NOT_RESULT_SHAPING = {
     "pipeline/config.py": "the params schema: the values reach the identity as params",
     "pipeline/data.py": "the prepared data reach the identity by their content hash",
+    "pipeline/extras.py": "says which optional package to install",
     "pipeline/identity.py": "computes the identity",
     "pipeline/lease.py": "who may run a run at a time",
     "pipeline/outputs.py": "writes files",

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import extras
+
 BIN = Path(sys.executable).parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DEFAULT_BUCKET = "ganpipe"
@@ -346,7 +348,7 @@ def auth_unavailable() -> str | None:
     if importlib.util.find_spec("flask_wtf") is None:
         return (
             "MLflow's basic-auth app needs Flask-WTF, which is not installed in this Python environment "
-            f"({sys.executable}): install `mlflow[auth]` (or `Flask-WTF`)"
+            f"({sys.executable}): pip install 'ganpipe[team]' (or `mlflow[auth]`)"
         )
     return None
 
@@ -360,9 +362,7 @@ def _driver_missing_for(uri: str) -> str | None:
     module = {"postgresql+psycopg2": "psycopg2", "postgresql+psycopg": "psycopg"}.get(scheme)
     if module and importlib.util.find_spec(module) is None:
         package = "psycopg2-binary" if module == "psycopg2" else "psycopg[binary]"
-        return (
-            f"its driver `{module}` is not installed in this Python environment ({sys.executable}): install `{package}`"
-        )
+        return f"its driver `{module}` is not installed in this Python environment ({sys.executable}): install `{package}` (`pip install 'ganpipe[team]'` brings psycopg)"
     return None
 
 
@@ -530,6 +530,7 @@ def start_stack(
     (mode 0600), and lets it edit those of `experiments` and registered `models` that already exist
     (default: the pipeline's default experiment and model name; see Stack.grant_pipeline_user).
     """
+    extras.need("moto", "team", "the team stack (moto's S3 server)")
     if auth and (why := auth_unavailable()):
         raise RuntimeError(f"cannot start MLflow with basic auth: {why}")
     if postgres_uri and (why := _driver_missing_for(postgres_uri)):

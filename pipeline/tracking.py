@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -250,18 +251,61 @@ def closing_run(uri: str, run_id: str):
         yield
     except BaseException as e:
         status = "KILLED" if isinstance(e, (KeyboardInterrupt, Interrupted)) else "FAILED"
-        saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         try:
-            end_run(uri, run_id, status)
+            with single_attempt():
+                end_run(uri, run_id, status)
         except Exception:  # noqa: BLE001 - best effort; the error that stopped the stage is what matters
             pass
-        finally:
-            if saved is None:
-                os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-            else:
-                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
         raise
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with pynvml) of this machine, every
+    10 s into the run while the block runs, through its public `start_run(log_system_metrics=True)`.
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns them off. Leaving the block ends MLflow's own
+    handle on the run (FINISHED, or FAILED when the block raised; an enclosing `closing_run` then
+    says KILLED for an interrupt), in one attempt: a server that is away is the caller's to report."""
+    import mlflow
+
+    on = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() not in ("false", "0")
+    mlflow.set_tracking_uri(uri)
+    mlflow.start_run(run_id=run_id, log_system_metrics=on)
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    finally:
+        try:
+            with single_attempt(timeout_s=10):
+                mlflow.end_run(status)
+        except Exception:  # noqa: BLE001 - the block's own outcome (or error) is what the stage reports
+            pass
+
+
+_ATTEMPT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def single_attempt(timeout_s: float | None = None):
+    """MLflow's client makes one attempt per HTTP request in this block (no retries of its own; with
+    `timeout_s`, each request waits at most that long), through its documented
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT variables, restored afterwards.
+    They are process-wide: a call another thread makes meanwhile gets one attempt too."""
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    if timeout_s is not None:
+        names["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(timeout_s, 1)))
+    with _ATTEMPT_LOCK:
+        saved = {k: os.environ.get(k) for k in names}
+        os.environ.update(names)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def log_summary_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
@@ -290,7 +334,6 @@ class MetricBuffer:
     BACKOFF = (0.5, 15.0)
 
     def __init__(self, uri: str, run_id: str, spill: str | Path | None = None, timeout: float = 120.0, log=print):
-        import threading
 
         self.uri, self.run_id, self.timeout, self.log = uri, run_id, timeout, log
         self.spill = Path(spill) if spill else None
@@ -304,7 +347,7 @@ class MetricBuffer:
         self.delivered = 0  # metric values the server accepted
         self.spilled = 0  # metric values written to `spill` (or dropped) instead
         self.spill_failed = False  # writing the spill file failed (said once in a warning)
-        self._send = self._http_sender() if uri.startswith(("http://", "https://")) else self._store_sender()
+        self._send = self._send_with()
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -314,8 +357,6 @@ class MetricBuffer:
 
     def flush(self, wait: bool = False) -> None:
         """Queue the collected metrics (never blocks); with `wait`, deliver everything or spill it."""
-        import threading
-
         with self._cond:
             if self.pending:
                 batch, self.pending = self.pending, []
@@ -401,35 +442,27 @@ class MetricBuffer:
             else:
                 self._set_aside([batch], ok)
 
-    def _http_sender(self):
-        """One POST of runs/log-batch, no retries of its own: True, None (transient) or the reason."""
-        import json
+    def _send_with(self):
+        """The sender: MLflow's public client, one attempt per batch (the buffer does its own
+        retrying): True, or the reason the server refused the batch for good (a 4xx other than
+        429); a server that is away (no answer, HTTP 429 or 5xx) raises ConnectionError."""
+        from mlflow.exceptions import MlflowException
 
-        from mlflow.protos.service_pb2 import LogBatch
-        from mlflow.utils.credentials import get_default_host_creds
-        from mlflow.utils.proto_json_utils import message_to_json
-        from mlflow.utils.rest_utils import http_request
-
-        creds = get_default_host_creds(self.uri)
-
-        def send(batch: list) -> bool | str | None:
-            body = json.loads(message_to_json(LogBatch(run_id=self.run_id, metrics=[m.to_proto() for m in batch])))
-            r = http_request(
-                creds, "/api/2.0/mlflow/runs/log-batch", "POST", json=body, max_retries=0, backoff_factor=0, timeout=10
-            )
-            if r.status_code == 200:
-                return True
-            if r.status_code == 429 or r.status_code >= 500:
-                raise ConnectionError(f"HTTP {r.status_code}")
-            return f"the server refused them (HTTP {r.status_code}: {r.text[:200]})"
-
-        return send
-
-    def _store_sender(self):
         client = _client(self.uri)
+        remote = self.uri.startswith(("http://", "https://"))
 
-        def send(batch: list) -> bool:
-            client.log_batch(self.run_id, metrics=batch)
+        def send(batch: list) -> bool | str:
+            if not remote:
+                client.log_batch(self.run_id, metrics=batch)
+                return True
+            try:
+                with single_attempt(timeout_s=10):
+                    client.log_batch(self.run_id, metrics=batch)
+            except MlflowException as e:
+                status = e.get_http_status_code()
+                if status == 429 or status >= 500:  # also no answer at all (MLflow words it as 500)
+                    raise ConnectionError(describe_error(e)) from None
+                return f"the server refused them (HTTP {status}: {describe_error(e)[:200]})"
             return True
 
         return send

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, datasets, monitor
+from pipeline import data, datasets, extras, monitor
 from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
 from pipeline.outputs import load_tensors
 
@@ -137,12 +137,12 @@ def ray_space(parsed: dict[str, tuple[str, list]]) -> dict[str, Any]:
 # ---- one trial --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SweepJob:
     """What every trial needs (plain data, shipped once through Ray's object store)."""
 
-    base_raw: dict[str, Any]
-    keys: list[str]
+    base_raw: dict[str, Any]  # the resolved params every trial starts from
+    keys: list[str]  # the searched params keys
     x_train: Any  # np.ndarray, or a data.StoreFile (a memory-mapped image store, by path)
     live: Any  # live_eval.LiveEval: the metrics every report carries
     tracking_uri: str
@@ -151,13 +151,12 @@ class SweepJob:
     y_train: np.ndarray | None = None
     num_classes: int | None = None
     sweep_name: str = "sweep"  # multi-worker trials name their Ray Train runs after it
+    run_label: str = "sweep"  # the sweep's MLflow run name: trials are named after it and their index
     x_train_b: np.ndarray | None = None  # CycleGAN: domain B
     x_val_b: np.ndarray | None = None
-    x_val: Any = (
-        None  # validation reals (a data.StoreFile for the image store): the monitor's held-out set, CycleGAN's metric
-    )
-    spill_path: str | None = None  # where trials keep metrics the MLflow server never took
+    x_val: Any = None  # validation reals (a data.StoreFile for the image store): the monitor's held-out set
     y_val: np.ndarray | None = None  # labels of x_val (conditional models: the monitor's held-out reals)
+    spill_path: str | None = None  # where trials keep metrics the MLflow server never took
 
 
 def cycle_metrics(G: torch.nn.Module, cfg: Config, x_val: np.ndarray, x_val_b: np.ndarray, n: int) -> dict[str, float]:
@@ -170,6 +169,11 @@ def cycle_metrics(G: torch.nn.Module, cfg: Config, x_val: np.ndarray, x_val_b: n
         for f, b, v in ((G.xy, G.yx, x_val), (G.yx, G.xy, x_val_b))
     ]
     return {"cycle_l1": float(np.mean(errs))}
+
+
+def trial_run_name(job: SweepJob, trial_name: str) -> str:
+    """A trial's MLflow run name: its sweep's, then the trial's index (Tune names trials `..._00003`)."""
+    return f"{job.run_label}-{trial_name.rsplit('_', 1)[-1]}"
 
 
 def trial_tags(job: SweepJob, overrides: dict[str, Any]) -> dict[str, str]:
@@ -208,7 +212,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         job.experiment_id,
         job.parent_run_id,
         trial_id,
-        tune.get_context().get_trial_name(),
+        trial_run_name(job, tune.get_context().get_trial_name()),
         overrides,
         trial_tags(job, overrides),
     )
@@ -307,7 +311,7 @@ def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
         job.experiment_id,
         job.parent_run_id,
         ctx.get_trial_id(),
-        ctx.get_trial_name(),
+        trial_run_name(job, ctx.get_trial_name()),
         overrides,
         trial_tags(job, overrides),
     )
@@ -420,6 +424,8 @@ def check_tunable(cfg: Config) -> None:
     if cfg.tune.metric not in METRICS:
         raise ConfigError(f"tune.metric: must be one the trials report ({', '.join(METRICS)}), got {cfg.tune.metric!r}")
     check_metric(cfg, datasets.kind(cfg.data.name))
+    if cfg.tune.search_alg == "optuna":  # before Ray starts
+        extras.need("optuna", "optuna", "tune.search_alg: optuna")
 
 
 def reported_metrics(cfg: Config, kind: str | None) -> tuple[str, ...]:

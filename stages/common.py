@@ -87,6 +87,17 @@ def dvc_experiment() -> dict[str, str]:
     return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
+def run_label(cfg: Config, key: str, kind: str = "") -> str:
+    """A readable MLflow run name: the DVC experiment's name when `dvc exp run` runs the stage, else
+    what is trained (dataset, loss, model); then `kind` ("tune") and the run identity's first 8
+    characters, so two runs of the same setup still differ by name. Runs are found by their tags,
+    never by name."""
+    what = os.environ.get("DVC_EXP_NAME") or "-".join(
+        [cfg.data.name, *([cfg.data.target] if cfg.model.family == "cyclegan" else []), cfg.loss.name, cfg.model.arch]
+    )
+    return "-".join([what, *([kind] if kind else []), key[:8]])
+
+
 def check_locations(cfg: Config, *keys: str) -> None:
     """Before any work (and before an MLflow run is opened): every location among `keys`
     ("storage.root", "data.path") must be usable. An s3:// one must be reachable, its bucket must

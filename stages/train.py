@@ -67,10 +67,14 @@ def train(args) -> None:
     # one process at a time per run: a second one would resume, prune and overwrite its checkpoints
     with distributed.run_lease(cfg.storage.root, cfg.storage.s3_endpoint_url, name, f"the run {name}"):
         run_id, resumed = tracking.start_or_resume_run(
-            uri, cfg.tracking.experiment, hashlib.sha256(ray_run.encode()).hexdigest()[:16], name, tags
+            uri,
+            cfg.tracking.experiment,
+            hashlib.sha256(ray_run.encode()).hexdigest()[:16],
+            common.run_label(cfg, identity.key(ident)),
+            tags,
         )
         # from here on the MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops
-        with tracking.closing_run(uri, run_id):
+        with tracking.closing_run(uri, run_id), tracking.system_metrics(uri, run_id):
             _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, cycle)
 
 

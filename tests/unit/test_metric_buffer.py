@@ -159,3 +159,92 @@ def test_an_output_folder_is_complete_or_absent_and_a_crash_leaves_nothing_git_s
         ["git", "check-ignore", "-q", f"models/{outputs.TMP_PREFIX}models.x1y2"], cwd=root, capture_output=True
     )
     assert ignored.returncode == 0
+
+
+class _Server:
+    """A real HTTP endpoint on loopback that answers MLflow's log-batch with the given statuses in
+    turn (then 200), and keeps the metric steps of every batch it accepted."""
+
+    def __init__(self, statuses: list[int]):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.statuses, self.accepted, self.paths = list(statuses), [], []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.paths.append(self.path)
+                status = server.statuses.pop(0) if server.statuses else 200
+                if status == 200:
+                    server.accepted.append(sorted({m["step"] for m in body["metrics"]}))
+                text = b"{}" if status == 200 else b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "no"}'
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.uri = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_busy_server_gets_every_batch_in_order_once_it_answers_and_a_refusal_is_set_aside(tmp_path: Path):
+    """HTTP 503 and 429 are "try again" (the same batch, in order); a 400 is a refusal no retry fixes:
+    that batch is kept in the spill file, the next ones still go. One attempt per request: the
+    buffer, not MLflow's client, decides when to try again."""
+    server = _Server([503, 429, 503])
+    lines: list[str] = []
+    try:
+        buf = tracking.MetricBuffer(
+            server.uri, "run-1", tmp_path / "s.jsonl", timeout=30, log=lambda m, **_: lines.append(m)
+        )
+        for step in (1, 2, 3):
+            buf.add(step, {"loss/D": float(step)})
+            buf.flush()
+        buf.flush(wait=True)
+        assert server.accepted == [[1], [2], [3]] and buf.delivered == 3 and buf.spilled == 0
+        assert len(server.paths) == 6 and set(server.paths) == {"/api/2.0/mlflow/runs/log-batch"}
+        assert any("back after" in m for m in lines)
+
+        server.statuses = [400]
+        for step in (4, 5):
+            buf.add(step, {"loss/D": float(step)})
+            buf.flush()
+        buf.close()
+        assert server.accepted[-1] == [5] and buf.spilled == 1
+        assert [json.loads(line)["step"] for line in (tmp_path / "s.jsonl").read_text().splitlines()] == [4]
+        assert any("refused them (HTTP 400" in m for m in lines)
+    finally:
+        server.close()
+
+
+def test_a_training_run_gets_system_metrics_and_keeps_the_status_the_block_earned(tmp_path: Path):
+    import mlflow
+    import pytest
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.system_metrics.set_system_metrics_sampling_interval(1)
+    try:
+        ok = tracking.start_or_resume_run(uri, "sys", "ok", "grid-nonsaturating-mlp-0123abcd")[0]
+        with tracking.system_metrics(uri, ok):
+            time.sleep(2.5)
+        failed = tracking.start_or_resume_run(uri, "sys", "failed", "r")[0]
+        with pytest.raises(ZeroDivisionError), tracking.system_metrics(uri, failed):
+            raise ZeroDivisionError("the training failed")
+    finally:
+        mlflow.system_metrics.set_system_metrics_sampling_interval(None)
+    client = MlflowClient(uri)
+    run = client.get_run(ok)
+    assert run.info.status == "FINISHED" and run.info.run_name == "grid-nonsaturating-mlp-0123abcd"
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert client.get_run(failed).info.status == "FAILED" and mlflow.active_run() is None
