@@ -18,6 +18,7 @@ import torch
 
 from pipeline import data, distributed, tracking, training
 from pipeline.config import load_config
+from pipeline.runtime import WorkerData
 
 
 def median_step(history: list[dict]) -> float:
@@ -44,7 +45,7 @@ def main() -> None:
         prepared = data.prepare(cfg.data, cfg.seed)
         name = f"bench-{n}w-{int(time.time())}"
         run_id, _ = tracking.start_or_resume_run(uri, "ganpipe-bench", name, name)
-        state, _ = distributed.fit(cfg, prepared.x_train, uri, run_id, name)
+        state, _ = distributed.fit(cfg, WorkerData.ship(prepared.x_train), tracking_uri=uri, run_id=run_id, name=name)
         per_step[n] = median_step(state["history"])
 
     cfg = load_config(args.params, {**base, "train.num_workers": 1})

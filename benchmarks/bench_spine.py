@@ -20,6 +20,7 @@ import torch
 
 from pipeline import data, distributed, tracking, training
 from pipeline.config import load_config
+from pipeline.runtime import WorkerData
 
 
 def step_times(history: list[dict]) -> list[float]:
@@ -52,7 +53,7 @@ def main() -> None:
     name = f"bench-{int(time.time())}"
     run_id, _ = tracking.start_or_resume_run(uri, "ganpipe-bench", name, name)
     t0 = time.perf_counter()
-    state, _ = distributed.fit(cfg, prepared.x_train, uri, run_id, name)
+    state, _ = distributed.fit(cfg, WorkerData.ship(prepared.x_train), tracking_uri=uri, run_id=run_id, name=name)
     ray_fit_wall = time.perf_counter() - t0
     ray_step = statistics.median(step_times(state["history"]))
     threads = 1  # a Ray Train CPU worker holds 1 CPU and runs torch on 1 thread (the train stage prints it)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline import data, distributed, live_eval, tracking, tune
 from pipeline.config import build_config, deep_merge, read_yaml
+from pipeline.runtime import WorkerData
 
 SPACE = {"train.lr_g": {"loguniform": [1e-4, 3e-3]}, "train.lr_d": {"loguniform": [1e-4, 3e-3]}}
 
@@ -46,7 +47,7 @@ def sweep(raw: dict, root: Path, name: str, callbacks=None):
     job = tune.SweepJob(
         base_raw=raw,
         keys=list(parsed),
-        x_train=prepared.x_train,
+        data=WorkerData.ship(prepared.x_train),
         live=live_eval.from_prepared(cfg, prepared, None),
         tracking_uri=uri,
         experiment_id=tracking.experiment_id(uri, "bench-tune"),

@@ -1,31 +1,27 @@
 """Ray: starting or joining a cluster and running the training loop under Ray Train.
 
-The only module (with tune, later) that imports Ray. The driver calls `fit`; each worker runs
-`_worker_loop`, which wraps `pipeline.training.train` with hooks that average gradients over the
-gloo/NCCL process group Ray Train set up, report checkpoints to Ray, and (rank 0 only) log metrics
-to MLflow and print progress.
+The driver calls `fit`; each worker runs `_worker_loop`: a `runtime.Worker` (the data, the GAN, its
+restore and checkpoints, shared with Tune trials) whose training loop gets hooks that average
+gradients over the gloo/NCCL process group Ray Train set up, report checkpoints to Ray, and (rank 0
+only) log metrics to MLflow, run the live evaluation and print progress.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from pipeline import data, monitor
+from pipeline import environment, monitor, runtime
 from pipeline.collectives import Collectives
 from pipeline.config import Config, build_config
-from pipeline.outputs import load_tensors
-
-STATE_FILE = "state.pt"
+from pipeline.runtime import WorkerData
 
 # Ray's own chatter (usage stats, V2 tips, per-run banners) is noise for our users.
 _QUIET_ENV = {
@@ -108,16 +104,8 @@ def _start_own_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
         s.bind(("", 0))
         port = s.getsockname()[1]
     own = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
-    saved = {k: os.environ.get(k) for k in own}
-    os.environ.update(own)  # inherited by the Ray processes started now, not kept by this process
-    try:
+    with environment.temporarily(own):  # inherited by the Ray processes started now, not kept by this process
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def plan_gpu(setting: str | bool, num_workers: int, gpus: float) -> tuple[bool, str | None]:
@@ -209,13 +197,12 @@ def latest_checkpoint_step(root: str, endpoint_url: str | None, name: str) -> in
 _RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainJob:
     """What the driver hands to every worker (plain data: it crosses process boundaries)."""
 
     cfg: dict[str, Any]
-    data_ref: Any  # ray.ObjectRef of (x, y or None, number of classes or None, domain B images or None,
-    #               held-out reals or None, their labels or None)
+    data_ref: Any  # ray.ObjectRef of a runtime.WorkerData
     tracking_uri: str
     run_id: str
     fit_id: str  # one per fit() call: tells a Ray restart (same fit) from a rerun of the stage
@@ -225,22 +212,18 @@ class TrainJob:
 
 def fit(
     cfg: Config,
-    x_train,
+    shipped: WorkerData,
+    *,
     tracking_uri: str,
     run_id: str,
     name: str,
-    y_train=None,
-    num_classes: int | None = None,
     live=None,
     callbacks: list | None = None,
     spill_path: str | None = None,
-    x_train_b=None,
-    heldout=None,
 ) -> tuple[dict[str, Any], str]:
-    """Train under Ray Train; returns (final GAN state, Ray result path). `x_train_b`: domain B
-    images for model.family cyclegan (labels are never passed: CycleGAN is unsupervised).
-    `heldout`: (reals never trained on, their labels or None), the stability monitor's measure of
-    D's overfitting.
+    """Train under Ray Train on `shipped` (a runtime.WorkerData: the training split, its labels,
+    CycleGAN's domain B, the held-out reals the stability monitor measures D's overfitting on);
+    returns (final GAN state, Ray result path).
 
     A run with the same storage root and name continues from its last checkpoint. `live` (a
     live_eval.LiveEval) is run by rank 0 every `eval.every` steps when given. Per-step metrics
@@ -253,15 +236,16 @@ def fit(
 
     storage_path, fs = storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
     t = cfg.train
-    y = None if y_train is None else torch.from_numpy(y_train)
-    x_b = None if x_train_b is None else torch.from_numpy(x_train_b)
-    # a memory-mapped image store travels by path (data.shippable): each worker maps it itself
-    x_ho, y_ho = heldout if heldout is not None else (None, None)
-    x_ho = None if x_ho is None else data.shippable(x_ho)
-    y_ho = None if y_ho is None else torch.from_numpy(np.asarray(y_ho))
-    data_ref = ray.put((data.shippable(x_train), y, num_classes, x_b, x_ho, y_ho))
     live_ref = None if live is None or not cfg.eval.every else ray.put(live)
-    job = TrainJob(cfg.to_dict(), data_ref, tracking_uri, run_id, uuid.uuid4().hex, live_ref, spill_path)
+    job = TrainJob(
+        cfg=cfg.to_dict(),
+        data_ref=ray.put(shipped),
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        fit_id=uuid.uuid4().hex,
+        live_ref=live_ref,
+        spill_path=spill_path,
+    )
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": job},
@@ -284,9 +268,7 @@ def fit(
         result = trainer.fit()
     except TrainingFailedError as e:
         raise RuntimeError(_worker_error(e)) from None
-    with result.checkpoint.as_directory() as d:
-        state = load_tensors(Path(d) / STATE_FILE)
-    return state, result.path
+    return runtime.load_state(result.checkpoint), result.path
 
 
 def _worker_error(e: Exception) -> str:
@@ -305,74 +287,35 @@ def _worker_error(e: Exception) -> str:
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
 
     from pipeline import training
     from pipeline.tracking import MetricBuffer
 
     job: TrainJob = loop_config["job"]
     cfg = build_config(job.cfg)
-    torch.set_num_threads(cfg.train.cpus_per_worker)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":  # NCCL's object collectives (the pids, CycleGAN pools) use the current device
-        torch.cuda.set_device(device)
-    numerics = training.configure_numerics(cfg.train.deterministic, device)
-    x, y, num_classes, x_b, x_ho, y_ho = ray.get(job.data_ref)
-    x = torch.from_numpy(data.unship(x))
-    x_ho = None if x_ho is None else torch.from_numpy(data.unship(x_ho))
-    x, y, x_b, x_ho, y_ho = (training.place_data(t, device) for t in (x, y, x_b, x_ho, y_ho))
-    num_classes = num_classes if cfg.model.conditional else None
+    session = runtime.train_session()
+    rank, world = session.rank, session.world
+    worker = runtime.Worker(cfg, ray.get(job.data_ref), session)
+    gan = worker.gan
+    record = {k: worker.restored.get(k, v) for k, v in {"trained_s": 0.0, "finished_at": None}.items()}
+    # a checkpoint written by this same fit() means Ray restarted the workers after a failure
+    restarts = worker.restored.get("restarts", 0) + (worker.restored.get("fit_id") == job.fit_id)
+    if rank == 0 and worker.restored and worker.finished:
+        print(f"[train] this run already finished (step {gan.step}): handing it back", flush=True)
+    elif rank == 0 and worker.restored:
+        print(f"[train] resuming from checkpoint at step {gan.step} (restarts so far: {restarts})", flush=True)
 
-    gan = training.build_gan(cfg, list(x.shape[1:]), device, num_classes)
-    if world > 1 and device.type == "cuda":  # batch statistics over the global batch (NCCL)
-        gan.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.G)  # keeps the same parameter objects
-        gan.D = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.D)
-    restarts, record = 0, {"trained_s": 0.0, "finished_at": None}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_tensors(Path(d) / STATE_FILE, map_location=device)
-        record = {k: state.get(k, record[k]) for k in record}
-        if len(state.get("pools_by_rank") or []) == world:  # CycleGAN: each worker continues its own pool
-            state["pools"] = state["pools_by_rank"][rank]
-        training.load_gan_state(gan, state, cfg)
-        # a checkpoint written by this same fit() means Ray restarted the workers after a failure
-        restarts = state.get("restarts", 0) + (state.get("fit_id") == job.fit_id)
-        if rank == 0 and gan.step >= cfg.train.steps:
-            print(f"[train] this run already finished (step {gan.step}): handing it back", flush=True)
-        elif rank == 0:
-            print(f"[train] resuming from checkpoint at step {gan.step} (restarts so far: {restarts})", flush=True)
-
-    shard = training.Shard(rank, world)
-    batches = training.Batches(
-        x,
-        cfg.train.batch_size,
-        cfg.model.z_dim,
-        cfg.seed,
-        shard,
-        y,
-        num_classes or 0,
-        x_b,
-        device,
-        channels_last=cfg.train.channels_last and x.dim() == 4,
-        heldout=x_ho,
-        heldout_y=y_ho,
-    )
     metrics = None
     if rank == 0:
         metrics = MetricBuffer(job.tracking_uri, job.run_id, job.spill_path, cfg.tracking.flush_timeout_s)
     progress = _Progress(cfg.train.steps, gan.step)
-    comm = Collectives(world, device)
+    comm = Collectives(world, session.device)
     pids = comm.gather(os.getpid())
     if rank == 0:
         print(
-            f"[train] {world} worker(s) on {device} (pids {' '.join(map(str, pids))}), "
+            f"[train] {world} worker(s) on {session.device} (pids {' '.join(map(str, pids))}), "
             f"torch threads per worker {torch.get_num_threads()}, cluster {ray.get_runtime_context().gcs_address}"
-            + (f", deterministic {cfg.train.deterministic}" if numerics["flags_set"] else ""),
+            + (f", deterministic {cfg.train.deterministic}" if worker.numerics["flags_set"] else ""),
             flush=True,
         )
         if restarts:
@@ -398,7 +341,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         return values
 
     t_fit = time.perf_counter()  # this fit's training time adds to the run's `trained_s`
-    handed_back, resumed_from = False, gan.step
+    handed_back, resumed_from = worker.finished, gan.step
 
     def on_checkpoint(g: training.GAN, final: bool) -> None:
         if world > 1:  # every worker holds (and rank 0 saves) the same batch-norm running statistics
@@ -409,19 +352,14 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         pools = comm.gather({k: p.state_dict() for k, p in g.pools.items()}) if g.pools and world > 1 else None
         if metrics is not None:
             metrics.flush(wait=final)
-        if rank != 0:
-            ray.train.report(report, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            extra = {"fit_id": job.fit_id, "restarts": restarts, "pools_by_rank": pools}
-            extra.update({"handed_back": handed_back, "resumed_from": resumed_from})
-            if not handed_back:  # a hand-back keeps the record of the fit that trained
-                extra["trained_s"] = record["trained_s"] + time.perf_counter() - t_fit
-                extra["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if final else None
-            else:
-                extra.update(record)
-            torch.save({**training.gan_state(g), **extra}, Path(d) / STATE_FILE)
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+        extra = {"fit_id": job.fit_id, "restarts": restarts, "pools_by_rank": pools}
+        extra.update({"handed_back": handed_back, "resumed_from": resumed_from})
+        if not handed_back:  # a hand-back keeps the record of the fit that trained
+            extra["trained_s"] = record["trained_s"] + time.perf_counter() - t_fit
+            extra["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if final else None
+        else:
+            extra.update(record)
+        worker.report(report, extra, save=rank == 0)
 
     def on_event(g: training.GAN, event: dict[str, Any]) -> None:
         if rank == 0:
@@ -430,11 +368,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     hooks = training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval, on_event=on_event)
     if world > 1:
         hooks.sync_grads, hooks.reduce_stats = comm.sync_grads, comm.reduce_stats
-    if gan.step >= cfg.train.steps:  # already finished: hand the final state back again
-        handed_back = True
-        on_checkpoint(gan, True)
-        return
-    training.train(gan, cfg, batches, hooks)
+    worker.run(hooks)  # a finished run hands its final state back again
 
 
 class _Progress:

@@ -34,6 +34,7 @@ TRAIN_SOURCES = (
     "pipeline/datasets",  # a folder: every module in it (the datasets' known-answer metrics)
     "pipeline/cyclegan.py",
     "pipeline/distributed.py",
+    "pipeline/runtime.py",
     "pipeline/live_eval.py",
     "pipeline/augment.py",
     "pipeline/metrics2d.py",
@@ -50,6 +51,7 @@ TUNE_SOURCES = tuple(s for s in TRAIN_SOURCES if s != "stages/train.py") + ("sta
 NOT_RESULT_SHAPING = {
     "pipeline/config.py": "the params schema: the values reach the identity as params",
     "pipeline/data.py": "the prepared data reach the identity by their content hash",
+    "pipeline/environment.py": "sets environment variables for a block",
     "pipeline/extras.py": "says which optional package to install",
     "pipeline/identity.py": "computes the identity",
     "pipeline/lease.py": "who may run a run at a time",

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import secrets
+from pipeline import environment, secrets
 
 RUN_KEY_TAG = "ganpipe.run_key"
 # MLflow prints "View run ... at: <tracking URI>" when a run ends: the URI may carry a password, and
@@ -295,17 +295,8 @@ def single_attempt(timeout_s: float | None = None):
     names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     if timeout_s is not None:
         names["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(timeout_s, 1)))
-    with _ATTEMPT_LOCK:
-        saved = {k: os.environ.get(k) for k in names}
-        os.environ.update(names)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with _ATTEMPT_LOCK, environment.temporarily(names):
+        yield
 
 
 def log_summary_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:

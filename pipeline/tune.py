@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, datasets, extras, monitor
+from pipeline import data, datasets, extras, monitor, runtime
 from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
-from pipeline.outputs import load_tensors
+from pipeline.runtime import WorkerData
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 CONTINUOUS = ("uniform", "loguniform")
-STATE_FILE = "state.pt"
 TRIAL_TAG = "ganpipe.trial_id"
 STATUS_TAG = "ganpipe.trial_status"
 LIVE_METRICS = (
@@ -143,19 +141,14 @@ class SweepJob:
 
     base_raw: dict[str, Any]  # the resolved params every trial starts from
     keys: list[str]  # the searched params keys
-    x_train: Any  # np.ndarray, or a data.StoreFile (a memory-mapped image store, by path)
+    data: WorkerData  # what a trial trains on (the validation split as the monitor's held-out reals)
     live: Any  # live_eval.LiveEval: the metrics every report carries
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    y_train: np.ndarray | None = None
-    num_classes: int | None = None
     sweep_name: str = "sweep"  # multi-worker trials name their Ray Train runs after it
     run_label: str = "sweep"  # the sweep's MLflow run name: trials are named after it and their index
-    x_train_b: np.ndarray | None = None  # CycleGAN: domain B
-    x_val_b: np.ndarray | None = None
-    x_val: Any = None  # validation reals (a data.StoreFile for the image store): the monitor's held-out set
-    y_val: np.ndarray | None = None  # labels of x_val (conditional models: the monitor's held-out reals)
+    x_val_b: np.ndarray | None = None  # CycleGAN: domain B's validation images (its cycle_l1, with heldout)
     spill_path: str | None = None  # where trials keep metrics the MLflow server never took
 
 
@@ -193,26 +186,14 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     cfg = build_config(deep_merge(job.base_raw, unflatten(overrides)))
     if cfg.train.num_workers > 1:
         return _fit_trial(cfg, overrides, job)
-    torch.set_num_threads(cfg.train.cpus_per_worker)
-    device = _trial_device()
-    training.configure_numerics(cfg.train.deterministic, device)
-    # copies (arrays from the object store are read-only), on the trial's GPU when they fit there
-    # an image store arrives by path (data.StoreFile) and is memory-mapped, not copied
-    x = training.place_data(_tensor(job.x_train), device)
-    y = None if job.y_train is None else training.place_data(torch.tensor(job.y_train), device)
-    num_classes = job.num_classes if cfg.model.conditional else None
-    gan = training.build_gan(cfg, list(x.shape[1:]), device, num_classes)
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            training.load_gan_state(gan, load_tensors(Path(d) / STATE_FILE, map_location=device), cfg)
-    trial_id = tune.get_context().get_trial_id()
+    worker = runtime.Worker(cfg, job.data, runtime.tune_session())
+    ctx = tune.get_context()
     run_id = tracking.nested_run(
         job.tracking_uri,
         job.experiment_id,
         job.parent_run_id,
-        trial_id,
-        trial_run_name(job, tune.get_context().get_trial_name()),
+        ctx.get_trial_id(),
+        trial_run_name(job, ctx.get_trial_name()),
         overrides,
         trial_tags(job, overrides),
     )
@@ -239,63 +220,22 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         # the learning rates the optimizers really use (after a PBT exploit: the mutated ones)
         metrics["opt/lr_g"], metrics["opt/lr_d"] = g.opt_g.param_groups[0]["lr"], g.opt_d.param_groups[0]["lr"]
         if cfg.model.family == "cyclegan":
-            metrics.update(cycle_metrics(G, cfg, data.unship(job.x_val), job.x_val_b, cfg.eval.live_samples))
+            x_val = data.unship(job.data.heldout)
+            metrics.update(cycle_metrics(G, cfg, x_val, job.x_val_b, cfg.eval.live_samples))
         else:
             metrics.update(job.live(G, cfg.model.z_dim))
         sent.add(g.step, {**metrics, **hp})
         sent.flush()
         sent.wait_sent(2.0)  # in MLflow before Tune sees the report (and may stop the trial), unless the server is away
         metrics.update(diagnose(g))  # the stopper ends a collapsed or diverged trial (stops_trial)
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(training.gan_state(g), Path(d) / STATE_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        worker.report(metrics)
 
-    x_b = None if job.x_train_b is None else training.place_data(torch.tensor(job.x_train_b), device)
-    batches = training.Batches(
-        x,
-        cfg.train.batch_size,
-        cfg.model.z_dim,
-        cfg.seed,
-        y=y,
-        num_classes=num_classes or 0,
-        x_b=x_b,
-        device=device,
-        channels_last=cfg.train.channels_last and x.dim() == 4,
-        **heldout(job, cfg, device),
-    )
-    start = gan.step
     try:
-        training.train(gan, cfg, batches, training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint))
-        if gan.step == start:
-            # restored at the last step (a PBT exploit of a finished donor): nothing left to train, but
-            # the trial's own table must still end on its final step and metrics
-            on_checkpoint(gan, True)
+        # restored at the last step (a PBT exploit of a finished donor): nothing is left to train, but
+        # the trial's own table still ends on its final step and metrics
+        worker.run(training.Hooks(on_log=on_log, on_checkpoint=on_checkpoint))
     finally:
         sent.close()
-
-
-def heldout(job: SweepJob, cfg: Config, device) -> dict[str, torch.Tensor | None]:
-    """The validation reals (and labels, for conditional models) as the monitor's held-out set."""
-    from pipeline import training
-
-    if job.x_val is None or cfg.model.family == "cyclegan":
-        return {}
-    y = torch.tensor(job.y_val) if cfg.model.conditional and job.y_val is not None else None
-    return {"heldout": training.place_data(_tensor(job.x_val), device), "heldout_y": training.place_data(y, device)}
-
-
-def _tensor(shipped) -> torch.Tensor:
-    """An array from the object store as a tensor: a memory-mapped store is mapped (no copy), anything
-    else copied (arrays from the object store are read-only)."""
-    a = data.unship(shipped)
-    return torch.from_numpy(a) if isinstance(a, np.memmap) else torch.tensor(a)
-
-
-def _trial_device() -> torch.device:
-    """The GPU Ray gave this trial (its resources asked for one), else the CPU."""
-    import ray
-
-    return torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
 
 
 def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
@@ -318,15 +258,12 @@ def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
     every = build_config(deep_merge(cfg.to_dict(), {"eval": {"every": cfg.train.checkpoint_every}}))
     state, _ = distributed.fit(
         every,
-        job.x_train,
-        job.tracking_uri,
-        run_id,
-        f"{job.sweep_name}-{ctx.get_trial_id()}",
-        job.y_train,
-        job.num_classes,
+        job.data,
+        tracking_uri=job.tracking_uri,
+        run_id=run_id,
+        name=f"{job.sweep_name}-{ctx.get_trial_id()}",
         live=job.live,
         callbacks=[_train_to_tune()],
-        heldout=None if job.x_val is None else (data.unship(job.x_val), job.y_val if cfg.model.conditional else None),
     )
     tag_quietly(job.tracking_uri, run_id, monitor.tags(training.diagnosis(cfg, state)))
 

@@ -18,6 +18,7 @@ from pipeline import (
     outputs,
     plots,
     protocol,
+    runtime,
     tracking,
     training,
 )
@@ -93,16 +94,19 @@ def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resu
     try:
         state, result_path = distributed.fit(
             cfg,
-            prepared.x_train,
-            uri,
-            run_id,
-            name,
-            None if cycle else prepared.y_train,  # CycleGAN never sees labels
-            prepared.manifest["classes"],
-            live,
+            runtime.WorkerData.ship(
+                prepared.x_train,
+                y=prepared.y_train,
+                num_classes=prepared.manifest["classes"],
+                x_b=prepared.b.x_train if cycle else None,
+                heldout=None if cycle else prepared.x_val,  # the monitor's held-out reals
+                heldout_y=prepared.y_val,
+            ),
+            tracking_uri=uri,
+            run_id=run_id,
+            name=name,
+            live=live,
             spill_path=str(spill),
-            x_train_b=prepared.b.x_train if cycle else None,
-            heldout=None if cycle else (prepared.x_val, prepared.y_val if cfg.model.conditional else None),
         )
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Ray's handler may turn it into SystemExit)
         at = distributed.latest_checkpoint_step(cfg.storage.root, cfg.storage.s3_endpoint_url, name)

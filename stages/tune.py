@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import data, distributed, identity, live_eval, outputs, protocol, tracking, tune
+from pipeline import data, distributed, identity, live_eval, outputs, protocol, runtime, tracking, tune
 from pipeline.config import deep_merge, flatten, read_yaml, unflatten
 from pipeline.secrets import redact_tree
 from stages import common
@@ -72,19 +72,21 @@ def _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path,
         job = tune.SweepJob(
             base_raw=cfg.to_dict(),  # the resolved params (storage root anchored at the repository root)
             keys=list(parsed),
-            x_train=data.shippable(prepared.x_train),
+            data=runtime.WorkerData.ship(
+                prepared.x_train,
+                y=prepared.y_train,
+                num_classes=prepared.manifest["classes"],
+                x_b=None if b is None else b.x_train,
+                heldout=prepared.x_val,  # a store by path, as x_train
+                heldout_y=prepared.y_val,
+            ),
             live=live,
             tracking_uri=uri,
             experiment_id=exp_id,
             parent_run_id=parent,
-            y_train=prepared.y_train,
-            num_classes=prepared.manifest["classes"],
             sweep_name=name,
             run_label=label,
-            x_train_b=None if b is None else b.x_train,
             x_val_b=None if b is None else b.x_val,
-            x_val=data.shippable(prepared.x_val),  # a store by path, as x_train
-            y_val=prepared.y_val,
             spill_path=str(common.spill_path(parent)),
         )
         try:

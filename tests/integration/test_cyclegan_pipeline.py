@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.runtime import WorkerData
 from tests.integration.conftest import set_params, sh
 
 pytestmark = pytest.mark.integration
@@ -98,7 +99,8 @@ def test_cyclegan_two_workers_match_one_and_keep_each_pool(tmp_path: Path):
         prepared = data.prepare(cfg.data, cfg.seed)
         uri = tracking.resolve_uri(None, env={}, cwd=tmp_path)
         run_id, _ = tracking.start_or_resume_run(uri, "cyclegan-dist", name, name)
-        state, _ = distributed.fit(cfg, prepared.x_train, uri, run_id, name, x_train_b=prepared.b.x_train)
+        shipped = WorkerData.ship(prepared.x_train, x_b=prepared.b.x_train)
+        state, _ = distributed.fit(cfg, shipped, tracking_uri=uri, run_id=run_id, name=name)
         return state
 
     distributed.ensure_ray(None, 2)

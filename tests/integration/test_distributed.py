@@ -10,6 +10,7 @@ import torch
 
 from pipeline import data, distributed, tracking
 from pipeline.config import build_config, deep_merge, read_yaml
+from pipeline.runtime import WorkerData
 from tests.integration.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.integration
@@ -33,7 +34,7 @@ def fit(tmp_path: Path, name: str, x=None, **overrides) -> dict:
     x_train = data.prepare(cfg.data, cfg.seed).x_train if x is None else x
     uri = tracking.resolve_uri(None, env={}, cwd=tmp_path)
     run_id, _ = tracking.start_or_resume_run(uri, "dist-test", name, name)
-    state, _ = distributed.fit(cfg, x_train, uri, run_id, name)
+    state, _ = distributed.fit(cfg, WorkerData.ship(x_train), tracking_uri=uri, run_id=run_id, name=name)
     return state
 
 

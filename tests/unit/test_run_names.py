@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pipeline import tune
 from pipeline.config import build_config, deep_merge, load_config
+from pipeline.runtime import WorkerData
 from stages import common
 
 
@@ -27,7 +28,7 @@ def test_a_trial_is_named_after_its_sweep_and_its_index():
     job = tune.SweepJob(
         base_raw={},
         keys=[],
-        x_train=None,
+        data=WorkerData(x=None),
         live=None,
         tracking_uri="",
         experiment_id="",

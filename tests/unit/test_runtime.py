@@ -1,0 +1,96 @@
+"""The one worker runtime (pipeline.runtime) without Ray: a Session is only where reports go, so a
+local one shows the checkpoint format, the restore and the hand-back that Ray Train workers and Tune
+trials share."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import data, runtime, training
+from pipeline.config import build_config, deep_merge, read_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _Checkpoint:
+    """What a Ray checkpoint offers the runtime: a folder."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.folder
+
+
+def _session(reports: list, keep: Path, checkpoint=None) -> runtime.Session:
+    def report(metrics, folder):
+        saved = None
+        if folder is not None:  # the folder is temporary: keep a copy, as Ray does
+            saved = str(keep / f"ckpt-{len(reports)}")
+            shutil.copytree(folder, saved)
+        reports.append((metrics, saved))
+
+    return runtime.Session(device=torch.device("cpu"), checkpoint=checkpoint, report=report)
+
+
+def _cfg(steps: int):
+    raw = deep_merge(read_yaml(ROOT / "params.yaml"), {"data": {"n_samples": 2000}, "model": {"hidden": 16}})
+    return build_config(
+        deep_merge(raw, {"train": {"steps": steps, "batch_size": 32, "checkpoint_every": 10, "monitor_every": 5}})
+    )
+
+
+def _train(cfg, shipped, reports, keep, checkpoint=None) -> runtime.Worker:
+    worker = runtime.Worker(cfg, shipped, _session(reports, keep, checkpoint))
+    worker.run(training.Hooks(on_checkpoint=lambda g, final: worker.report({"step": g.step}, {"note": "mine"})))
+    return worker
+
+
+def test_a_restored_worker_continues_bit_for_bit_and_a_finished_one_hands_its_state_back():
+    cfg = _cfg(20)
+    prepared = data.prepare(cfg.data, cfg.seed)
+    shipped = runtime.WorkerData.ship(prepared.x_train, y=prepared.y_train, heldout=prepared.x_val)
+    with tempfile.TemporaryDirectory() as keep:
+        keep = Path(keep)
+        straight: list = []
+        whole = _train(cfg, shipped, straight, keep / "a")
+        assert [m["step"] for m, _ in straight] == [10, 20] and whole.batches.heldout is not None
+
+        first: list = []
+        _train(_cfg(10), shipped, first, keep / "b")
+        resumed: list = []
+        again = _train(cfg, shipped, resumed, keep / "c", _Checkpoint(first[-1][1]))
+        assert again.restored["step"] == 10 and again.restored["note"] == "mine"  # what the writer added
+        assert [m["step"] for m, _ in resumed] == [20]
+        for a, b in zip(whole.gan.G.state_dict().values(), again.gan.G.state_dict().values()):
+            assert torch.equal(a, b)
+
+        handed: list = []
+        done = _train(cfg, shipped, handed, keep / "d", _Checkpoint(resumed[-1][1]))
+        assert done.finished and [m["step"] for m, _ in handed] == [20]  # nothing trained, reported again
+        saved = runtime.load_state(_Checkpoint(handed[-1][1]))
+        for a, b in zip(whole.gan.G.state_dict().values(), saved["G"].values()):
+            assert torch.equal(a, b)
+
+
+def test_the_worker_takes_labels_only_for_conditional_models():
+    x = np.random.default_rng(0).uniform(-1, 1, size=(64, 1, 8, 8)).astype(np.float32)
+    y = np.arange(64) % 4
+    shipped = runtime.WorkerData(x=x, y=y, num_classes=4, heldout=x[:8], heldout_y=y[:8])
+    images = deep_merge(_cfg(1).to_dict(), {"data": {"name": "digits"}, "model": {"arch": "dcgan", "z_dim": 16}})
+    conditional = build_config(deep_merge(images, {"model": {"conditional": True}}))
+    with tempfile.TemporaryDirectory() as keep:
+        plain = runtime.Worker(build_config(images), shipped, _session([], Path(keep)))
+        labelled = runtime.Worker(conditional, shipped, _session([], Path(keep)))
+    assert plain.batches.num_classes == 0 and plain.batches.heldout_y is None and plain.batches.heldout is not None
+    assert labelled.batches.num_classes == 4 and torch.equal(labelled.batches.heldout_y, torch.tensor(y[:8]))
+    assert (
+        runtime.as_tensor(x).data_ptr() != torch.from_numpy(x).data_ptr()
+    )  # a copy: object-store arrays are read-only
