@@ -29,6 +29,7 @@ from pipeline.data import prepare
 BASE: dict[str, Any] = {
     "seed": 0,
     "data": {"name": "grid", "n_samples": 20000},
+    "loss": {"r1_gamma": 0.0},  # the seeds' plain methods (the default recipe adds R1; "grid R1" sets it)
     "train": {"steps": 2000, "log_every": 1000, "checkpoint_every": 1000, "on_divergence": "warn"},
     "eval": {"every": 0},
 }

@@ -102,7 +102,7 @@ class LossConfig(_Section):
     name: Literal[LOSSES] = "nonsaturating"  # type: ignore[valid-type]
     gp_weight: float = Field(10.0, ge=0.0)
     clip: float = Field(0.01, gt=0.0)
-    r1_gamma: float = Field(0.0, ge=0.0)
+    r1_gamma: float = Field(0.1, ge=0.0)
     cycle_weight: float = Field(10.0, ge=0.0, description="CycleGAN: L1 cycle-consistency weight lambda")
     identity_weight: float = Field(0.0, ge=0.0, description="CycleGAN: L1 identity-mapping weight, 0 = off")
 
@@ -121,6 +121,9 @@ class TrainConfig(_Section):
     lr_g: float = Field(1e-3, gt=0.0)
     lr_d: float = Field(1e-3, gt=0.0)
     betas: tuple[float, float] = Field((0.5, 0.999), strict=False)  # a YAML list; its items stay strict
+    lr_decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="both learning rates fall linearly by this fraction by the last step"
+    )
     n_critic: int = Field(1, ge=1)
     update: Literal["alternating", "simultaneous"] = "alternating"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

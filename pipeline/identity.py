@@ -81,6 +81,7 @@ TRAIN_RESULT_KEYS = (
     "train.lr_g",
     "train.lr_d",
     "train.betas",
+    "train.lr_decay",
     "train.n_critic",
     "train.update",
     "train.precision",

@@ -196,10 +196,18 @@ def load_gan_state(gan: GAN, state: dict[str, Any], cfg: Config) -> None:
 
 
 def set_learning_rates(gan: GAN, cfg: Config) -> None:
-    """params' learning rates and betas, times `gan.lr_scale`, on both optimizers."""
+    """params' learning rates and betas on both optimizers, for the step `gan.step`: times `gan.lr_scale`
+    (the rollbacks) and `lr_factor` (train.lr_decay's schedule)."""
+    scale = gan.lr_scale * lr_factor(cfg.train.lr_decay, gan.step, cfg.train.steps)
     for opt, lr in ((gan.opt_g, cfg.train.lr_g), (gan.opt_d, cfg.train.lr_d)):
         for group in opt.param_groups:
-            group["lr"], group["betas"] = lr * gan.lr_scale, cfg.train.betas
+            group["lr"], group["betas"] = lr * scale, cfg.train.betas
+
+
+def lr_factor(decay: float, step: int, steps: int) -> float:
+    """The learning rates' schedule: 1 at step 0, falling linearly to 1 - decay at step `steps`. A function
+    of the step alone, so a resumed or rolled-back run follows it exactly as an uninterrupted one."""
+    return 1.0 - decay * min(step, steps) / steps
 
 
 @dataclass
@@ -685,6 +693,8 @@ def train(gan: GAN, cfg: Config, batches: Batches, hooks: Hooks = Hooks()) -> GA
     gan.D.train()
     while gan.step < t.steps:
         step = gan.step
+        if t.lr_decay:  # the schedule's rates for this step (train.lr_decay)
+            set_learning_rates(gan, cfg)
         batches.begin(step)
         if cfg.model.family == "cyclegan":
             stats = cycle_step(gan, cfg, batches, step, hooks.sync_grads)

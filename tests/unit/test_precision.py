@@ -14,6 +14,7 @@ def tiny(**train):
         {
             "data": {"name": "digits"},
             "model": {"arch": "dcgan", "z_dim": 8, "hidden": 8},
+            "loss": {"r1_gamma": 0.0},
             "train": {"steps": 6, "batch_size": 16, "log_every": 3, "checkpoint_every": 6, **train},
         }
     )

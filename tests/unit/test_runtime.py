@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline import data, runtime, training
@@ -40,21 +41,33 @@ def _session(reports: list, keep: Path, checkpoint=None) -> runtime.Session:
     return runtime.Session(device=torch.device("cpu"), checkpoint=checkpoint, report=report)
 
 
-def _cfg(steps: int):
+def _cfg(steps: int, **train):
     raw = deep_merge(read_yaml(ROOT / "params.yaml"), {"data": {"n_samples": 2000}, "model": {"hidden": 16}})
-    return build_config(
-        deep_merge(raw, {"train": {"steps": steps, "batch_size": 32, "checkpoint_every": 10, "monitor_every": 5}})
-    )
+    train = {"steps": steps, "batch_size": 32, "checkpoint_every": 10, "monitor_every": 5, **train}
+    return build_config(deep_merge(raw, {"train": train}))
 
 
-def _train(cfg, shipped, reports, keep, checkpoint=None) -> runtime.Worker:
+class _Stop(Exception):
+    """The worker's process ends here (a preemption)."""
+
+
+def _train(cfg, shipped, reports, keep, checkpoint=None, stop_at=None) -> runtime.Worker:
     worker = runtime.Worker(cfg, shipped, _session(reports, keep, checkpoint))
-    worker.run(training.Hooks(on_checkpoint=lambda g, final: worker.report({"step": g.step}, {"note": "mine"})))
+
+    def on_checkpoint(g, final):
+        worker.report({"step": g.step}, {"note": "mine"})
+        if g.step == stop_at:
+            raise _Stop
+
+    with contextlib.suppress(_Stop):
+        worker.run(training.Hooks(on_checkpoint=on_checkpoint))
     return worker
 
 
-def test_a_restored_worker_continues_bit_for_bit_and_a_finished_one_hands_its_state_back():
-    cfg = _cfg(20)
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_a_restored_worker_continues_bit_for_bit_and_a_finished_one_hands_its_state_back(decay):
+    """Also under train.lr_decay: the schedule is a function of the step, so a resumed run follows it."""
+    cfg = _cfg(20, lr_decay=decay)
     prepared = data.prepare(cfg.data, cfg.seed)
     shipped = runtime.WorkerData.ship(prepared.x_train, y=prepared.y_train, heldout=prepared.x_val)
     with tempfile.TemporaryDirectory() as keep:
@@ -64,13 +77,16 @@ def test_a_restored_worker_continues_bit_for_bit_and_a_finished_one_hands_its_st
         assert [m["step"] for m, _ in straight] == [10, 20] and whole.batches.heldout is not None
 
         first: list = []
-        _train(_cfg(10), shipped, first, keep / "b")
+        _train(cfg, shipped, first, keep / "b", stop_at=10)
         resumed: list = []
         again = _train(cfg, shipped, resumed, keep / "c", _Checkpoint(first[-1][1]))
         assert again.restored["step"] == 10 and again.restored["note"] == "mine"  # what the writer added
         assert [m["step"] for m, _ in resumed] == [20]
         for a, b in zip(whole.gan.G.state_dict().values(), again.gan.G.state_dict().values()):
             assert torch.equal(a, b)
+        # the last step (19) ran at 1 - decay * 19 / 20 of the base rates, in both runs
+        for w in (whole, again):
+            assert w.gan.opt_g.param_groups[0]["lr"] == pytest.approx(cfg.train.lr_g * (1 - decay * 19 / 20))
 
         handed: list = []
         done = _train(cfg, shipped, handed, keep / "d", _Checkpoint(resumed[-1][1]))

@@ -109,7 +109,7 @@ def test_weight_clipping_pins_the_critic_and_scales_its_estimate(c):
     # reals a Dirac at +a, fakes at -a: W1 = 2a. The critic f(v) = w v maximises 2aw, so gradient
     # ascent then clipping ends at w = c and estimates 2ac: W1 times c, exact only for c = 1.
     a = 3.0
-    cfg = build_config({"loss": {"name": "wgan", "clip": c}, "train": {"batch_size": 16}})
+    cfg = build_config({"loss": {"name": "wgan", "clip": c, "r1_gamma": 0.0}, "train": {"batch_size": 16}})
     gan, batches = scalar_gan(-a, 0.0, lr=0.1, real=a)
     for step in range(20):
         d_step(gan, cfg, batches, step, 0, no_sync)
@@ -253,7 +253,7 @@ def bilinear_radii(update: str, lr: float, steps: int) -> list[float]:
     """
     cfg = build_config(
         {
-            "loss": {"name": "wgan-gp", "gp_weight": 0.0},
+            "loss": {"name": "wgan-gp", "gp_weight": 0.0, "r1_gamma": 0.0},
             "model": {"arch": "mlp"},
             "train": {"update": update, "steps": steps, "batch_size": 16, "log_every": 1, "checkpoint_every": 10**6},
         }
