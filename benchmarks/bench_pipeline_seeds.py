@@ -36,7 +36,7 @@ def fresh_repo(preset: str, sets: list[str]) -> Path:
     proj = Path(tempfile.mkdtemp(prefix=f"bench-{preset}-"))
     for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, proj / name)
-    for d in ("pipeline", "stages", "presets"):
+    for d in ("pipeline", "stages", "presets", "data/inputs"):
         shutil.copytree(ROOT / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
     sh(proj, sys.executable, "-m", "pipeline.cli", "preset", preset)
     sh(proj, "git", "init", "-q")
@@ -53,7 +53,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra params, dvc exp run -S style")
     args = ap.parse_args()
     proj = fresh_repo(args.preset, args.set)
-    print(f"{args.preset} {' '.join(args.set)}: {proj}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    print(
+        f"{args.preset} {' '.join(args.set)}: {proj}; code of {commit.strip()}; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         t0 = time.perf_counter()
