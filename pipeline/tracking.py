@@ -325,7 +325,6 @@ class MetricBuffer:
     BACKOFF = (0.5, 15.0)
 
     def __init__(self, uri: str, run_id: str, spill: str | Path | None = None, timeout: float = 120.0, log=print):
-
         self.uri, self.run_id, self.timeout, self.log = uri, run_id, timeout, log
         self.spill = Path(spill) if spill else None
         self.pending: list = []
