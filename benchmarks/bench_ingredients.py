@@ -56,7 +56,11 @@ def run(preset: str | None, overrides: dict, seed: int) -> dict:
     wall = time.perf_counter() - t0
     G = gan.G_ema if gan.G_ema is not None else gan.G
     samples = np.asarray(training.sample(G, 2500, cfg.model.z_dim, cfg.seed + 1))
-    return {**metrics2d.mode_metrics(samples, cfg.data.name), "verdict": gan.monitor.verdict, "train_s": wall}
+    return {
+        **metrics2d.mode_metrics(samples, data.mixture(cfg.data.name)),
+        "verdict": gan.monitor.verdict,
+        "train_s": wall,
+    }
 
 
 def main() -> None:

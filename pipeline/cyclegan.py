@@ -230,7 +230,7 @@ def translation_metrics(
     """Evaluation of a generator pair on the validation sets of both domains, keys `xy/...` for
     G: X -> Y (translations of X's images scored against Y's) and `yx/...` for F: Y -> X:
 
-    - the image metrics of `metrics_image.image_metrics` (fid, kid, precision, recall, ...) in the
+    - the image metrics of `metrics_image.score` (fid, kid, precision, recall, ...) in the
       target domain's extractor space, against the target domain's validation images;
     - `label_accuracy`: the target domain's classifier gives G(x) the label of x (when both
       domains are labelled; the models never saw the labels);
@@ -249,9 +249,8 @@ def translation_metrics(
         fake = translate(fwd, src)
         real_f, real_p = features.embed(extractor, target)
         fake_f, fake_p = features.embed(extractor, fake)
-        m = metrics_image.image_metrics(real_f, real_p, fake_f, fake_p, extractor.num_classes, seed)
-        if src_labels is not None:
-            m["label_accuracy"] = metrics_image.label_accuracy(fake_p, src_labels)
+        sets = metrics_image.Sets(real_f, real_p, fake_f, fake_p, extractor.num_classes, seed, src_labels)
+        m = metrics_image.score(sets)
         m.update(cycle_diagnostics(fwd, bwd, src, seed))
         out.update({f"{name}/{k}": v for k, v in m.items()})
     out["hidden_information"] = out["xy/hidden_information"] or out["yx/hidden_information"]

@@ -21,3 +21,21 @@ def temporarily(values: dict[str, str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def machine_kind() -> str:
+    """The CPU features that decide which kernels torch and its BLAS (MKL) run, e.g.
+    `x86_64 AVX512 amx_bf16 amx_tile avx2 avx512_bf16 ... fma`. Bit-exact reproduction is promised on
+    the same kind only: on the default grid pipeline, MKL's code path alone (MKL_CBWR) moves high
+    quality between 0.93 and 0.96 (docs/reproducibility.md)."""
+    import platform
+
+    import torch
+
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("flags"):
+                flags = {f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma"))}
+                break
+    return " ".join([platform.machine(), torch.backends.cpu.get_cpu_capability(), *sorted(flags)])

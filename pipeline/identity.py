@@ -29,6 +29,8 @@ TRAIN_SOURCES = (
     "stages/train.py",
     "pipeline/training.py",
     "pipeline/models.py",
+    "pipeline/layers.py",
+    "pipeline/networks.py",
     "pipeline/resnet.py",
     "pipeline/losses.py",
     "pipeline/datasets",  # a folder: every module in it (the datasets' known-answer metrics)

@@ -49,14 +49,15 @@ class LiveEval:
         from pipeline import features
 
         fake_f, fake_p = features.embed(self.extractor, fake)
-        if not self.classifier:  # a random extractor: its 'classes' mean nothing
-            return {"fid": metrics_image.fid(self.real_f, fake_f)}
-        k = self.extractor.num_classes
-        out = metrics_image.cheap_image_metrics(self.real_f, self.real_p, fake_f, fake_p, k)
-        labels = training.sample_labels(self.n, self.conditional_classes)
-        if labels is not None:
-            out["label_accuracy"] = metrics_image.label_accuracy(fake_p, labels.numpy())
-        return {k: float(v) for k, v in out.items()}
+        labels = training.sample_labels(self.n, self.conditional_classes) if self.classifier else None
+        sets = metrics_image.Sets(
+            self.real_f, self.real_p, fake_f, fake_p, self.extractor.num_classes, self.seed, _numpy(labels)
+        )
+        return {k: float(v) for k, v in metrics_image.score(sets, live=True, classifier=self.classifier).items()}
+
+
+def _numpy(labels: torch.Tensor | None) -> np.ndarray | None:
+    return None if labels is None else labels.numpy()
 
 
 def load_extractor(features_dir: str | Path | None) -> tuple[object | None, bool]:

@@ -12,13 +12,11 @@ import math
 
 import numpy as np
 
-from pipeline.datasets.mixtures import mixture
-
 HQ_STDS = 3.0
 
 
-def mode_metrics(samples: np.ndarray, dataset: str) -> dict[str, float]:
-    m = mixture(dataset)
+def mode_metrics(samples: np.ndarray, m) -> dict[str, float]:
+    """`m`: the mixture (pipeline.datasets.mixtures.Mixture: `centers` (K, 2) and `std`)."""
     d2 = ((samples[:, None, :] - m.centers[None, :, :]) ** 2).sum(-1)
     nearest = d2.argmin(1)
     hq = np.sqrt(d2[np.arange(len(samples)), nearest]) < HQ_STDS * m.std

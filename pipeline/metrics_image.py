@@ -21,6 +21,8 @@ F=128 runs in seconds); KID takes O(subsets * subset_size^2 * F).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy import linalg
@@ -199,7 +201,113 @@ def label_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(probs).argmax(1) == labels).mean())
 
 
-# ---- bundles -------------------------------------------------------------------------------------
+# ---- the registry and the one evaluator ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sets:
+    """What an image metric reads: both sets in the extractor's space (features (N, F), class
+    probabilities (N, K)), the number of classes, the seed of any random draw, and the labels the
+    conditional samples were drawn for (None: unconditional, or an extractor that is no classifier)."""
+
+    real_feats: np.ndarray
+    real_probs: np.ndarray
+    fake_feats: np.ndarray
+    fake_probs: np.ndarray
+    num_classes: int
+    seed: int = 0
+    labels: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ImageMetric:
+    """One entry of `IMAGE_METRICS`: `compute(sets, live)` returns the values of `keys` (of `live_keys`
+    when `live`: the cheap evaluation during training and in Tune trials; () = the evaluate stage only).
+    `any_extractor`: meaningful in a random extractor's space (live evaluation with one reports only
+    these). `conditional`: needs `Sets.labels`."""
+
+    keys: tuple[str, ...]
+    compute: Callable[[Sets, bool], dict[str, float]]
+    live_keys: tuple[str, ...] = ()
+    any_extractor: bool = False
+    conditional: bool = False
+
+
+IMAGE_METRICS: dict[str, ImageMetric] = {}
+
+
+def register_metric(name: str, metric: ImageMetric) -> ImageMetric:
+    if name in IMAGE_METRICS:
+        raise ValueError(f"image metric {name!r} registered twice")
+    IMAGE_METRICS[name] = metric
+    return metric
+
+
+def _kid(s: Sets, live: bool) -> dict[str, float]:
+    mean, std = kid(s.real_feats, s.fake_feats, seed=s.seed)
+    return {"kid": mean, "kid_std": std}
+
+
+def _manifold(s: Sets, live: bool) -> dict[str, float]:
+    if live:  # k = 3 for both pairs: one neighbour search serves the live pair
+        m = manifold_metrics(s.real_feats, s.fake_feats, k_pr=3, k_dc=3)
+        return {"precision": m["precision"], "recall": m["recall"]}
+    return manifold_metrics(s.real_feats, s.fake_feats)
+
+
+def _class_kl(s: Sets, live: bool) -> dict[str, float]:
+    """Against the real set's predicted-class histogram, so real data scores 0 (against uniform it
+    differs by under 0.01 nats on MNIST, whose classes are nearly balanced)."""
+    return {"class_kl": class_kl(s.fake_probs, class_histogram(s.real_probs, s.num_classes))}
+
+
+register_metric(
+    "fid",
+    ImageMetric(("fid",), lambda s, live: {"fid": fid(s.real_feats, s.fake_feats)}, ("fid",), any_extractor=True),
+)
+register_metric("kid", ImageMetric(("kid", "kid_std"), _kid))
+register_metric(
+    "manifold", ImageMetric(("precision", "recall", "density", "coverage"), _manifold, ("precision", "recall"))
+)
+register_metric(
+    "class_modes",
+    ImageMetric(
+        ("class_modes",), lambda s, live: {"class_modes": class_modes(s.fake_probs, s.num_classes)}, ("class_modes",)
+    ),
+)
+register_metric("class_kl", ImageMetric(("class_kl",), _class_kl, ("class_kl",)))
+register_metric(
+    "label_accuracy",
+    ImageMetric(
+        ("label_accuracy",),
+        lambda s, live: {"label_accuracy": label_accuracy(s.fake_probs, s.labels)},
+        ("label_accuracy",),
+        conditional=True,
+    ),
+)
+
+
+def _selected(live: bool, classifier: bool, conditional: bool):
+    for m in IMAGE_METRICS.values():
+        if (live and not m.live_keys) or (m.conditional and not conditional):
+            continue
+        if live and not classifier and not m.any_extractor:
+            continue
+        yield m
+
+
+def score(sets: Sets, live: bool = False, classifier: bool = True) -> dict[str, float]:
+    """Every registered metric that applies: the evaluate stage's set, or (`live`) the cheap one. The
+    live evaluation, the evaluate stage, CycleGAN's evaluation and the benchmarks all call this."""
+    out: dict[str, float] = {}
+    for m in _selected(live, classifier, sets.labels is not None):
+        out.update(m.compute(sets, live))
+    return out
+
+
+def metric_names(live: bool, conditional: bool, classifier: bool = True) -> tuple[str, ...]:
+    """The keys `score` returns: what Tune can select and compare (`tune.metric`)."""
+    return tuple(k for m in _selected(live, classifier, conditional) for k in (m.live_keys if live else m.keys))
 
 
 def image_metrics(
@@ -210,21 +318,9 @@ def image_metrics(
     num_classes: int,
     seed: int = 0,
 ) -> dict[str, float]:
-    """All image metrics of a generated set against the real set: fid, kid, kid_std, precision,
-    recall, density, coverage, class_modes, class_kl. `seed` draws the KID subsets.
-
-    class_kl takes as reference the predicted-class histogram of the real set, so real data scores
-    0; against uniform it differs by under 0.01 nats on MNIST, whose classes are nearly balanced.
-    """
-    kid_mean, kid_std = kid(real_feats, fake_feats, seed=seed)
-    return {
-        "fid": fid(real_feats, fake_feats),
-        "kid": kid_mean,
-        "kid_std": kid_std,
-        **manifold_metrics(real_feats, fake_feats),
-        "class_modes": class_modes(fake_probs, num_classes),
-        "class_kl": class_kl(fake_probs, class_histogram(real_probs, num_classes)),
-    }
+    """All unconditional image metrics of a generated set against the real set: fid, kid, kid_std,
+    precision, recall, density, coverage, class_modes, class_kl. `seed` draws the KID subsets."""
+    return score(Sets(real_feats, real_probs, fake_feats, fake_probs, num_classes, seed))
 
 
 def cheap_image_metrics(
@@ -237,14 +333,7 @@ def cheap_image_metrics(
     """fid, precision, recall, class_modes, class_kl: milliseconds for a few thousand samples, for use
     during training. The caller picks the (small) sample; FID is biased at small n, so keep n fixed
     across a run. Recall catches what the class metrics cannot: a generator drawing one image per class."""
-    pr = manifold_metrics(real_feats, fake_feats, k_pr=3, k_dc=3)
-    return {
-        "fid": fid(real_feats, fake_feats),
-        "precision": pr["precision"],
-        "recall": pr["recall"],
-        "class_modes": class_modes(fake_probs, num_classes),
-        "class_kl": class_kl(fake_probs, class_histogram(real_probs, num_classes)),
-    }
+    return score(Sets(real_feats, real_probs, fake_feats, fake_probs, num_classes), live=True)
 
 
 # ---- checks ----------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from pipeline import models
+from pipeline import layers
 
 MIN_SIDE, MAX_SIDE = 16, 256
 
@@ -56,14 +56,14 @@ class SelfAttention(nn.Module):
 class _GBlock(nn.Module):
     def __init__(self, cin: int, cout: int, num_classes: int | None):
         super().__init__()
-        self.bn1 = models._batch_norm(cin, 2, num_classes, "batchnorm")
+        self.bn1 = layers.batch_norm(cin, 2, num_classes, "batchnorm")
         self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
-        self.bn2 = models._batch_norm(cout, 2, num_classes, "batchnorm")
+        self.bn2 = layers.batch_norm(cout, 2, num_classes, "batchnorm")
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
         self.skip = nn.Conv2d(cin, cout, 1)
 
     def _bn(self, bn: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return bn(x, y) if isinstance(bn, models._ConditionalBatchNorm) else bn(x)
+        return bn(x, y) if isinstance(bn, layers.ConditionalBatchNorm) else bn(x)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         h = F.interpolate(F.relu(self._bn(self.bn1, x, y)), scale_factor=2, mode="nearest")
@@ -82,7 +82,7 @@ class ResNetGenerator(nn.Module):
     ):
         super().__init__()
         self.z_dim, self.shape = z_dim, shape
-        n = models._levels(shape)
+        n = layers.levels(shape)
         self.side, self.c0 = 4 * 2**n, _width(base, n)
         self.fc = nn.Linear(z_dim, self.c0 * 16)
         self.blocks = nn.ModuleList()
@@ -103,7 +103,7 @@ class ResNetGenerator(nn.Module):
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)
         x = torch.tanh(self.out(F.relu(self.out_bn(h))))
-        return models.centre_crop(x, self.side, self.shape)
+        return layers.centre_crop(x, self.side, self.shape)
 
 
 class _DBlock(nn.Module):
@@ -111,8 +111,8 @@ class _DBlock(nn.Module):
         super().__init__()
         self.first = first
         self.conv1, self.conv2 = sn(nn.Conv2d(cin, cout, 3, 1, 1)), sn(nn.Conv2d(cout, cout, 3, 1, 1))
-        self.norm = nn.Sequential(*([] if first else models._conv_norm(norm, cout)))
-        self.act = models.ACTIVATIONS[act]()
+        self.norm = nn.Sequential(*([] if first else layers.conv_norm(norm, cout)))
+        self.act = layers.ACTIVATIONS[act]()
         self.skip = sn(nn.Conv2d(cin, cout, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +139,7 @@ class ResNetDiscriminator(nn.Module):
     ):
         super().__init__()
         self.pack, self.shape = pack, shape
-        n = models._levels(shape)
+        n = layers.levels(shape)
         self.side = 4 * 2**n
         sn = spectral_norm if norm == "spectral" else (lambda m: m)
         self.blocks = nn.ModuleList()
@@ -150,14 +150,14 @@ class ResNetDiscriminator(nn.Module):
                 self.attn[str(i)] = SelfAttention(cin, sn)
             self.blocks.append(_DBlock(cin, _width(base, i), sn, norm, act, first=i == 0))
             cin = _width(base, i)
-        self.act = models.ACTIVATIONS[act]()
+        self.act = layers.ACTIVATIONS[act]()
         self.head = sn(nn.Linear(cin, 1))
-        self.project = models._Projection(cin, num_classes, sn)
+        self.project = layers.Projection(cin, num_classes, sn)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c, h, w = self.shape
         x = x.reshape(x.shape[0] // self.pack, c * self.pack, h, w)
-        x = models.pad_to_side(x, self.side)
+        x = layers.pad_to_side(x, self.side)
         for i, block in enumerate(self.blocks):
             if str(i) in self.attn:
                 x = self.attn[str(i)](x)
@@ -178,6 +178,4 @@ def _discriminator(model, shape, num_classes):
     )
 
 
-models.register_arch(
-    "resnet", models.Arch("images", _generator, _discriminator, models._image_sides(MIN_SIDE, MAX_SIDE))
-)
+ARCH = layers.Arch("images", _generator, _discriminator, layers.image_sides(MIN_SIDE, MAX_SIDE))

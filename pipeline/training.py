@@ -23,8 +23,9 @@ from pipeline.augment import ada_adjust, augment, diffaugment, overfit_signal
 from pipeline.config import Config
 from pipeline.draws import StepDraws, step_generator
 from pipeline.losses import LOSSES, Terms, terms
-from pipeline.models import ARCHS, build_discriminator, build_generator, generator_spec
+from pipeline.models import ARCHS, generator_spec
 from pipeline.monitor import Monitor, Thresholds
+from pipeline.networks import build_discriminator, build_generator
 
 
 class Diverged(RuntimeError):

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, datasets, extras, monitor, runtime
+from pipeline import data, datasets, extras, metrics_image, monitor, runtime
 from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
 from pipeline.runtime import WorkerData
 
@@ -41,7 +41,7 @@ TRIAL_TAG = "ganpipe.trial_id"
 STATUS_TAG = "ganpipe.trial_status"
 LIVE_METRICS = (
     *dict.fromkeys(m for name in datasets.DATASETS for m in datasets.point_metric_names(name)),
-    *("fid", "precision", "recall", "class_modes", "class_kl", "label_accuracy"),
+    *metrics_image.metric_names(live=True, conditional=True),
 )
 REPORTED = ("step", *LIVE_METRICS, "cycle_l1", "loss/D", "loss/G", "loss/cycle", "opt/lr_g", "opt/lr_d")
 METRICS = (*LIVE_METRICS, "cycle_l1", "loss/D", "loss/G", "loss/cycle")
@@ -374,8 +374,7 @@ def reported_metrics(cfg: Config, kind: str | None) -> tuple[str, ...]:
     if kind == "points":
         return (*datasets.point_metric_names(cfg.data.name), *losses)
     if kind == "images":
-        images = ("fid", "precision", "recall", "class_modes", "class_kl")
-        return (*images, *(("label_accuracy",) if cfg.model.conditional else ()), *losses)
+        return (*metrics_image.metric_names(live=True, conditional=cfg.model.conditional), *losses)
     return METRICS
 
 

@@ -107,13 +107,14 @@ def image_scores(samples, prepared, spec, features_dir: Path, cfg, plots_dir: Pa
     real_f, real_p = features.embed(extractor, prepared.x_val)
     fake_f, fake_p = features.embed(extractor, samples)
     k = prepared.manifest["classes"] or extractor.num_classes
-    result = metrics_image.image_metrics(real_f, real_p, fake_f, fake_p, k, cfg.seed)
-    result["extractor"] = info["extractor"]
+    labels = training.sample_labels(len(samples), spec.get("num_classes"))
+    classifier = info["extractor"] == "classifier"  # a random extractor's classes are no labels
+    sets = metrics_image.Sets(
+        real_f, real_p, fake_f, fake_p, k, cfg.seed, labels.numpy() if labels is not None and classifier else None
+    )
+    result = {**metrics_image.score(sets), "extractor": info["extractor"]}
     train_f, _ = features.embed(extractor, prepared.x_train)
     plots.nearest_neighbours(samples, prepared.x_train, fake_f, train_f, plots_dir / "nearest.png")
-    labels = training.sample_labels(len(samples), spec.get("num_classes"))
-    if labels is not None and info["extractor"] == "classifier":
-        result["label_accuracy"] = metrics_image.label_accuracy(fake_p, labels.numpy())
     return result
 
 

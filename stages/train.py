@@ -12,6 +12,7 @@ from pipeline import (
     data,
     datasets,
     distributed,
+    environment,
     identity,
     live_eval,
     monitor,
@@ -23,7 +24,7 @@ from pipeline import (
     training,
 )
 from pipeline.config import flatten
-from pipeline.models import build_generator
+from pipeline.networks import build_generator
 from stages import common
 
 
@@ -149,6 +150,8 @@ def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resu
         **({"loss_cycle": final.get("loss/cycle"), "loss_identity": final.get("loss/identity")} if cycle else {}),
         "D_real": final.get("D/real"),
         "D_fake": final.get("D/fake"),
+        # GAN training amplifies float rounding: equal numbers are promised on the same CPU kind only
+        "machine": environment.machine_kind(),
     }
     outputs.write_json(args.metrics, summary)
     diagnosis = diagnostics(cfg, state)

@@ -28,6 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline import metrics2d
+
 Fetch = Callable[[str], bytes]
 Loader = Callable[..., "tuple[np.ndarray, np.ndarray | None]"]
 
@@ -72,8 +74,6 @@ def get(name: str) -> Dataset:
 def point_scores(name: str, fake: np.ndarray, real: np.ndarray) -> dict[str, float]:
     """Generated points scored against real ones: exact W1 (pipeline.metrics2d), plus the dataset's
     known-answer metrics when it has them. The in-training and the final evaluation both call this."""
-    from pipeline import metrics2d
-
     out = {"w1": metrics2d.w1(fake, real)}
     ds = DATASETS.get(name)
     if ds is not None and ds.metrics is not None:

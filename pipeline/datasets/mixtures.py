@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.datasets import Dataset, register
+from pipeline.metrics2d import mode_metrics
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,7 @@ def _mixture_dataset(name: str) -> Dataset:
         return x, None  # mode ids are not class labels: an unconditional 2D GAN does not see them
 
     def metrics(fake: np.ndarray) -> dict[str, float]:
-        from pipeline.metrics2d import mode_metrics
-
-        return mode_metrics(fake, name)
+        return mode_metrics(fake, mixture(name))
 
     return Dataset(
         name,

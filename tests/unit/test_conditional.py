@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data, export, models, training
+from pipeline import data, export, layers, models, training
 from pipeline.config import ConfigError, build_config
 
 CFG = {
@@ -26,7 +26,7 @@ def test_changing_the_label_changes_the_generated_image(digits):
     cfg, p = digits
     gan = training.build_gan(cfg, list(p.x_train.shape[1:]), num_classes=10)
     G = gan.G.eval()
-    cbn = [m for m in G.modules() if isinstance(m, models._ConditionalBatchNorm)]
+    cbn = [m for m in G.modules() if isinstance(m, layers.ConditionalBatchNorm)]
     plain = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine]
     assert cbn and not plain  # every batch norm of the generator takes the label
     for m in cbn:  # per-class gains and biases start at 1 and 0 (label-blind); give them values
@@ -88,6 +88,6 @@ def test_generators_saved_before_conditional_batch_norm_still_load(digits):
     assert spec["conditioning"] == "batchnorm"
     old = {k: v for k, v in spec.items() if k != "conditioning"}
     G = models.build_generator(old).eval()
-    assert G.cond.embed is not None and not any(isinstance(m, models._ConditionalBatchNorm) for m in G.modules())
+    assert G.cond.embed is not None and not any(isinstance(m, layers.ConditionalBatchNorm) for m in G.modules())
     with torch.no_grad():
         assert G(torch.randn(3, 8), torch.tensor([0, 1, 2])).shape == (3, *p.x_train.shape[1:])

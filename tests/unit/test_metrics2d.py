@@ -17,7 +17,7 @@ from pipeline.metrics2d import mode_metrics, reverse_kl, w1
 @pytest.mark.parametrize("seed", [0, 1])
 def test_true_mixture_scores_the_ceiling(name, n_modes, seed):
     x, _ = sample_mixture(name, 2500, np.random.default_rng(seed))
-    m = mode_metrics(x, name)
+    m = mode_metrics(x, mixture(name))
     assert m["modes"] == n_modes
     assert 0.975 <= m["hq_fraction"] <= 1.0  # theory: 1 - exp(-4.5) = 0.9889
     assert 0.0 <= m["reverse_kl"] < 0.05
@@ -25,7 +25,7 @@ def test_true_mixture_scores_the_ceiling(name, n_modes, seed):
 
 def test_hq_fraction_matches_theory_on_many_samples():
     x, _ = sample_mixture("grid", 20_000, np.random.default_rng(7))
-    hq = mode_metrics(x, "grid")["hq_fraction"]
+    hq = mode_metrics(x, mixture("grid"))["hq_fraction"]
     # binomial sd at p=0.9889, n=20000 is 0.00074
     assert abs(hq - (1 - math.exp(-4.5))) < 0.004
 
@@ -34,7 +34,7 @@ def test_hq_fraction_matches_theory_on_many_samples():
 def test_all_on_one_grid_mode(mode):
     m = mixture("grid")
     x = m.centers[mode] + 0.5 * m.std * np.random.default_rng(0).standard_normal((2500, 2))
-    out = mode_metrics(x, "grid")
+    out = mode_metrics(x, mixture("grid"))
     assert out["modes"] == 1
     assert out["hq_fraction"] > 0.9
     assert abs(out["reverse_kl"] - math.log(25)) < 1e-9
@@ -43,7 +43,7 @@ def test_all_on_one_grid_mode(mode):
 def test_two_modes_half_each():
     m = mixture("ring")
     x = np.concatenate([np.repeat(m.centers[:1], 100, 0), np.repeat(m.centers[3:4], 100, 0)])
-    out = mode_metrics(x, "ring")
+    out = mode_metrics(x, mixture("ring"))
     assert out["modes"] == 2 and out["hq_fraction"] == 1.0
     assert abs(out["reverse_kl"] - math.log(4)) < 1e-9  # KL((1/2, 1/2, 0...) || U(8)) = log(8/2)
 
@@ -53,7 +53,7 @@ def test_far_from_every_mode(name):
     # between modes (grid) or at the centre / far outside (ring): never within 3 std
     pts = {"grid": [[1.0, 1.0], [-3.0, 3.0], [10.0, 10.0]], "ring": [[0.0, 0.0], [5.0, 5.0], [0.5, 0.0]]}[name]
     x = np.repeat(np.array(pts), 50, 0)
-    out = mode_metrics(x, name)
+    out = mode_metrics(x, mixture(name))
     assert out["hq_fraction"] == 0.0
     assert out["modes"] == 0
     assert abs(out["reverse_kl"] - math.log(len(mixture(name).centers))) < 1e-9
@@ -63,8 +63,8 @@ def test_hq_threshold_is_three_std():
     m = mixture("grid")
     inside = m.centers[6] + np.array([[2.9 * m.std, 0.0]])
     outside = m.centers[6] + np.array([[0.0, 3.1 * m.std]])
-    assert mode_metrics(inside, "grid")["hq_fraction"] == 1.0
-    assert mode_metrics(outside, "grid")["hq_fraction"] == 0.0
+    assert mode_metrics(inside, mixture("grid"))["hq_fraction"] == 1.0
+    assert mode_metrics(outside, mixture("grid"))["hq_fraction"] == 0.0
 
 
 def test_reverse_kl_uniform_is_zero():

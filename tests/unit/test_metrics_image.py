@@ -255,3 +255,36 @@ def test_bad_inputs_raise_clear_errors():
         M.fid(np.zeros(10), np.zeros(10))
     with pytest.raises(ValueError, match="NaN"):
         M.kid(np.full((10, 2), np.nan), gauss(10, 2, 0))
+
+
+def test_one_evaluator_selects_by_the_registry_and_a_new_metric_is_one_entry():
+    real, pr, fake, pf = _sets()
+    labels = pf.argmax(1)  # samples drawn for the labels the classifier gives them
+    sets = M.Sets(real, pr, fake, pf, 10, seed=0, labels=labels)
+    full, live = M.score(sets), M.score(sets, live=True)
+    assert tuple(full) == M.metric_names(live=False, conditional=True)
+    assert tuple(live) == M.metric_names(live=True, conditional=True)
+    assert full["label_accuracy"] == 1.0 and "kid" in full and "kid" not in live and "density" not in live
+    assert set(M.score(sets, live=True, classifier=False)) == {"fid"}  # a random extractor's classes mean nothing
+    unlabelled = M.Sets(real, pr, fake, pf, 10)
+    assert "label_accuracy" not in M.score(unlabelled) and M.score(unlabelled) == M.image_metrics(
+        real, pr, fake, pf, 10
+    )
+
+    M.register_metric(
+        "mean_gap",
+        M.ImageMetric(
+            ("mean_gap",),
+            lambda s, live: {"mean_gap": float(np.abs(s.real_feats.mean(0) - s.fake_feats.mean(0)).sum())},
+            ("mean_gap",),
+        ),
+    )
+    try:
+        assert (
+            M.score(unlabelled, live=True)["mean_gap"] > 0 and M.score(M.Sets(real, pr, real, pr, 10))["mean_gap"] == 0
+        )
+        assert "mean_gap" in M.metric_names(live=True, conditional=False)
+        with pytest.raises(ValueError, match="registered twice"):
+            M.register_metric("mean_gap", M.IMAGE_METRICS["mean_gap"])
+    finally:
+        del M.IMAGE_METRICS["mean_gap"]
