@@ -5,7 +5,8 @@
 Copies the repository's code, params.yaml and dvc.yaml into a fresh git + DVC repository (no
 stores, nothing to hand back), applies the preset with `ganpipe preset`, and for each seed runs
 `dvc exp run -S seed=N` (prepare, features, train, evaluate, export), then prints each seed's
-metrics/eval.json, their mean and the training time from the run record.
+metrics/eval.json and the stability monitor's verdict, their mean and the training time from the run
+record.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def main() -> None:
         m = json.loads((proj / "metrics/eval.json").read_text())
         run = json.loads((proj / "models/run.json").read_text())
         assert not run["handed_back"] and not run["resumed"], run
-        rows.append({**m, "trained_s": run["trained_s"], "pipeline_s": time.perf_counter() - t0})
+        verdict = json.loads((proj / "metrics/diagnostics.json").read_text())["verdict"]
+        rows.append({**m, "verdict": verdict, "trained_s": run["trained_s"], "pipeline_s": time.perf_counter() - t0})
         shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items())
         print(f"seed {seed}: {shown}", flush=True)
     keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]

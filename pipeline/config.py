@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.datasets import DATASETS as DATASET_REGISTRY
+from pipeline.draws import Phase
 from pipeline.losses import LOSSES as LOSS_REGISTRY
 from pipeline.models import ARCHS, NORMS
 
@@ -124,7 +125,7 @@ class TrainConfig(_Section):
     lr_decay: float = Field(
         0.0, ge=0.0, lt=1.0, description="both learning rates fall linearly by this fraction by the last step"
     )
-    n_critic: int = Field(1, ge=1)
+    n_critic: int = Field(1, ge=1, le=Phase.MAX_CRITIC_STEPS)  # each critic step has its own random streams
     update: Literal["alternating", "simultaneous"] = "alternating"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False

@@ -20,9 +20,36 @@ import torch
 _KINDS = ("rand", "randn", "randint")
 
 
+PHASES = 64  # random streams per step: phase in [0, 64)
+PER_CRITIC_STEP = 8  # the k-th critic step draws from phases 8k + (the offsets below)
+
+
+class Phase:
+    """The named random streams of a training step (the `phase` of `step_generator`).
+
+    Critic step k of a GAN: `critic(k, REALS)` the real batch (and its labels), `LATENTS` the z of its
+    fakes, `INTERPOLATION` the mixing weights of WGAN-GP's penalty, `AUGMENT_REAL` / `AUGMENT_FAKE`
+    the augmentation of each. Critic step k of a CycleGAN: `REALS` / `REALS_B` the two domains'
+    batches, `POOL_X` / `POOL_Y` the history pools' draws, `PENALTY_X` (+1 for D_Y) the penalties'.
+    The generator step: `G_LABELS`, `G_AUGMENT`, `G_LATENTS`, above every critic step's phases.
+    """
+
+    REALS, LATENTS, INTERPOLATION, AUGMENT_REAL, AUGMENT_FAKE = 0, 1, 2, 3, 4
+    REALS_B, POOL_X, POOL_Y, PENALTY_X = 1, 2, 3, 4  # CycleGAN (PENALTY_X + 1: D_Y's)
+    G_LABELS, G_AUGMENT, G_LATENTS = 61, 62, 63
+    MAX_CRITIC_STEPS = G_LABELS // PER_CRITIC_STEP  # 7: 8 * 7 + 5 = 61 would reach the generator's
+
+    @staticmethod
+    def critic(k: int, offset: int) -> int:
+        return PER_CRITIC_STEP * k + offset
+
+
 def step_generator(seed: int, step: int, phase: int) -> torch.Generator:
-    # a bijective mix of (seed, step, phase) so that streams never coincide
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + phase)
+    # a bijective mix of (seed, step, phase) while phase < PHASES and step < 1,000,003, so that
+    # streams never coincide (train.n_critic is capped so that phases stay below the generator's)
+    if not 0 <= phase < PHASES:
+        raise ValueError(f"phase {phase} outside [0, {PHASES}): it would reuse another step's draws")
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * PHASES + phase)
 
 
 def _draw(g: torch.Generator, kind: str, args: tuple) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from pipeline import cyclegan
 from pipeline.augment import ada_adjust, augment, diffaugment, overfit_signal
 from pipeline.config import Config
-from pipeline.draws import StepDraws, step_generator
+from pipeline.draws import Phase, StepDraws, step_generator
 from pipeline.losses import LOSSES, Terms, terms
 from pipeline.models import ARCHS, generator_spec
 from pipeline.monitor import Monitor, Thresholds
@@ -344,19 +344,18 @@ def loss_terms(cfg: Config) -> Terms:
 def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The critic's total loss (with penalties) for the k-th critic step of `step`, and its stats."""
     loss = loss_terms(cfg)
-    base = 8 * k  # phases of the k-th critic step: 8k+0 reals, 8k+1 latents, 8k+2 interpolation
-    real = batches.reals(step, base)
+    real = batches.reals(step, Phase.critic(k, Phase.REALS))
     # conditional: fakes are drawn for the reals' labels, so the penalties see one label per pair
-    y = batches.real_labels(step, base) if batches.num_classes else None
+    y = batches.real_labels(step, Phase.critic(k, Phase.REALS)) if batches.num_classes else None
     with autocast(cfg, real.device):
         with torch.no_grad():
-            fake = gan.G(batches.latents(step, base + 1), *_y(y))
+            fake = gan.G(batches.latents(step, Phase.critic(k, Phase.LATENTS)), *_y(y))
         probe = probing(step, cfg)
         # one sample has no spread: a batch of 1 per worker would read as a collapse
         spread = batch_spread(fake, real) if probe and real.shape[0] > 1 else None
         # augmentation (train.augment): reals and fakes alike, ADA with the same p
-        real = _augment(gan, cfg, batches, real, step, base + 3)
-        fake = _augment(gan, cfg, batches, fake, step, base + 4)
+        real = _augment(gan, cfg, batches, real, step, Phase.critic(k, Phase.AUGMENT_REAL))
+        fake = _augment(gan, cfg, batches, fake, step, Phase.critic(k, Phase.AUGMENT_FAKE))
         d_real, d_fake = gan.D(real, *_y(y)).float(), gan.D(fake, *_y(y)).float()
     total = loss.d(d_real, d_fake)
     stats = {"loss/D": total.detach()}
@@ -366,7 +365,8 @@ def d_loss(gan: GAN, cfg: Config, batches: Batches, step: int, k: int) -> tuple[
         stats["fake/spread"] = spread
     if cfg.train.ada.enabled:
         stats["ada/r_t"] = overfit_signal(d_real)
-    total, penalties = loss.regularise(total, [(gan.D, real, fake, y)], lambda _: batches.uniform(step, base + 2))
+    mix = Phase.critic(k, Phase.INTERPOLATION)
+    total, penalties = loss.regularise(total, [(gan.D, real, fake, y)], lambda _: batches.uniform(step, mix))
     stats.update(penalties)
     stats["D/real"], stats["D/fake"] = loss.report(d_real.detach()), loss.report(d_fake.detach())
     return total, stats
@@ -397,13 +397,13 @@ def g_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Probe | None]:
     """G's loss, its stats and, on probing steps, the probe: the fakes and their scores, whose
     gradients (`probe_stats`) say whether G still learns."""
-    z, y = batches.latents(step, 63), batches.random_labels(step, 61)
+    z, y = batches.latents(step, Phase.G_LATENTS), batches.random_labels(step, Phase.G_LABELS)
     probe = probing(step, cfg)
     with autocast(cfg, z.device):
         fake = gan.G(z, *_y(y))
         if probe:
             fake.retain_grad()
-        scores = gan.D(_augment(gan, cfg, batches, fake, step, 62), *_y(y)).float()
+        scores = gan.D(_augment(gan, cfg, batches, fake, step, Phase.G_AUGMENT), *_y(y)).float()
         if probe:
             scores.retain_grad()
     loss = loss_terms(cfg).g(scores)
@@ -565,18 +565,20 @@ def cycle_d_loss(
     gan: GAN, cfg: Config, batches: Batches, step: int, k: int, reals: tuple, fakes: tuple
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """D_X and D_Y's summed loss on reals vs fakes from the history pools (with penalties)."""
-    loss, D, base = loss_terms(cfg), gan.D, 8 * k
+    loss, D = loss_terms(cfg), gan.D
     shard = (batches.shard.rank, batches.shard.world)
     real_x, real_y = reals
-    fake_x = gan.pools["x"].query(fakes[0], step_generator(cfg.seed, step, base + 2), shard)
-    fake_y = gan.pools["y"].query(fakes[1], step_generator(cfg.seed, step, base + 3), shard)
+    fake_x = gan.pools["x"].query(fakes[0], step_generator(cfg.seed, step, Phase.critic(k, Phase.POOL_X)), shard)
+    fake_y = gan.pools["y"].query(fakes[1], step_generator(cfg.seed, step, Phase.critic(k, Phase.POOL_Y)), shard)
     pairs = ((D.x, real_x, fake_x), (D.y, real_y, fake_y))
     with autocast(cfg, real_x.device):
         scores = [(d(r).float(), d(f).float()) for d, r, f in pairs]
     total = sum(loss.d(sr, sf) for sr, sf in scores)
     stats = {"loss/D": total.detach()}
     total, penalties = loss.regularise(
-        total, [(d, r, f, None) for d, r, f in pairs], lambda i: batches.uniform(step, base + 4 + i)
+        total,
+        [(d, r, f, None) for d, r, f in pairs],
+        lambda i: batches.uniform(step, Phase.critic(k, Phase.PENALTY_X) + i),
     )
     stats.update(penalties)
     stats["D/real"] = sum(loss.report(sr.detach()) for sr, _ in scores) / 2
@@ -587,14 +589,17 @@ def cycle_d_loss(
 def cycle_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -> dict[str, torch.Tensor]:
     """One CycleGAN step: both generators on one batch of each domain, then `n_critic` steps of both
     discriminators (the first on the generators' fakes; later ones on fresh batches)."""
-    reals = (batches.reals(step, 0), batches.reals_b(step, 1))
+    reals = (batches.reals(step, Phase.critic(0, Phase.REALS)), batches.reals_b(step, Phase.critic(0, Phase.REALS_B)))
     total, stats, fakes = cycle_g_loss(gan, cfg, *reals)
     stats.update(_norm_stat("grad/G", _backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g, probing(step, cfg))))
     if gan.G_ema is not None:
         _update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
     for k in range(cfg.train.n_critic):
         if k > 0:
-            reals = (batches.reals(step, 8 * k), batches.reals_b(step, 8 * k + 1))
+            reals = (
+                batches.reals(step, Phase.critic(k, Phase.REALS)),
+                batches.reals_b(step, Phase.critic(k, Phase.REALS_B)),
+            )
             with torch.no_grad(), autocast(cfg, reals[0].device):
                 fakes = (gan.G.yx(reals[1]), gan.G.xy(reals[0]))
         d_total, d_stats = cycle_d_loss(gan, cfg, batches, step, k, reals, tuple(f.detach() for f in fakes))
