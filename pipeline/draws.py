@@ -20,7 +20,8 @@ import torch
 _KINDS = ("rand", "randn", "randint")
 
 
-PHASES = 64  # random streams per step: phase in [0, 64)
+PHASES = 64  # the first key space of a step: phase in [0, 64)
+EXTRA_PHASES = 8 * 1024  # critic steps past the first space (train.n_critic > 7) continue in a second
 PER_CRITIC_STEP = 8  # the k-th critic step draws from phases 8k + (the offsets below)
 
 
@@ -31,25 +32,33 @@ class Phase:
     fakes, `INTERPOLATION` the mixing weights of WGAN-GP's penalty, `AUGMENT_REAL` / `AUGMENT_FAKE`
     the augmentation of each. Critic step k of a CycleGAN: `REALS` / `REALS_B` the two domains'
     batches, `POOL_X` / `POOL_Y` the history pools' draws, `PENALTY_X` (+1 for D_Y) the penalties'.
-    The generator step: `G_LABELS`, `G_AUGMENT`, `G_LATENTS`, above every critic step's phases.
+    The generator step: `G_LABELS`, `G_AUGMENT`, `G_LATENTS`. Critic phases that would reach the
+    generator's (8k + offset >= 61) move to the second key space (phase >= PHASES).
     """
 
     REALS, LATENTS, INTERPOLATION, AUGMENT_REAL, AUGMENT_FAKE = 0, 1, 2, 3, 4
     REALS_B, POOL_X, POOL_Y, PENALTY_X = 1, 2, 3, 4  # CycleGAN (PENALTY_X + 1: D_Y's)
     G_LABELS, G_AUGMENT, G_LATENTS = 61, 62, 63
-    MAX_CRITIC_STEPS = G_LABELS // PER_CRITIC_STEP  # 7: 8 * 7 + 5 = 61 would reach the generator's
+    MAX_CRITIC_STEPS = 1024
 
     @staticmethod
     def critic(k: int, offset: int) -> int:
-        return PER_CRITIC_STEP * k + offset
+        p = PER_CRITIC_STEP * k + offset
+        return p if p < Phase.G_LABELS else PHASES + p - Phase.G_LABELS
 
 
 def step_generator(seed: int, step: int, phase: int) -> torch.Generator:
-    # a bijective mix of (seed, step, phase) while phase < PHASES and step < 1,000,003, so that
-    # streams never coincide (train.n_critic is capped so that phases stay below the generator's)
-    if not 0 <= phase < PHASES:
-        raise ValueError(f"phase {phase} outside [0, {PHASES}): it would reuse another step's draws")
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * PHASES + phase)
+    """A generator keyed by (seed, step, phase), distinct for every key (seed >= 0, step < 1,000,003).
+
+    Phases below PHASES: the seed (seed * 1,000,003 + step) * 64 + phase. Phases from PHASES on
+    (critic steps past the seventh): negative seeds, which torch maps to 2**64 - 1 - x, above every
+    seed of the first space. A phase outside both spaces would reuse another step's draws: refused."""
+    base = seed * 1_000_003 + step
+    if 0 <= phase < PHASES:
+        return torch.Generator().manual_seed(base * PHASES + phase)
+    if PHASES <= phase < PHASES + EXTRA_PHASES:
+        return torch.Generator().manual_seed(-1 - (base * EXTRA_PHASES + phase - PHASES))
+    raise ValueError(f"phase {phase} outside [0, {PHASES + EXTRA_PHASES}): it would reuse another step's draws")
 
 
 def _draw(g: torch.Generator, kind: str, args: tuple) -> torch.Tensor:
