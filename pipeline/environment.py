@@ -33,8 +33,8 @@ def machine_kind() -> str:
     import torch
 
     flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as info:
+        for line in info:
             if line.startswith("flags"):
                 flags = {f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma"))}
                 break
