@@ -38,6 +38,10 @@ RECIPES: dict[str, tuple[str | None, dict]] = {
     "ring-no-r1": ("ring", {"loss.r1_gamma": 0.0}),
     "ring-best": ("ring-best", {}),  # R1, betas (0, 0.9), lr_decay 0.9, 20k steps
     "ring-best-10k": ("ring-best", {"train.steps": 10000}),
+    "ring-best-decay99": ("ring-best", {"train.lr_decay": 0.99}),
+    "ring-best-ema9995": ("ring-best", {"train.ema": 0.9995}),
+    "ring-best-b512": ("ring-best", {"train.batch_size": 512}),
+    "ring-best-30k": ("ring-best", {"train.steps": 30000}),
 }
 
 

@@ -482,7 +482,7 @@ def export(args, deadline) -> dict:
     with tempfile.TemporaryDirectory() as d:
         torch.save({"spec": gan.spec, "state_dict": G_dev.state_dict()}, Path(d) / "generator.pt")
         blob = load_tensors(Path(d) / "generator.pt")  # on the CPU, as the export stage loads it
-        from pipeline.networks import build_generator
+        from pipeline.objectives import build_generator
 
         G_cpu = build_generator(blob["spec"])
         G_cpu.load_state_dict(blob["state_dict"])

@@ -8,6 +8,8 @@ Pure torch, no I/O. The pieces the training loop and the evaluate stage use:
   optimizer, one EMA, one gradient all-reduce and one checkpoint entry cover both generators.
 - `CycleDiscriminators`: D_X (`x`) and D_Y (`y`), each the DCGAN discriminator with `model.d_norm`.
 - `ImagePool`: the history of past fakes D is shown (Shrivastava et al. 2017), seeded by the step.
+- `cycle_step`: one training step (both generators, then `n_critic` steps of both discriminators on
+  fakes from the pools); pipeline.objectives hands it to the loop.
 - `cycle_diagnostics`: cycle reconstruction error, and the same error after low-amplitude noise is
   added to the translation: a generator pair that hides its input in an imperceptible signal
   (Chu et al. 2017, "CycleGAN, a master of steganography") reconstructs far worse from noisy
@@ -22,8 +24,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.config import Config, ModelConfig
+from pipeline.draws import Phase, step_generator
 from pipeline.models import DCGANDiscriminator
+from pipeline.steps import (
+    GAN,
+    Batches,
+    GradSync,
+    autocast,
+    backward_apply,
+    ema_decay,
+    loss_terms,
+    norm_stat,
+    probing,
+    update_ema,
+)
 
 NOISE_STD = 0.05  # the diagnostic's Gaussian noise on translations: 2.5% of the [-1, 1] range
 HIDDEN_GAIN = 4.0  # reconstruction error growing more than 4x the noise it was given: information is hidden
@@ -161,6 +176,81 @@ class ImagePool:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.images = None if state["images"] is None else state["images"].clone()
+
+
+# ---- the step: G and F step together, then D_X and D_Y (the reference's order) -------------------
+
+
+def cycle_g_loss(
+    gan: GAN, cfg: Config, real_x: torch.Tensor, real_y: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The generator pair's loss: adversarial (both directions, `loss.name`) + cycle_weight * L1 cycle
+    (|F(G(x)) - x| + |G(F(y)) - y|) + identity_weight * L1 identity (|G(y) - y| + |F(x) - x|).
+    Returns (total, stats, (fake_x = F(y), fake_y = G(x))). With a weight of 0 its term is computed
+    without a graph (logged only: it cannot touch the gradients); identity is skipped when off."""
+    loss, G, D, lw = loss_terms(cfg), gan.G, gan.D, cfg.loss
+    with autocast(cfg, real_x.device):
+        fake_y, fake_x = G.xy(real_x), G.yx(real_y)
+        adv = loss.g(D.y(fake_y).float()) + loss.g(D.x(fake_x).float())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and lw.cycle_weight > 0):
+            cyc = (G.yx(fake_y).float() - real_x).abs().mean() + (G.xy(fake_x).float() - real_y).abs().mean()
+        total = adv + lw.cycle_weight * cyc if lw.cycle_weight > 0 else adv
+        stats = {"loss/G_adv": adv.detach(), "loss/cycle": cyc.detach()}
+        if lw.identity_weight > 0:
+            idt = (G.xy(real_y).float() - real_y).abs().mean() + (G.yx(real_x).float() - real_x).abs().mean()
+            total = total + lw.identity_weight * idt
+            stats["loss/identity"] = idt.detach()
+    stats["loss/G"] = total.detach()
+    return total, stats, (fake_x, fake_y)
+
+
+def cycle_d_loss(
+    gan: GAN, cfg: Config, batches: Batches, step: int, k: int, reals: tuple, fakes: tuple
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """D_X and D_Y's summed loss on reals vs fakes from the history pools (with penalties)."""
+    loss, D = loss_terms(cfg), gan.D
+    shard = (batches.shard.rank, batches.shard.world)
+    real_x, real_y = reals
+    fake_x = gan.pools["x"].query(fakes[0], step_generator(cfg.seed, step, Phase.critic(k, Phase.POOL_X)), shard)
+    fake_y = gan.pools["y"].query(fakes[1], step_generator(cfg.seed, step, Phase.critic(k, Phase.POOL_Y)), shard)
+    pairs = ((D.x, real_x, fake_x), (D.y, real_y, fake_y))
+    with autocast(cfg, real_x.device):
+        scores = [(d(r).float(), d(f).float()) for d, r, f in pairs]
+    total = sum(loss.d(sr, sf) for sr, sf in scores)
+    stats = {"loss/D": total.detach()}
+    total, penalties = loss.regularise(
+        total,
+        [(d, r, f, None) for d, r, f in pairs],
+        lambda i: batches.uniform(step, Phase.critic(k, Phase.PENALTY_X) + i),
+    )
+    stats.update(penalties)
+    stats["D/real"] = sum(loss.report(sr.detach()) for sr, _ in scores) / 2
+    stats["D/fake"] = sum(loss.report(sf.detach()) for _, sf in scores) / 2
+    return total, stats
+
+
+def cycle_step(gan: GAN, cfg: Config, batches: Batches, step: int, sync: GradSync) -> dict[str, torch.Tensor]:
+    """One CycleGAN step: both generators on one batch of each domain, then `n_critic` steps of both
+    discriminators (the first on the generators' fakes; later ones on fresh batches)."""
+    reals = (batches.reals(step, Phase.critic(0, Phase.REALS)), batches.reals_b(step, Phase.critic(0, Phase.REALS_B)))
+    total, stats, fakes = cycle_g_loss(gan, cfg, *reals)
+    stats.update(norm_stat("grad/G", backward_apply(total, gan.opt_g, gan.G, sync, gan.scaler_g, probing(step, cfg))))
+    if gan.G_ema is not None:
+        update_ema(gan.G_ema, gan.G, ema_decay(cfg.train.ema, gan.step))
+    for k in range(cfg.train.n_critic):
+        if k > 0:
+            reals = (
+                batches.reals(step, Phase.critic(k, Phase.REALS)),
+                batches.reals_b(step, Phase.critic(k, Phase.REALS_B)),
+            )
+            with torch.no_grad(), autocast(cfg, reals[0].device):
+                fakes = (gan.G.yx(reals[1]), gan.G.xy(reals[0]))
+        d_total, d_stats = cycle_d_loss(gan, cfg, batches, step, k, reals, tuple(f.detach() for f in fakes))
+        measured = backward_apply(d_total, gan.opt_d, gan.D, sync, gan.scaler_d, probing(step, cfg))
+        d_stats.update(norm_stat("grad/D", measured))
+        loss_terms(cfg).after_d_step(gan.D)
+        stats.update(d_stats)
+    return stats
 
 
 # ---- evaluation ----------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def model_card(spec, manifest, cfg, train_info, record, eval_info, diffs, git, m
 
 
 def _count_parameters(spec: dict) -> int:
-    from pipeline.networks import build_generator
+    from pipeline.objectives import build_generator
 
     return sum(p.numel() for p in build_generator(spec).parameters())
 

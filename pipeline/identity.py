@@ -30,7 +30,8 @@ TRAIN_SOURCES = (
     "pipeline/training.py",
     "pipeline/models.py",
     "pipeline/layers.py",
-    "pipeline/networks.py",
+    "pipeline/objectives.py",
+    "pipeline/steps.py",
     "pipeline/resnet.py",
     "pipeline/losses.py",
     "pipeline/datasets",  # a folder: every module in it (the datasets' known-answer metrics)

@@ -1,6 +1,6 @@
 """Generators and discriminators: an MLP pair for 2D points, a DCGAN pair for 8x8..128x128 images
 and (from pipeline.resnet) residual GANs for 16..256 pixels, gathered in the `ARCHS` registry.
-CycleGAN's pair lives in pipeline.cyclegan; pipeline.networks builds either family.
+CycleGAN's pair lives in pipeline.cyclegan; pipeline.objectives builds either family.
 
 Pure torch: no I/O. A generator is fully described by its `spec` (a small dict saved inside every
 checkpoint), so evaluation and export rebuild it without the training config.

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from pipeline.networks import build_generator
+from pipeline.objectives import build_generator
 
 # default output locations; dvc.yaml passes them explicitly to each stage
 PREPARED = "data/prepared"

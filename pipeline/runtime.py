@@ -21,6 +21,7 @@ import torch
 
 from pipeline import data, training
 from pipeline.config import Config
+from pipeline.objectives import objective
 from pipeline.outputs import load_tensors
 
 STATE_FILE = "state.pt"
@@ -107,16 +108,16 @@ class Worker:
         if device.type == "cuda":  # NCCL's object collectives (the pids, CycleGAN pools) use the current device
             torch.cuda.set_device(device)
         self.numerics = training.configure_numerics(cfg.train.deterministic, device)
-        cycle = cfg.model.family == "cyclegan"
+        labelled = objective(cfg.model.family).labels
         num_classes = shipped.num_classes if cfg.model.conditional else None
         # on the GPU when they fit there (training.place_data), else in host memory
         x, y, x_b, heldout, heldout_y = (
             training.place_data(as_tensor(a), device)
             for a in (
                 shipped.x,
-                None if cycle else shipped.y,  # CycleGAN never sees labels
+                shipped.y if labelled else None,  # CycleGAN never sees labels
                 shipped.x_b,
-                None if cycle else shipped.heldout,
+                shipped.heldout if labelled else None,
                 shipped.heldout_y if num_classes else None,
             )
         )

@@ -33,6 +33,7 @@ import torch
 
 from pipeline import data, datasets, extras, metrics_image, monitor, runtime
 from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
+from pipeline.objectives import objective
 from pipeline.runtime import WorkerData
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -219,7 +220,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         metrics = {"step": g.step, **{k: v for k, v in last.items() if k.startswith("loss/")}}
         # the learning rates the optimizers really use (after a PBT exploit: the mutated ones)
         metrics["opt/lr_g"], metrics["opt/lr_d"] = g.opt_g.param_groups[0]["lr"], g.opt_d.param_groups[0]["lr"]
-        if cfg.model.family == "cyclegan":
+        if objective(cfg.model.family).translates:  # no latents to sample: the translations' cycle error
             x_val = data.unship(job.data.heldout)
             metrics.update(cycle_metrics(G, cfg, x_val, job.x_val_b, cfg.eval.live_samples))
         else:
@@ -353,10 +354,10 @@ def check_tunable(cfg: Config) -> None:
             "tune.scheduler: pbt exploits copy a trial's own checkpoint, which needs single-worker trials "
             f"(train.num_workers: 1), got train.num_workers {cfg.train.num_workers}; use asha or none"
         )
-    if cfg.train.num_workers > 1 and cfg.model.family == "cyclegan":
+    if cfg.train.num_workers > 1 and objective(cfg.model.family).translates:
         raise ConfigError(
-            "train.num_workers: CycleGAN trials run single-worker (their cycle_l1 is scored in the trial), "
-            f"got {cfg.train.num_workers}"
+            f"train.num_workers: {cfg.model.family} trials run single-worker (their cycle_l1 is scored in the "
+            f"trial), got {cfg.train.num_workers}"
         )
     if cfg.tune.metric not in METRICS:
         raise ConfigError(f"tune.metric: must be one the trials report ({', '.join(METRICS)}), got {cfg.tune.metric!r}")
@@ -369,7 +370,7 @@ def reported_metrics(cfg: Config, kind: str | None) -> tuple[str, ...]:
     """What the trials of this config report on data of `kind` (points | images; None: not known
     before prepare, an npz)."""
     losses = ("loss/D", "loss/G")
-    if cfg.model.family == "cyclegan":
+    if objective(cfg.model.family).translates:
         return ("cycle_l1", *losses, "loss/cycle")
     if kind == "points":
         return (*datasets.point_metric_names(cfg.data.name), *losses)
@@ -383,7 +384,7 @@ def check_metric(cfg: Config, kind: str | None) -> None:
     run to the end and find no score)."""
     reported = reported_metrics(cfg, kind)
     if cfg.tune.metric not in reported:
-        what = "CycleGAN" if cfg.model.family == "cyclegan" else f"{cfg.data.name} ({kind})"
+        what = cfg.model.family if objective(cfg.model.family).translates else f"{cfg.data.name} ({kind})"
         raise ConfigError(f"tune.metric: trials on {what} report {', '.join(reported)}; got {cfg.tune.metric!r}")
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 
 from pipeline import datasets, outputs, s3, tracking
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.objectives import objective
 
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter in the terminal
 # a server that goes away makes an MLflow call fail within seconds (backoff 1, 2 s), not after
@@ -93,7 +94,12 @@ def run_label(cfg: Config, key: str, kind: str = "") -> str:
     characters, so two runs of the same setup still differ by name. Runs are found by their tags,
     never by name."""
     what = os.environ.get("DVC_EXP_NAME") or "-".join(
-        [cfg.data.name, *([cfg.data.target] if cfg.model.family == "cyclegan" else []), cfg.loss.name, cfg.model.arch]
+        [
+            cfg.data.name,
+            *([cfg.data.target] if objective(cfg.model.family).domains == 2 else []),
+            cfg.loss.name,
+            cfg.model.arch,
+        ]
     )
     return "-".join([what, *([kind] if kind else []), key[:8]])
 

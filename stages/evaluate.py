@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from pipeline import data, datasets, outputs, plots, protocol, tracking, training
+from pipeline.objectives import of_spec
 from stages import common
 
 
@@ -24,7 +25,7 @@ def evaluate(args) -> None:
     prepared = data.load_prepared(args.data)
     G, spec = outputs.load_generator(f"{args.models}/generator.pt")
     run_id = outputs.read_run_record(args.models)["mlflow_run_id"]
-    if spec.get("family") == "cyclegan":
+    if of_spec(spec).translates:
         result = translation_scores(G, prepared, Path(args.features), Path(args.models), Path(args.plots), cfg)
         return _finish(args, uri, run_id, result)
     n = cfg.eval.n_samples

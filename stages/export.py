@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from pipeline import export, outputs, tracking
+from pipeline.objectives import of_spec
 from stages import common
 
 
@@ -27,7 +28,7 @@ def run_export(args) -> None:
     G, spec = outputs.load_generator(Path(args.models) / "generator.pt")
     uri = common.tracking_uri(cfg)
     run_id = record["mlflow_run_id"]
-    if spec.get("family") == "cyclegan":
+    if of_spec(spec).translates:
         return _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_info, uri, diagnosis)
     with outputs.atomic_dir(args.out) as tmp:
         files, diffs = export.export_all(G, spec["z_dim"], list(cfg.export.formats), tmp, spec.get("num_classes"))

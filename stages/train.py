@@ -24,7 +24,7 @@ from pipeline import (
     training,
 )
 from pipeline.config import flatten
-from pipeline.networks import build_generator
+from pipeline.objectives import Objective, build_generator, objective
 from stages import common
 
 
@@ -46,13 +46,13 @@ def train(args) -> None:
     data.check_fits_model(prepared.manifest, cfg.model.arch)  # an npz holds points or images
     if cfg.model.conditional and prepared.y_train is None:
         raise ValueError("model.conditional: the prepared data has no labels (an npz needs a 'y' array)")
-    cycle = cfg.model.family == "cyclegan"
-    if cycle and prepared.b is None:
-        raise ValueError("model.family: cyclegan needs two domains; rerun prepare with data.target set")
+    obj = objective(cfg.model.family)
+    if obj.domains == 2 and prepared.b is None:
+        raise ValueError(f"model.family: {obj.family} needs two domains; rerun prepare with data.target set")
     # the run identity (result params, data, code): the same identity resumes or hands back its Ray
     # run and MLflow run; any change to one of them starts a new run from step 0
     # images scored during training: the extractor's weights are part of what the run is
-    scored = prepared.is_image and cfg.eval.every and not cycle
+    scored = prepared.is_image and cfg.eval.every and not obj.translates
     extractor = protocol.extractor_hash(Path(args.features) / "extractor.pt") if scored else None
     ident = identity.identity(
         cfg.to_dict(), identity.TRAIN_PARAMS, data_hash, identity.code_fingerprint(identity.TRAIN_SOURCES), extractor
@@ -77,10 +77,10 @@ def train(args) -> None:
         )
         # from here on the MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops
         with tracking.closing_run(uri, run_id), tracking.system_metrics(uri, run_id):
-            _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, cycle)
+            _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, obj)
 
 
-def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, cycle) -> None:
+def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, obj: Objective) -> None:
     if resumed and common.dvc_experiment():  # the experiment that asked for the run this time
         tracking.set_tags(uri, run_id, common.dvc_experiment())
     tracking.log_params(uri, run_id, {**flatten(cfg.public_dict()), "data.content_hash": data_hash})
@@ -88,7 +88,7 @@ def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resu
     print(f"[train] MLflow run {run_id} ({'found' if resumed else 'new'}) at {tracking.redact(uri)}")
 
     # CycleGAN trials and runs are scored by the evaluate stage (translations are not sampled from z)
-    live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.eval.every and not cycle else None
+    live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.eval.every and not obj.translates else None
     # metrics the server never took (it was away at the end of training) land here, on this machine
     spill = common.spill_path(run_id)
     t0 = time.perf_counter()
@@ -99,8 +99,8 @@ def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resu
                 prepared.x_train,
                 y=prepared.y_train,
                 num_classes=prepared.manifest["classes"],
-                x_b=prepared.b.x_train if cycle else None,
-                heldout=None if cycle else prepared.x_val,  # the monitor's held-out reals
+                x_b=prepared.b.x_train if obj.domains == 2 else None,
+                heldout=prepared.x_val if obj.labels else None,  # the monitor's held-out reals
                 heldout_y=prepared.y_val,
             ),
             tracking_uri=uri,
@@ -134,7 +134,7 @@ def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resu
         outputs.write_csv(tmp / "evals.csv", state.get("evals", []))
         outputs.write_json(tmp / outputs.RUN_RECORD, record)
         spec = state["spec"]
-        if cycle:  # x | G(x) | F(G(x)) | y | F(y) | G(F(y)) on validation images
+        if obj.translates:  # x | G(x) | F(G(x)) | y | F(y) | G(F(y)) on validation images
             plots.image_grid(cyclegan.triplets(G, prepared.x_val, prepared.b.x_val), tmp / "samples.png", nrow=6)
         else:
             n = 64 if prepared.is_image else 1000
@@ -147,7 +147,7 @@ def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resu
         "steps": state["step"],
         "loss_D": final.get("loss/D"),
         "loss_G": final.get("loss/G"),
-        **({"loss_cycle": final.get("loss/cycle"), "loss_identity": final.get("loss/identity")} if cycle else {}),
+        **{"loss_" + k.removeprefix("loss/"): final.get(k) for k in obj.losses},
         "D_real": final.get("D/real"),
         "D_fake": final.get("D/fake"),
         # GAN training amplifies float rounding: equal numbers are promised on the same CPU kind only

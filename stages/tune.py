@@ -11,6 +11,7 @@ import yaml
 
 from pipeline import data, distributed, identity, live_eval, outputs, protocol, runtime, tracking, tune
 from pipeline.config import deep_merge, flatten, read_yaml, unflatten
+from pipeline.objectives import objective
 from pipeline.secrets import redact_tree
 from stages import common
 
@@ -39,7 +40,7 @@ def run(args) -> None:
     data_hash = prepared.manifest["content_hash"]
     # the sweep's identity: everything the tune stage depends on (params, data, code)
     # image trials are scored in the features stage's extractor: its weights are part of the sweep
-    scored = prepared.is_image and cfg.model.family != "cyclegan"
+    scored = prepared.is_image and not objective(cfg.model.family).translates
     extractor = protocol.extractor_hash(Path(args.features) / "extractor.pt") if scored else None
     ident = identity.identity(
         cfg.to_dict(), identity.TUNE_PARAMS, data_hash, identity.code_fingerprint(identity.TUNE_SOURCES), extractor
@@ -67,7 +68,8 @@ def _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path,
             f"{' (resumed)' if resumed else ''}"
         )
 
-        live = live_eval.from_prepared(cfg, prepared, args.features) if cfg.model.family != "cyclegan" else None
+        translates = objective(cfg.model.family).translates
+        live = None if translates else live_eval.from_prepared(cfg, prepared, args.features)
         b = prepared.b
         job = tune.SweepJob(
             base_raw=cfg.to_dict(),  # the resolved params (storage root anchored at the repository root)

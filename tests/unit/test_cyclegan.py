@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cyclegan, data, training
+from pipeline import cyclegan, data, draws, training
 from pipeline.config import ConfigError, build_config
 from pipeline.export import PARITY_TOL, export_translators
 from pipeline.losses import LOSSES
@@ -50,7 +50,7 @@ def test_both_directions_map_images_to_images_and_all_losses_are_finite():
         assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
     assert gan.D.x(x).shape == (4,) and gan.D.y(y).shape == (4,)
     assert not torch.equal(gan.G.xy(x), gan.G.yx(x)), "G and F are two networks"
-    total, stats, (fake_x, fake_y) = training.cycle_g_loss(gan, c, x, y)
+    total, stats, (fake_x, fake_y) = cyclegan.cycle_g_loss(gan, c, x, y)
     assert fake_x.shape == fake_y.shape == x.shape
     assert {"loss/G", "loss/G_adv", "loss/cycle", "loss/identity"} <= set(stats)
     expected = stats["loss/G_adv"] + 10.0 * stats["loss/cycle"] + 1.0 * stats["loss/identity"]
@@ -59,7 +59,7 @@ def test_both_directions_map_images_to_images_and_all_losses_are_finite():
     with torch.no_grad():
         cyc = (gan.G.yx(gan.G.xy(x)) - x).abs().mean() + (gan.G.xy(gan.G.yx(y)) - y).abs().mean()
     assert torch.isclose(stats["loss/cycle"], cyc)
-    d_total, d_stats = training.cycle_d_loss(gan, c, batches(c), 0, 0, (x, y), (fake_x.detach(), fake_y.detach()))
+    d_total, d_stats = cyclegan.cycle_d_loss(gan, c, batches(c), 0, 0, (x, y), (fake_x.detach(), fake_y.detach()))
     assert torch.isfinite(d_total) and 0 < float(d_stats["D/real"]) < 1
 
 
@@ -80,7 +80,7 @@ def _g_grads(gan, c, x, y, only_adversarial: bool) -> list[torch.Tensor]:
         loss = LOSSES[c.loss.name]
         total = loss.g(gan.D.y(gan.G.xy(x))) + loss.g(gan.D.x(gan.G.yx(y)))
     else:
-        total, _, _ = training.cycle_g_loss(gan, c, x, y)
+        total, _, _ = cyclegan.cycle_g_loss(gan, c, x, y)
     total.backward()
     return [p.grad.clone() for p in gan.G.parameters()]
 
@@ -92,7 +92,7 @@ def test_cycle_weight_zero_leaves_the_cycle_loss_out_of_the_gradients():
     adversarial = _g_grads(gan, c0, x, y, only_adversarial=True)
     with_zero = _g_grads(gan, c0, x, y, only_adversarial=False)
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(adversarial, with_zero))
-    _, stats, _ = training.cycle_g_loss(gan, c0, x, y)
+    _, stats, _ = cyclegan.cycle_g_loss(gan, c0, x, y)
     assert float(stats["loss/cycle"]) > 0  # still measured and logged
     c10 = cfg(loss={"cycle_weight": 10.0, "identity_weight": 0.0})
     with_cycle = _g_grads(gan, c10, x, y, only_adversarial=False)
@@ -107,7 +107,7 @@ def _run_pool(size: int, seed: int, queries: int, n: int = 10):
     pool, out, serial = cyclegan.ImagePool(size), [], 0
     for q in range(queries):
         given = torch.arange(serial, serial + n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, *SHAPE).clone()
-        got = pool.query(given, training.step_generator(seed, q, 2))
+        got = pool.query(given, draws.step_generator(seed, q, 2))
         out.append((got[:, 0, 0, 0].long(), given[:, 0, 0, 0].long()))
         serial += n
     return pool, out
@@ -137,7 +137,7 @@ def test_pool_is_deterministic_off_and_its_state_resumes_exactly():
     pool, _ = _run_pool(5, seed=3, queries=10)
     copy_ = cyclegan.ImagePool(5)
     copy_.load_state_dict(pool.state_dict())
-    g1, g2 = training.step_generator(3, 10, 2), training.step_generator(3, 10, 2)
+    g1, g2 = draws.step_generator(3, 10, 2), draws.step_generator(3, 10, 2)
     assert torch.equal(pool.query(x, g1), copy_.query(x, g2)) and torch.equal(pool.images, copy_.images)
 
 
