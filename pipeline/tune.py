@@ -449,7 +449,7 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 storage_path=storage_path,
                 storage_filesystem=fs,
                 verbose=0,
-                callbacks=callbacks,
+                callbacks=[progress_callback(cfg), *(callbacks or [])],
                 stop=diagnosis_stopper(),
                 # PBT copies a donor's checkpoint a tick later: keep a few, not just the newest
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
@@ -489,6 +489,90 @@ def diagnosis_stopper():
             return False
 
     return DiagnosisStopper()
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: 42 s, 4.3 min, 1.2 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress_counts(statuses: list[str], total: int) -> dict[str, int]:
+    """done / running / pending / failed over a sweep of `total` trials from Tune's trial statuses
+    (TERMINATED, RUNNING, PAUSED, PENDING, ERROR); trials the search has not created yet are pending."""
+    done, failed = statuses.count("TERMINATED"), statuses.count("ERROR")
+    running = statuses.count("RUNNING") + statuses.count("PAUSED")  # PAUSED: a PBT trial between exploits
+    return {"done": done, "running": running, "pending": max(total - done - failed - running, 0), "failed": failed}
+
+
+def progress_line(
+    index: int, total: int, trial: str, status: str, metric: str, value: Any, seconds: float | None,
+    counts: dict[str, int], elapsed: float,
+) -> str:  # fmt: skip
+    """One line for a trial that ended: which, how, its metric, its time; then the sweep's counts and
+    an ETA from the pace so far (elapsed time over trials ended, times trials left)."""
+    shown = f"{metric}={value:.4g}" if isinstance(value, (int, float)) and math.isfinite(value) else f"{metric}=-"
+    took = f", {duration(seconds)}" if seconds is not None else ""
+    ended = counts["done"] + counts["failed"]
+    left = counts["running"] + counts["pending"]
+    eta = f"ETA {duration(elapsed / ended * left)}" if ended and left else "ETA -" if left else "all ended"
+    return (
+        f"[tune] trial {index}/{total} {trial} {status}: {shown}{took} | {counts['done']} done, {counts['running']} "
+        f"running, {counts['pending']} pending, {counts['failed']} failed | {eta}"
+    )
+
+
+def progress_callback(cfg: Config):
+    """A Tune callback that prints one line per trial that finishes, is stopped or fails (the sweep runs
+    with Tune's own output off), with the running counts and an ETA. Tune pickles its callbacks with the
+    experiment's state, so a resumed sweep goes on printing."""
+    import time
+
+    from ray.tune import Callback
+
+    metric, steps, total = cfg.tune.metric, cfg.train.steps, cfg.tune.num_samples
+
+    class Progress(Callback):
+        def setup(self, total_num_samples: int | None = None, **info) -> None:
+            # Tune's count: num_samples times the grid's combinations
+            self.t0, self.started, self.total = time.monotonic(), {}, total_num_samples or total
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self.started.setdefault(trial.trial_id, time.monotonic())
+
+        def _ended(self, trials, trial, status: str) -> None:
+            order, n = sorted(t.trial_id for t in trials), max(getattr(self, "total", total), len(trials))
+            # the trial that ends may not carry its final status yet
+            final = "ERROR" if status == "failed" else "TERMINATED"
+            counts = progress_counts([final if t is trial else t.status for t in trials], n)
+            last = trial.last_result or {}
+            since = self.started.get(trial.trial_id)
+            line = progress_line(
+                order.index(trial.trial_id) + 1,
+                n,
+                trial.trial_id,
+                status,
+                metric,
+                last.get(metric),
+                None if since is None else time.monotonic() - since,
+                counts,
+                time.monotonic() - self.t0,
+            )
+            print(line, flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            reached = (trial.last_result or {}).get("step") or 0
+            severe = (trial.last_result or {}).get("severe")
+            status = "finished" if reached >= steps else f"stopped early ({severe})" if severe else "stopped early"
+            self._ended(trials, trial, status)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._ended(trials, trial, "failed")
+
+    return Progress()
 
 
 def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:

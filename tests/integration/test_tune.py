@@ -50,6 +50,13 @@ def test_asha_sweep_writes_outputs_tracks_nested_runs_and_resumes(project: Path)
     winner = min((r for r in rows if r["status"] == "finished"), key=lambda r: float(r["w1"]))
     assert best["train"]["lr_g"] == pytest.approx(float(winner["train.lr_g"]))
     assert (project / "tune/results.png").stat().st_size > 0
+    # one progress line per trial as it ends, with the running counts; the last says all ended
+    progress = [line for line in first.stdout.splitlines() if line.startswith("[tune] trial ")]
+    assert len(progress) == 4, first.stdout
+    assert {line.split()[2].split("/")[1] for line in progress} == {"4"}
+    ids = {r["trial_id"] for r in rows}
+    assert {line.split()[3] for line in progress} == ids
+    assert "4 done, 0 running, 0 pending, 0 failed | all ended" in progress[-1], progress
 
     client, parents, children = mlflow_children(project)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -83,8 +90,11 @@ def test_asha_sweep_writes_outputs_tracks_nested_runs_and_resumes(project: Path)
 def test_a_nan_trial_is_recorded_as_failed_and_the_sweep_goes_on(project: Path):
     sh(project, sys.executable, "stages/prepare.py")
     space = {"train.lr_d": {"grid": [0.001, 1.0e30]}}
-    sweep(project, {"num_samples": 1, "scheduler": "none", "search_space": space})
+    out = sweep(project, {"num_samples": 1, "scheduler": "none", "search_space": space}).stdout
     rows = {float(r["train.lr_d"]): r for r in trials(project)}
+    progress = [line for line in out.splitlines() if line.startswith("[tune] trial ")]
+    assert len(progress) == 2 and all(" trial " in p and "/2 " in p for p in progress), out
+    assert sum(" failed: " in p for p in progress) == 1 and sum(" finished: " in p for p in progress) == 1, progress
     assert rows[0.001]["status"] == "finished"
     assert rows[1.0e30]["status"] == "failed" and "NonFiniteLoss" in rows[1.0e30]["error"]
     _, _, children = mlflow_children(project)
