@@ -114,6 +114,52 @@ def _check_values(key: str, values: list, base_raw: dict[str, Any]) -> str | Non
     return None
 
 
+MAX_COMBINATIONS = 4096  # finite spaces up to this many combinations are checked whole before a sweep
+
+
+def invalid_combinations(parsed: dict[str, tuple[str, list]], base_raw: dict[str, Any]) -> list[tuple[dict, str]]:
+    """The combinations of the space's `choice` and `grid` keys that give an invalid config, each with
+    the config's first error line (each value alone was checked by `parse_space`; a method search, such
+    as loss x d_norm, can still combine two valid values into an invalid run). Raises ConfigError when
+    no combination is valid; skipped (returns []) when there are more than MAX_COMBINATIONS."""
+    import itertools
+
+    finite = {k: args for k, (dist, args) in parsed.items() if dist in ("choice", "grid")}
+    if len(finite) < 2 or math.prod(len(v) for v in finite.values()) > MAX_COMBINATIONS:
+        return []
+    bad = []
+    combos = [dict(zip(finite, values)) for values in itertools.product(*finite.values())]
+    for combo in combos:
+        try:
+            build_config(deep_merge(base_raw, unflatten(combo)))
+        except ConfigError as e:
+            bad.append((combo, str(e).splitlines()[0]))
+    if len(bad) == len(combos):
+        raise ConfigError(
+            f"tune.search_space: no combination of {', '.join(finite)} gives a valid config; e.g. "
+            f"{_combo(bad[0][0])}: {bad[0][1]}"
+        )
+    return bad
+
+
+def _combo(combo: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in combo.items())
+
+
+def invalid_note(bad: list[tuple[dict, str]], parsed: dict[str, tuple[str, list]]) -> str:
+    """The line the tune stage prints before a sweep whose space holds invalid combinations."""
+    combo, why = bad[0]
+    total = math.prod(len(parsed[k][1]) for k in combo)
+    return (
+        f"{len(bad)} of {total} combinations of the search space give an invalid config (e.g. {_combo(combo)}: "
+        f"{why}); their trials are recorded as invalid and train nothing"
+    )
+
+
+class InvalidTrial(ConfigError):
+    """A trial's sampled values combine into an invalid config: recorded as `invalid`, never trained."""
+
+
 def plain(value: Any) -> Any:
     """A sampled value as the Python type params hold (Ray and Optuna may hand numpy scalars, which
     the strict params schema refuses)."""
@@ -184,7 +230,10 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     from pipeline import tracking, training
 
     overrides = {k: plain(config[k]) for k in job.keys}
-    cfg = build_config(deep_merge(job.base_raw, unflatten(overrides)))
+    try:
+        cfg = build_config(deep_merge(job.base_raw, unflatten(overrides)))
+    except ConfigError as e:  # a combination of valid values that is not (see invalid_combinations)
+        raise InvalidTrial(f"{_combo(overrides)}: {str(e).splitlines()[0]}") from None
     if cfg.train.num_workers > 1:
         return _fit_trial(cfg, overrides, job)
     worker = runtime.Worker(cfg, job.data, runtime.tune_session())
@@ -339,11 +388,12 @@ def trial_id(result) -> str:
 
 
 def trial_status(result, steps: int) -> tuple[str, str | None]:
-    """(finished | stopped_early | failed, error) for a Tune result."""
+    """(finished | stopped_early | failed | invalid, error) for a Tune result."""
     if result.error is not None:
         err = result.error
         cause = getattr(err, "cause", None) or err
-        return "failed", f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}"
+        status = "invalid" if isinstance(cause, InvalidTrial) or type(cause).__name__ == "InvalidTrial" else "failed"
+        return status, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}"
     reached = last_report(result).get("step") or 0
     return ("finished" if reached >= steps else "stopped_early"), None
 
@@ -546,7 +596,7 @@ def progress_callback(cfg: Config):
         def _ended(self, trials, trial, status: str) -> None:
             order, n = sorted(t.trial_id for t in trials), max(getattr(self, "total", total), len(trials))
             # the trial that ends may not carry its final status yet
-            final = "ERROR" if status == "failed" else "TERMINATED"
+            final = "ERROR" if status in ("failed", "invalid") else "TERMINATED"
             counts = progress_counts([final if t is trial else t.status for t in trials], n)
             last = trial.last_result or {}
             since = self.started.get(trial.trial_id)
@@ -570,7 +620,11 @@ def progress_callback(cfg: Config):
             self._ended(trials, trial, status)
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self._ended(trials, trial, "failed")
+            try:  # the error's text, in the trial's local error file by now
+                invalid = "InvalidTrial" in Path(trial.error_file).read_text()
+            except Exception:  # the error is only for the line; never let it stop the sweep
+                invalid = False
+            self._ended(trials, trial, "invalid" if invalid else "failed")
 
     return Progress()
 
@@ -598,7 +652,7 @@ def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, An
     scored = [
         r
         for r in rows
-        if r["status"] != "failed"
+        if r["status"] not in ("failed", "invalid")
         and not r.get("severe")
         and isinstance(r.get(metric), (int, float))
         and math.isfinite(r[metric])

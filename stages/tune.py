@@ -15,7 +15,7 @@ from pipeline.objectives import objective
 from pipeline.secrets import redact_tree
 from stages import common
 
-STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
+STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED", "invalid": "FAILED"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +32,9 @@ def run(args) -> None:
     raw = read_yaml(args.params)
     tune.check_tunable(cfg)
     parsed = tune.parse_space(cfg.tune.search_space, raw)  # refuses a bad space before anything starts
+    invalid = tune.invalid_combinations(parsed, raw)  # refuses a space with no valid combination
+    if invalid:
+        print(f"[tune] note: {tune.invalid_note(invalid, parsed)}")
     prepared = data.load_prepared(args.data)
     data.check_fits_model(prepared.manifest, cfg.model.arch)  # an npz holds points or images
     tune.check_metric(cfg, prepared.manifest["kind"])
@@ -133,7 +136,7 @@ def _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path,
         counts = {s: sum(r["status"] == s for r in rows) for s in STATUS}
         print(
             f"[tune] {len(rows)} trials: {counts['finished']} finished, {counts['stopped_early']} stopped early, "
-            f"{counts['failed']} failed"
+            f"{counts['failed']} failed" + (f", {counts['invalid']} invalid" if counts["invalid"] else "")
         )
         print(
             f"[tune] best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4g} with "

@@ -102,6 +102,20 @@ def test_a_nan_trial_is_recorded_as_failed_and_the_sweep_goes_on(project: Path):
     assert len(failed) == 1 and "NonFiniteLoss" in failed[0].data.tags["ganpipe.trial_error"]
 
 
+def test_a_method_search_records_invalid_combinations_as_invalid_trials(project: Path):
+    sh(project, sys.executable, "stages/prepare.py")
+    space = {"loss.name": {"grid": ["nonsaturating", "wgan-gp"]}, "model.d_norm": {"grid": ["none", "batch"]}}
+    out = sweep(project, {"num_samples": 1, "scheduler": "none", "search_space": space}, {"steps": 100}).stdout
+    assert "1 of 4 combinations of the search space give an invalid config" in out, out
+    rows = {(r["loss.name"], r["model.d_norm"]): r for r in trials(project)}
+    assert len(rows) == 4
+    bad = rows[("wgan-gp", "batch")]
+    assert bad["status"] == "invalid" and "InvalidTrial" in bad["error"] and "model.d_norm" in bad["error"]
+    assert all(r["status"] == "finished" for k, r in rows.items() if k != ("wgan-gp", "batch"))
+    assert "3 finished, 0 stopped early, 0 failed, 1 invalid" in out
+    assert sum(" invalid: " in line for line in out.splitlines() if line.startswith("[tune] trial ")) == 1, out
+
+
 def test_a_collapsed_trial_is_stopped_early_and_its_verdict_recorded(project: Path):
     """lr_g 1e-9: G never leaves its initial, tightly bunched outputs while D keeps a gradient for it
     (mode collapse, first seen at step 350); the stopper ends the trial at its next report."""

@@ -169,3 +169,31 @@ def test_progress_counts_and_line_give_counts_and_an_eta_from_the_pace():
     last = tune.progress_line(4, 4, "ab12c_00003", "failed", "w1", float("nan"), None, done, elapsed=60.0)
     assert last.endswith("failed: w1=- | 3 done, 0 running, 0 pending, 1 failed | all ended")
     assert [tune.duration(s) for s in (42, 600, 7200)] == ["42 s", "10.0 min", "2.0 h"]
+
+
+def test_a_method_search_names_its_invalid_combinations_and_refuses_one_with_none_valid():
+    raw = read_yaml(ROOT / "params.yaml")
+    # each value is valid alone; wgan-gp with batch norm is not (a per-sample critic)
+    space = {"loss.name": {"choice": ["nonsaturating", "wgan-gp"]}, "model.d_norm": {"grid": ["none", "batch"]}}
+    parsed = parse_space(space, raw)
+    bad = tune.invalid_combinations(parsed, raw)
+    assert [combo for combo, _ in bad] == [{"loss.name": "wgan-gp", "model.d_norm": "batch"}]
+    assert "model.d_norm" in bad[0][1]
+    assert tune.invalid_note(bad, parsed).startswith("1 of 4 combinations")
+    only_bad = {"loss.name": {"choice": ["wgan-gp"]}, "model.d_norm": {"choice": ["batch"]}}
+    with pytest.raises(ConfigError, match="no combination of loss.name, model.d_norm gives a valid config"):
+        tune.invalid_combinations(parse_space(only_bad, raw), raw)
+    # a continuous key beside one finite key: each value was checked alone already
+    one = {"loss.name": {"choice": ["nonsaturating", "wgan-gp"]}, "train.lr_g": {"loguniform": [1e-4, 1e-2]}}
+    assert tune.invalid_combinations(parse_space(one, raw), raw) == []
+
+
+def test_an_invalid_trial_is_recorded_as_invalid_and_never_picked():
+    class Result:  # what Tune hands back for a trial whose run_trial raised
+        error = RuntimeError("wrapped")
+        error.cause = tune.InvalidTrial("loss.name=wgan-gp, model.d_norm=batch: model.d_norm: batch norm ...")
+
+    status, error = tune.trial_status(Result(), steps=100)
+    assert status == "invalid" and error.startswith("InvalidTrial: loss.name=wgan-gp")
+    rows = [{"trial_id": "a", "status": "invalid", "w1": 0.0}, {"trial_id": "b", "status": "finished", "w1": 0.5}]
+    assert best_row(rows, "w1", "min")["trial_id"] == "b"
