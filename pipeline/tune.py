@@ -253,6 +253,9 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     # nothing, and what it never takes is kept in `job.spill_path` (see tracking.MetricBuffer)
     sent = tracking.MetricBuffer(job.tracking_uri, run_id, job.spill_path, cfg.tracking.flush_timeout_s)
     tagged = [-1]  # the events the trial's MLflow run was last tagged with (-1: not yet: `healthy` is a verdict too)
+    # restored at its last step: a trial that finished after Tune's last snapshot of a sweep whose driver
+    # died (or a PBT exploit of a finished donor); its final report goes to MLflow only if the run lacks it
+    logged = tracking.last_step(job.tracking_uri, run_id, "opt/lr_g") if worker.finished else None
 
     def on_log(step: int, stats: dict[str, float]) -> None:
         last.update(stats)
@@ -274,9 +277,10 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
             metrics.update(cycle_metrics(G, cfg, x_val, job.x_val_b, cfg.eval.live_samples))
         else:
             metrics.update(job.live(G, cfg.model.z_dim))
-        sent.add(g.step, {**metrics, **hp})
-        sent.flush()
-        sent.wait_sent(2.0)  # in MLflow before Tune sees the report (and may stop the trial), unless the server is away
+        if logged is None or g.step > logged:  # each report once in MLflow
+            sent.add(g.step, {**metrics, **hp})
+            sent.flush()
+            sent.wait_sent(2.0)  # in MLflow before Tune sees the report (and may stop the trial), unless the server is away
         metrics.update(diagnose(g))  # the stopper ends a collapsed or diverged trial (stops_trial)
         worker.report(metrics)
 
