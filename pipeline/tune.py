@@ -223,6 +223,13 @@ def trial_tags(job: SweepJob, overrides: dict[str, Any]) -> dict[str, str]:
     return {"ganpipe.identity": identity.key({"sweep": job.sweep_name, "trial": overrides})}
 
 
+def node_id() -> str:
+    """The Ray node this process runs on (a trial's `ganpipe.node` tag: where it first ran)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     """The Tune trainable: build, restore (own or PBT donor's checkpoint), train, report per tick."""
     from ray import tune
@@ -245,7 +252,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         ctx.get_trial_id(),
         trial_run_name(job, ctx.get_trial_name()),
         overrides,
-        trial_tags(job, overrides),
+        {**trial_tags(job, overrides), "ganpipe.node": node_id()},
     )
     hp = {f"hp/{k}": float(v) for k, v in overrides.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     last: dict[str, float] = {}
