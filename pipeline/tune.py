@@ -287,7 +287,9 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         if logged is None or g.step > logged:  # each report once in MLflow
             sent.add(g.step, {**metrics, **hp})
             sent.flush()
-            sent.wait_sent(2.0)  # in MLflow before Tune sees the report (and may stop the trial), unless the server is away
+            sent.wait_sent(
+                2.0
+            )  # in MLflow before Tune sees the report (and may stop the trial), unless the server is away
         metrics.update(diagnose(g))  # the stopper ends a collapsed or diverged trial (stops_trial)
         worker.report(metrics)
 
@@ -512,6 +514,9 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 verbose=0,
                 callbacks=[progress_callback(cfg), *(callbacks or [])],
                 stop=diagnosis_stopper(),
+                # a trial whose process or node dies starts again from its last checkpoint, elsewhere if
+                # need be (so does one that fails for its own reasons: a NaN fails again)
+                failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
                 # PBT copies a donor's checkpoint a tick later: keep a few, not just the newest
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
             ),
@@ -629,6 +634,16 @@ def progress_callback(cfg: Config):
             severe = (trial.last_result or {}).get("severe")
             status = "finished" if reached >= steps else f"stopped early ({severe})" if severe else "stopped early"
             self._ended(trials, trial, status)
+
+        def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+            order = sorted(t.trial_id for t in trials)
+            attempt = getattr(getattr(trial, "run_metadata", None), "num_failures", 0)
+            print(
+                f"[tune] trial {order.index(trial.trial_id) + 1} {trial.trial_id} failed (its process, its node or its own error); "
+                f"starting it again from its last checkpoint (failure {attempt} of train.max_failures "
+                f"{cfg.train.max_failures})",
+                flush=True,
+            )
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             try:  # the error's text, in the trial's local error file by now

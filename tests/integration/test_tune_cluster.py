@@ -1,10 +1,13 @@
 """A sweep on a two-node Ray cluster started the way a team starts one (`ray start --head`, then
 `ray start --address=...`: two raylets with their own CPUs), with its storage root on S3 (moto's
-server): trials land on both nodes, and their checkpoints go to the bucket, not to a local path."""
+server): trials land on both nodes, their checkpoints go to the bucket, not to a local path, and
+when the worker node dies mid-sweep its trials start again on the head from the bucket."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.teamstack import LOCAL_AWS as AWS
-from tests.integration.conftest import BIN, env, free_port, set_params, sh, stop_group, wait_for_port
+from tests.integration.conftest import BIN, env, free_port, set_params, sh, spawn, stop_group, wait_for_port
 from tests.integration.test_s3_storage import moto
 from tests.integration.test_tune import mlflow_children, trials
 
@@ -47,7 +50,9 @@ def s3_endpoint():
     yield from moto()
 
 
-def test_a_sweep_spreads_over_two_nodes_with_checkpoints_on_s3(project: Path, s3_endpoint: str):
+def test_a_sweep_spreads_over_two_nodes_keeps_checkpoints_on_s3_and_outlives_a_dead_node(
+    project: Path, s3_endpoint: str
+):
     import boto3
 
     s3 = boto3.client(
@@ -75,16 +80,31 @@ def test_a_sweep_spreads_over_two_nodes_with_checkpoints_on_s3(project: Path, s3
             {
                 "storage": {"root": "s3://team/ganpipe/ray", "s3_endpoint_url": s3_endpoint},
                 "tune": {"num_samples": 6, "scheduler": "none", "max_concurrent": 2, "search_space": space},
-                "train": {"steps": 200, "checkpoint_every": 100, "log_every": 50, "ema": 0.0},
+                "train": {"steps": 300, "checkpoint_every": 100, "log_every": 50, "ema": 0.0, "max_failures": 2},
             },
         )
-        out = sh(project, sys.executable, "stages/tune.py", extra_env={**AWS, "RAY_ADDRESS": address}).stdout
+        driver = spawn(project, sys.executable, "stages/tune.py", extra_env={**AWS, "RAY_ADDRESS": address})
+        lines = []
+        try:
+            for line in driver.stdout:  # the worker node dies once the first trial has ended
+                lines.append(line)
+                if line.startswith("[tune] trial "):
+                    os.killpg(nodes[1].pid, signal.SIGKILL)
+                    break
+            lines += driver.stdout.readlines()
+            assert driver.wait(timeout=600) == 0, "".join(lines)
+        finally:
+            stop_group(driver)
+        out = "".join(lines)
         assert f"joined Ray cluster at {address}" in out, out
         rows = trials(project)
         assert len(rows) == 6 and all(r["status"] == "finished" for r in rows), rows
         _, _, children = mlflow_children(project)
         where = {c.data.tags["ganpipe.node"] for c in children}
         assert len(children) == 6 and len(where) == 2, where  # one CPU a node, two trials at a time: both nodes
+        # the trials of the dead node started again (from their checkpoints in the bucket) and finished
+        assert "starting it again from its last checkpoint" in out, out
+        assert "0 failed | all ended" in out, out
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="team", Prefix="ganpipe/ray/").get("Contents", [])]
         states = {k.split("/")[3] for k in keys if k.endswith("/state.pt")}  # one trial folder each
         assert len(states) == 6, keys
