@@ -42,6 +42,8 @@ RECIPES: dict[str, tuple[str | None, dict]] = {
     "ring-best-ema9995": ("ring-best", {"train.ema": 0.9995}),
     "ring-best-b512": ("ring-best", {"train.batch_size": 512}),
     "ring-best-30k": ("ring-best", {"train.steps": 30000}),
+    "ring-best-ncritic2": ("ring-best", {"train.n_critic": 2}),
+    "ring-best-wide": ("ring-best", {"model.hidden": 256}),
 }
 
 
