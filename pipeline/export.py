@@ -9,7 +9,9 @@ points (N, D) for 2D data, images (N, C, H, W) in [-1, 1] for image data. CycleG
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,8 +138,20 @@ def export_translators(
     return files, diffs
 
 
-def translator_card(spec, manifest, cfg, train_info, record, eval_info, diffs, git, model_uris) -> dict:
+@dataclass(frozen=True)
+class Lineage:
+    """Where an exported model came from, as its model card tells it."""
+
+    manifest: dict[str, Any]  # the prepared data's manifest
+    train: dict[str, Any]  # metrics/train.json
+    record: dict[str, Any]  # the train stage's run record (models/run.json)
+    eval: dict[str, Any]  # metrics/eval.json
+    git: dict[str, Any]  # the commit the export ran on
+
+
+def translator_card(spec: dict, cfg, lineage: Lineage, *, diffs: dict, model_uris: dict) -> dict:
     """The model card of a CycleGAN export: which file translates which way, and the lineage."""
+    manifest = lineage.manifest
     x, y = manifest["dataset"], manifest["target"]["dataset"]
     io = {"shape": ["N", *spec["sample_shape"]], "dtype": "float32", "range": "[-1, 1]"}
     card = {
@@ -166,14 +180,15 @@ def translator_card(spec, manifest, cfg, train_info, record, eval_info, diffs, g
             "n_train": manifest["n_train"],
             "n_train_target": manifest["target"]["n_train"],
         },
-        **_lineage(cfg, train_info, record, eval_info, diffs, git),
+        **_lineage(cfg, lineage, diffs),
     }
     card["mlflow"]["model_uris"] = model_uris
     return card
 
 
-def model_card(spec, manifest, cfg, train_info, record, eval_info, diffs, git, model_uri) -> dict:
+def model_card(spec: dict, cfg, lineage: Lineage, *, diffs: dict, model_uri: str | None) -> dict:
     """What a user of the exported files needs to know, and the lineage to reproduce them."""
+    manifest = lineage.manifest
     image = manifest["kind"] == "images"
     card = {
         "inputs": {
@@ -206,7 +221,7 @@ def model_card(spec, manifest, cfg, train_info, record, eval_info, diffs, git, m
             "content_hash": manifest["content_hash"],
             "n_train": manifest["n_train"],
         },
-        **_lineage(cfg, train_info, record, eval_info, diffs, git),
+        **_lineage(cfg, lineage, diffs),
     }
     card["mlflow"]["model_uri"] = model_uri
     return card
@@ -218,14 +233,15 @@ def _count_parameters(spec: dict) -> int:
     return sum(p.numel() for p in build_generator(spec).parameters())
 
 
-def _lineage(cfg, train_info, record, eval_info, diffs, git) -> dict:
+def _lineage(cfg, lineage: Lineage, diffs: dict) -> dict:
     """The model card's params, metrics, parity check, git commit, MLflow run and how the model was
     trained (the train stage's run record: run identity, resumed or handed back, training time)."""
+    record = lineage.record
     return {
         "params": cfg.public_dict(),
-        "metrics": {"train": train_info, "eval": eval_info},
+        "metrics": {"train": lineage.train, "eval": lineage.eval},
         "parity_max_abs_diff": diffs,
-        "git": git,
+        "git": lineage.git,
         "run": {k: v for k, v in record.items() if not k.startswith("mlflow_")},
         "mlflow": {"run_id": record.get("mlflow_run_id"), "tracking_uri": record.get("mlflow_tracking_uri")},
     }

@@ -575,7 +575,7 @@ def progress_counts(statuses: list[str], total: int) -> dict[str, int]:
 
 
 def progress_line(
-    index: int, total: int, trial: str, status: str, metric: str, value: Any, seconds: float | None,
+    index: int, total: int, trial: str, status: str, *, metric: str, value: Any, seconds: float | None,
     counts: dict[str, int], elapsed: float,
 ) -> str:  # fmt: skip
     """One line for a trial that ended: which, how, its metric, its time; then the sweep's counts and
@@ -621,11 +621,11 @@ def progress_callback(cfg: Config):
                 n,
                 trial.trial_id,
                 status,
-                metric,
-                last.get(metric),
-                None if since is None else time.monotonic() - since,
-                counts,
-                time.monotonic() - self.t0,
+                metric=metric,
+                value=last.get(metric),
+                seconds=None if since is None else time.monotonic() - since,
+                counts=counts,
+                elapsed=time.monotonic() - self.t0,
             )
             print(line, flush=True)
 

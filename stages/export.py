@@ -20,19 +20,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_export(args) -> None:
     cfg = common.config(args)
-    manifest = outputs.read_json(Path(args.data) / "manifest.json", "run the prepare stage first")
-    train_info = outputs.read_json(args.train_metrics, "run the train stage first")
-    record = outputs.read_run_record(args.models)
-    eval_info = outputs.read_json(args.eval_metrics, "run the evaluate stage first")
+    lineage = export.Lineage(
+        manifest=outputs.read_json(Path(args.data) / "manifest.json", "run the prepare stage first"),
+        train=outputs.read_json(args.train_metrics, "run the train stage first"),
+        record=outputs.read_run_record(args.models),
+        eval=outputs.read_json(args.eval_metrics, "run the evaluate stage first"),
+        git=outputs.git_commit(),
+    )
     diagnosis = outputs.read_json(args.diagnostics, "run the train stage first")
     G, spec = outputs.load_generator(Path(args.models) / "generator.pt")
     uri = common.tracking_uri(cfg)
-    run_id = record["mlflow_run_id"]
+    run_id = lineage.record["mlflow_run_id"]
     if of_spec(spec).translates:
-        return _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_info, uri, diagnosis)
+        return _export_translators(args, cfg, G, spec, lineage, uri=uri, diagnosis=diagnosis)
     with outputs.atomic_dir(args.out) as tmp:
         files, diffs = export.export_all(G, spec["z_dim"], list(cfg.export.formats), tmp, spec.get("num_classes"))
-        card = export.model_card(spec, manifest, cfg, train_info, record, eval_info, diffs, outputs.git_commit(), None)
+        card = export.model_card(spec, cfg, lineage, diffs=diffs, model_uri=None)
         card["files"] = {fmt: f"{args.out}/{p.name}" for fmt, p in files.items()}
         outputs.write_json(tmp / "model_card.json", card)
     # the registry learns of the model only once the export folder is complete on disk
@@ -50,21 +53,19 @@ def run_export(args) -> None:
     print(f"[export] {', '.join(card['files'].values())} ({shown}); model card {args.out}/model_card.json")
     if model_uri:
         print(f"[export] registered in MLflow as {model_uri}")
-    _summary(eval_info, train_info, record, uri, diagnosis)
+    _summary(lineage, uri, diagnosis)
 
 
-def _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_info, uri, diagnosis) -> None:
+def _export_translators(args, cfg, G, spec, lineage: export.Lineage, *, uri: str, diagnosis: dict) -> None:
     """CycleGAN: generator_xy (G: X -> Y) and generator_yx (F: Y -> X), each registered in MLflow as
     `<export.model_name>-xy` / `-yx`."""
     with outputs.atomic_dir(args.out) as tmp:
         files, diffs = export.export_translators(G, spec["sample_shape"], list(cfg.export.formats), tmp)
-        card = export.translator_card(
-            spec, manifest, cfg, train_info, record, eval_info, diffs, outputs.git_commit(), {}
-        )
+        card = export.translator_card(spec, cfg, lineage, diffs=diffs, model_uris={})
         card["files"] = {key: f"{args.out}/{p.name}" for key, p in files.items()}
         outputs.write_json(tmp / "model_card.json", card)
     # the registry learns of the models only once the export folder is complete on disk
-    model_uris = {}
+    record, model_uris = lineage.record, {}
     for stem in export.TRANSLATORS:
         if f"{stem}.onnx" in files:
             name = f"{cfg.export.model_name}-{export.TRANSLATORS[stem]}"
@@ -82,11 +83,12 @@ def _export_translators(args, cfg, G, spec, manifest, train_info, record, eval_i
     print(f"[export] {', '.join(card['files'].values())} ({shown}); model card {args.out}/model_card.json")
     for stem, model_uri in model_uris.items():
         print(f"[export] {stem} ({card['generators'][stem]['direction']}) registered in MLflow as {model_uri}")
-    _summary(eval_info, train_info, record, uri, diagnosis, "generator_xy / generator_yx (.onnx, .pt), model_card.json")
+    _summary(lineage, uri, diagnosis, "generator_xy / generator_yx (.onnx, .pt), model_card.json")
 
 
-def _summary(eval_info: dict, train_info: dict, record: dict, uri: str, diagnosis: dict, model: str = "") -> None:
+def _summary(lineage: export.Lineage, uri: str, diagnosis: dict, model: str = "") -> None:
     """What a user wants to see when the pipeline ends."""
+    eval_info, train_info, record = lineage.eval, lineage.train, lineage.record
     figures = {k: v for k, v in eval_info.items() if not isinstance(v, dict)}
     shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(figures.items()))
     p = eval_info.get("protocol")

@@ -77,10 +77,33 @@ def train(args) -> None:
         )
         # from here on the MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops
         with tracking.closing_run(uri, run_id), tracking.system_metrics(uri, run_id):
-            _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, obj)
+            _train_in_run(
+                args,
+                cfg,
+                prepared,
+                data_hash=data_hash,
+                ident=ident,
+                name=name,
+                uri=uri,
+                run_id=run_id,
+                resumed=resumed,
+                obj=obj,
+            )
 
 
-def _train_in_run(args, cfg, prepared, data_hash, ident, name, uri, run_id, resumed, obj: Objective) -> None:
+def _train_in_run(
+    args,
+    cfg,
+    prepared,
+    *,
+    data_hash: str,
+    ident: dict,
+    name: str,
+    uri: str,
+    run_id: str,
+    resumed: bool,
+    obj: Objective,
+) -> None:
     if resumed and common.dvc_experiment():  # the experiment that asked for the run this time
         tracking.set_tags(uri, run_id, common.dvc_experiment())
     tracking.log_params(uri, run_id, {**flatten(cfg.public_dict()), "data.content_hash": data_hash})

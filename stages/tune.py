@@ -55,10 +55,37 @@ def run(args) -> None:
     # one process at a time per sweep: a second one would restore and overwrite its trials
     lease = distributed.run_lease(cfg.storage.root, cfg.storage.s3_endpoint_url, name, f"the sweep {name}")
     with lease:
-        _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path, fs, sweep_key, tags)
+        _sweep(
+            args,
+            cfg,
+            prepared,
+            raw=raw,
+            parsed=parsed,
+            uri=uri,
+            data_hash=data_hash,
+            name=name,
+            storage_path=storage_path,
+            fs=fs,
+            sweep_key=sweep_key,
+            tags=tags,
+        )
 
 
-def _sweep(args, cfg, raw, parsed, prepared, uri, data_hash, name, storage_path, fs, sweep_key, tags) -> None:
+def _sweep(
+    args,
+    cfg,
+    prepared,
+    *,
+    raw: dict,
+    parsed: dict,
+    uri: str,
+    data_hash: str,
+    name: str,
+    storage_path: str,
+    fs,
+    sweep_key: str,
+    tags: dict,
+) -> None:
     label = common.run_label(cfg, name.rsplit("-", 1)[-1], "tune")
     parent, resumed = tracking.start_or_resume_run(uri, cfg.tracking.experiment, sweep_key, label, tags)
     # from here on the sweep's MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops

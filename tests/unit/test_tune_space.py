@@ -159,14 +159,18 @@ def test_progress_counts_and_line_give_counts_and_an_eta_from_the_pace():
     statuses = ["TERMINATED", "TERMINATED", "RUNNING", "PAUSED", "ERROR", "PENDING"]
     counts = tune.progress_counts(statuses, total=10)  # 4 trials not created yet are pending too
     assert counts == {"done": 2, "running": 2, "pending": 5, "failed": 1}
-    line = tune.progress_line(3, 10, "ab12c_00002", "finished", "w1", 0.18344, 42.0, counts, elapsed=300.0)
+    line = tune.progress_line(
+        3, 10, "ab12c_00002", "finished", metric="w1", value=0.18344, seconds=42.0, counts=counts, elapsed=300.0
+    )
     # 3 trials ended in 300 s, 7 left: 700 s
     assert line == (
         "[tune] trial 3/10 ab12c_00002 finished: w1=0.1834, 42 s | 2 done, 2 running, 5 pending, 1 failed"
         " | ETA 11.7 min"
     )
     done = tune.progress_counts(["TERMINATED"] * 3 + ["ERROR"], total=4)
-    last = tune.progress_line(4, 4, "ab12c_00003", "failed", "w1", float("nan"), None, done, elapsed=60.0)
+    last = tune.progress_line(
+        4, 4, "ab12c_00003", "failed", metric="w1", value=float("nan"), seconds=None, counts=done, elapsed=60.0
+    )
     assert last.endswith("failed: w1=- | 3 done, 0 running, 0 pending, 1 failed | all ended")
     assert [tune.duration(s) for s in (42, 600, 7200)] == ["42 s", "10.0 min", "2.0 h"]
 
