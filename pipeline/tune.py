@@ -287,9 +287,8 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         if logged is None or g.step > logged:  # each report once in MLflow
             sent.add(g.step, {**metrics, **hp})
             sent.flush()
-            sent.wait_sent(
-                2.0
-            )  # in MLflow before Tune sees the report (and may stop the trial), unless the server is away
+            # in MLflow before Tune sees the report (and may stop the trial), unless the server is away
+            sent.wait_sent(2.0)
         metrics.update(diagnose(g))  # the stopper ends a collapsed or diverged trial (stops_trial)
         worker.report(metrics)
 
