@@ -598,7 +598,9 @@ def progress_callback(cfg: Config):
 
     from ray.tune import Callback
 
-    metric, steps, total = cfg.tune.metric, cfg.train.steps, cfg.tune.num_samples
+    # plain values only: Tune pickles the callback into the sweep's state, and the config holds the
+    # tracking URI (with its credentials, if any)
+    metric, steps, total, max_failures = cfg.tune.metric, cfg.train.steps, cfg.tune.num_samples, cfg.train.max_failures
 
     class Progress(Callback):
         def setup(self, total_num_samples: int | None = None, **info) -> None:
@@ -640,7 +642,7 @@ def progress_callback(cfg: Config):
             print(
                 f"[tune] trial {order.index(trial.trial_id) + 1} {trial.trial_id} failed (its process, its node or its own error); "
                 f"starting it again from its last checkpoint (failure {attempt} of train.max_failures "
-                f"{cfg.train.max_failures})",
+                f"{max_failures})",
                 flush=True,
             )
 
