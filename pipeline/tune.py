@@ -25,13 +25,13 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline import data, datasets, extras, metrics_image, monitor, runtime
+from pipeline import data, datasets, extras, metrics_image, monitor, runtime, sweep_state
 from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
 from pipeline.objectives import objective
 from pipeline.runtime import WorkerData
@@ -230,6 +230,12 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def own_checkpoint(checkpoint, trial_id: str) -> bool:
+    """Whether a trial restores from a checkpoint of its own (Tune keeps them in a folder named with the
+    trial's id), not from a PBT donor's or none."""
+    return checkpoint is not None and trial_id in PurePosixPath(checkpoint.path).parent.name
+
+
 def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     """The Tune trainable: build, restore (own or PBT donor's checkpoint), train, report per tick."""
     from ray import tune
@@ -260,9 +266,12 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     # nothing, and what it never takes is kept in `job.spill_path` (see tracking.MetricBuffer)
     sent = tracking.MetricBuffer(job.tracking_uri, run_id, job.spill_path, cfg.tracking.flush_timeout_s)
     tagged = [-1]  # the events the trial's MLflow run was last tagged with (-1: not yet: `healthy` is a verdict too)
-    # restored at its last step: a trial that finished after Tune's last snapshot of a sweep whose driver
-    # died (or a PBT exploit of a finished donor); its final report goes to MLflow only if the run lacks it
-    logged = tracking.last_step(job.tracking_uri, run_id, "opt/lr_g") if worker.finished else None
+    # restored from its own checkpoint (a retry, a sweep resumed after its driver died), the trial trains
+    # again the steps after it: those its run already has go to MLflow once. Restored at the last step (also
+    # a PBT exploit of a finished donor), its final report goes only if the run lacks it. The steps after
+    # a donor's checkpoint (PBT) are new training: all of them are sent.
+    own = own_checkpoint(worker.session.checkpoint, ctx.get_trial_id())
+    logged = tracking.last_step(job.tracking_uri, run_id, "opt/lr_g") if worker.finished or own else None
 
     def on_log(step: int, stats: dict[str, float]) -> None:
         last.update(stats)
@@ -484,6 +493,13 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
     path = os.path.join(storage_path, name)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[tune] resuming the sweep at {path}: finished trials are kept", flush=True)
+        repaired = sweep_state.repair_pruned_checkpoints(path, fs)
+        if repaired:
+            print(
+                f"[tune] {len(repaired)} trial(s) checkpointed after the sweep's last snapshot "
+                f"({', '.join(repaired)}): they resume from their newest checkpoint",
+                flush=True,
+            )
         tuner = tune.Tuner.restore(
             path,
             trainable=trainable,

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 IO = {"tracking", "registry", "s3", "teamstack", "outputs", "lease", "plots", "export"}
-RUNTIME = {"runtime", "distributed", "tune"}
+RUNTIME = {"runtime", "distributed", "tune", "sweep_state"}
 RANK = {"core": 0, "io": 1, "runtime": 2, "entry": 3}
 
 # third-party clients and the layers allowed to import them

@@ -201,3 +201,21 @@ def test_an_invalid_trial_is_recorded_as_invalid_and_never_picked():
     assert status == "invalid" and error.startswith("InvalidTrial: loss.name=wgan-gp")
     rows = [{"trial_id": "a", "status": "invalid", "w1": 0.0}, {"trial_id": "b", "status": "finished", "w1": 0.5}]
     assert best_row(rows, "w1", "min")["trial_id"] == "b"
+
+
+def test_a_trial_knows_its_own_checkpoint_from_a_pbt_donors():
+    from types import SimpleNamespace
+
+    from pipeline.tune import own_checkpoint
+
+    def at(path: str):
+        return SimpleNamespace(path=path)
+
+    sweep = "bucket/ray/ganpipe-tune-grid-0123"
+    assert own_checkpoint(
+        at(f"{sweep}/run_trial_c5f4d_00001_1_train_lr_g=0.0007_2026/checkpoint_000002"), "c5f4d_00001"
+    )
+    assert not own_checkpoint(
+        at(f"{sweep}/run_trial_c5f4d_00004_4_train_lr_g=0.001_2026/checkpoint_000002"), "c5f4d_00001"
+    )
+    assert not own_checkpoint(None, "c5f4d_00001")
