@@ -236,6 +236,24 @@ def own_checkpoint(checkpoint, trial_id: str) -> bool:
     return checkpoint is not None and trial_id in PurePosixPath(checkpoint.path).parent.name
 
 
+def check_tracking_here(uri: str) -> None:
+    """A trial reaches the sweep's MLflow server with the credentials of its own process, which on a
+    cluster has the environment of the `ray start` that started its node, not the driver's: say so on
+    the trial's first request rather than with MLflow's bare 401."""
+    import ray
+
+    from pipeline import tracking
+
+    try:
+        tracking.check_reachable(uri)
+    except ConnectionError as e:
+        where = f"Ray node {node_id()[:12]}" if ray.is_initialized() else "its Ray node"
+        raise ConnectionError(
+            f"{e} (from the trial on {where}: a trial runs in the environment its node was started with; "
+            "start every node's `ray start` with the MLflow credentials exported)"
+        ) from None
+
+
 def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     """The Tune trainable: build, restore (own or PBT donor's checkpoint), train, report per tick."""
     from ray import tune
@@ -249,6 +267,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         raise InvalidTrial(f"{_combo(overrides)}: {str(e).splitlines()[0]}") from None
     if cfg.train.num_workers > 1:
         return _fit_trial(cfg, overrides, job)
+    check_tracking_here(job.tracking_uri)
     worker = runtime.Worker(cfg, job.data, runtime.tune_session())
     ctx = tune.get_context()
     run_id = tracking.nested_run(
@@ -271,6 +290,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     # a PBT exploit of a finished donor), its final report goes only if the run lacks it. The steps after
     # a donor's checkpoint (PBT) are new training: all of them are sent.
     own = own_checkpoint(worker.session.checkpoint, ctx.get_trial_id())
+    start = worker.gan.step  # the step it restored (0: a fresh trial)
     logged = tracking.last_step(job.tracking_uri, run_id, "opt/lr_g") if worker.finished or own else None
 
     def on_log(step: int, stats: dict[str, float]) -> None:
@@ -286,6 +306,8 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     def on_checkpoint(g: training.GAN, final: bool) -> None:
         G = g.G_ema if g.G_ema is not None else g.G
         metrics = {"step": g.step, **{k: v for k, v in last.items() if k.startswith("loss/")}}
+        # the steps this process trained (Tune's iterations_since_restore, in steps): what a restart cost
+        metrics["steps_since_restore"] = g.step - start
         # the learning rates the optimizers really use (after a PBT exploit: the mutated ones)
         metrics["opt/lr_g"], metrics["opt/lr_d"] = g.opt_g.param_groups[0]["lr"], g.opt_d.param_groups[0]["lr"]
         if objective(cfg.model.family).translates:  # no latents to sample: the translations' cycle error
@@ -316,6 +338,7 @@ def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
 
     from pipeline import distributed, tracking, training
 
+    check_tracking_here(job.tracking_uri)
     ctx = tune.get_context()
     run_id = tracking.nested_run(
         job.tracking_uri,
@@ -402,10 +425,21 @@ def last_report(result) -> dict[str, Any]:
     return dict(result.metrics or {})
 
 
+# a trial's folder: run_trial_<id>_<n>_<sampled values>_<date>; the id is Tune's (c5f4d_00003 from the random
+# search, 8 hex digits from a searcher such as Optuna), n its number in the sweep from 0
+TRIAL_DIR = re.compile(r"^run_trial_(?P<id>[0-9a-f]+(?:_\d{5})?)_(?P<n>\d+)(?:_|$)")
+
+
 def trial_id(result) -> str:
-    """The trial id from the trial's folder name (run_trial_<id>_<n>_...)."""
-    m = re.match(r".*?_([0-9a-f]{5}_\d{5})", Path(result.path).name)
-    return m.group(1) if m else Path(result.path).name
+    """The trial id from the trial's folder name."""
+    m = TRIAL_DIR.match(Path(result.path).name)
+    return m["id"] if m else Path(result.path).name
+
+
+def trial_number(result) -> int:
+    """The trial's number in the sweep (its folder's), from 0: the order trials were created in."""
+    m = TRIAL_DIR.match(Path(result.path).name)
+    return int(m["n"]) if m else 0
 
 
 def trial_status(result, steps: int) -> tuple[str, str | None]:
@@ -676,7 +710,7 @@ def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:
     """One row per trial, in trial order: its number (`trial`, 1..N: the x of `dvc plots`), id, status,
     sampled values, `score` (the final `tune.metric`: the y), final metrics, error."""
     rows = []
-    for r in sorted(results, key=trial_id):
+    for r in sorted(results, key=lambda r: (trial_number(r), trial_id(r))):
         status, error = trial_status(r, cfg.train.steps)
         m = last_report(r)
         row = {"trial": len(rows) + 1, "trial_id": trial_id(r), "status": status}

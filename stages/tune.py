@@ -141,9 +141,12 @@ def _sweep(
                 tracking.end_run(uri, row["mlflow_run_id"], STATUS[row["status"]])
         best = tune.best_row(rows, cfg.tune.metric, cfg.tune.mode)
         if best is None:
+            failed = [r for r in rows if r["status"] == "failed"]
             raise RuntimeError(
-                f"no trial reported a finite {cfg.tune.metric} without collapsing or diverging; the nested runs of "
-                f"the MLflow sweep run {parent} hold each trial's status and ganpipe.diagnosis"
+                f"every trial failed; the first: {failed[0]['error']}"
+                if len(failed) == len(rows)
+                else f"no trial reported a finite {cfg.tune.metric} without collapsing or diverging; the nested runs "
+                f"of the MLflow sweep run {parent} hold each trial's status and ganpipe.diagnosis"
             )
 
         out = Path(args.out)

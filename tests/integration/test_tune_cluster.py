@@ -24,10 +24,11 @@ from tests.integration.test_tune import mlflow_children, trials
 pytestmark = pytest.mark.integration
 
 
-def ray_node(*args: str) -> subprocess.Popen:
+def ray_node(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A raylet of one CPU; its trials get its environment (`extra_env`: a team's exported credentials)."""
     return subprocess.Popen(
         [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", *args],
-        env=env({"RAY_USAGE_STATS_ENABLED": "0", **AWS}),
+        env=env({"RAY_USAGE_STATS_ENABLED": "0", **AWS, **(extra_env or {})}),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -219,3 +219,48 @@ def test_a_trial_knows_its_own_checkpoint_from_a_pbt_donors():
         at(f"{sweep}/run_trial_c5f4d_00004_4_train_lr_g=0.001_2026/checkpoint_000002"), "c5f4d_00001"
     )
     assert not own_checkpoint(None, "c5f4d_00001")
+
+
+def test_a_trial_refused_by_the_tracking_server_says_where_its_credentials_come_from():
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Refuse(BaseHTTPRequestHandler):  # an MLflow server with basic auth, to a client without credentials
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 401)
+            self.end_headers()
+
+        def do_POST(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_port}"
+        with pytest.raises(ConnectionError, match=r"refused the credentials \(no credentials\).*`ray start`"):
+            with pytest.MonkeyPatch.context() as mp:
+                for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+                    mp.delenv(k, raising=False)
+                tune.check_tracking_here(uri)
+        tune.check_tracking_here("sqlite:///nowhere.db")  # a local store needs no credentials
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "folder, trial, number",
+    [
+        ("run_trial_c5f4d_00001_1_train_lr_g=0.0007_2026-12-01_10-41-32", "c5f4d_00001", 1),  # random search
+        ("run_trial_80928700_4_train_lr_d=0.0021,train_lr_g=0.0004_2026-12-01_11-04-44", "80928700", 4),  # Optuna
+        ("run_trial_2a17c2f7_11", "2a17c2f7", 11),
+    ],
+)
+def test_a_trial_is_named_and_ordered_by_its_folder_whatever_searched(folder, trial, number):
+    from types import SimpleNamespace
+
+    result = SimpleNamespace(path=f"bucket/ray/ganpipe-tune-grid-0123/{folder}")
+    assert tune.trial_id(result) == trial and tune.trial_number(result) == number

@@ -1,0 +1,230 @@
+"""Sweeps at scale (issue #18), through the command a user runs (`python stages/tune.py` in a throwaway
+copy of the project), with real parts. Not a test: one run prints its figures (and a JSON line).
+
+    python benchmarks/bench_sweep_scale.py single --trials 32   # one local Ray, SQLite MLflow store
+    python benchmarks/bench_sweep_scale.py team --trials 256    # 2-node Ray, Postgres MLflow with auth, S3
+    python benchmarks/bench_sweep_scale.py kill --trials 64     # SIGKILL the driver halfway, resume
+
+`single` and `team` run the same search (Optuna TPE + ASHA over lr_g, lr_d; 300 steps a trial, a report
+every 100; 2 trials at a time on 2 CPUs: one Ray node of 2, or two nodes of 1) and measure from MLflow:
+every nested run present, each trial's reports once each (steps 100, 200, ... up to its last), the
+registry untouched, the server's request rate (its access log), trial start to first report (the nested
+run's start to its first metric) and sweep wall time per trial and per report. `kill` runs the sweep
+twice (random search, no early stopping): once straight through, once with its driver SIGKILLed when
+half the trials have ended and the same command run again; it compares the steps trained (each trial
+reports `steps_since_restore`; the steps a killed process trained after its last report are lost and
+not counted: at most 100 per running trial).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = {"train.lr_g": {"loguniform": [1e-4, 3e-3]}, "train.lr_d": {"loguniform": [1e-4, 3e-3]}}
+STEPS, EVERY = 300, 100
+
+
+def params(trials: int, **tune) -> dict:
+    return {
+        "tune": {"num_samples": trials, "max_concurrent": 2, "search_space": SPACE, **tune},
+        "train": {"steps": STEPS, "checkpoint_every": EVERY, "log_every": 50, "ema": 0.0, "max_failures": 2},
+    }
+
+
+def drive(project: Path, extra_env: dict[str, str], kill_after: int | None = None) -> tuple[float, list[str]]:
+    """Run the tune stage, echoing its progress lines; with `kill_after`, SIGKILL it (and its process
+    group: the local Ray it started) once that many trials have ended. Returns (wall s, output lines)."""
+    from tests.integration.conftest import spawn, stop_group
+
+    t0 = time.perf_counter()
+    driver = spawn(project, sys.executable, "stages/tune.py", extra_env=extra_env)
+    lines, ended = [], 0
+    try:
+        for line in driver.stdout:
+            lines.append(line)
+            if line.startswith("[tune]"):
+                print("   ", line.rstrip(), flush=True)
+            ended += line.startswith("[tune] trial ") and " again " not in line
+            if kill_after is not None and ended >= kill_after:
+                os.killpg(driver.pid, signal.SIGKILL)
+                break
+        code = driver.wait()
+    finally:
+        stop_group(driver)
+    if kill_after is None and code != 0:
+        raise SystemExit(f"the sweep failed ({code}):\n{''.join(lines[-40:])}")
+    return time.perf_counter() - t0, lines
+
+
+def reports(project: Path, uri: str) -> dict:
+    """What MLflow holds of the sweep, checked against tune/trials.csv."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("ganpipe").experiment_id
+    runs = client.search_runs([exp], max_results=5000)
+    parents = [r for r in runs if r.data.tags.get("ganpipe.kind") == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    with open(project / "tune/trials.csv") as f:
+        rows = {r["trial_id"]: r for r in csv.DictReader(f)}
+    wrong, total, first = [], 0, []
+    for c in children:
+        history = client.get_metric_history(c.info.run_id, "w1")
+        steps = sorted(m.step for m in history)
+        last = int(float(rows[c.data.tags["ganpipe.trial_id"]]["step"]))
+        if steps != list(range(EVERY, last + 1, EVERY)):
+            wrong.append((c.data.tags["ganpipe.trial_id"], steps))
+        total += len(steps)
+        if history:
+            first.append((min(m.timestamp for m in history) - c.info.start_time) / 1000)
+    statuses = {s: sum(r["status"] == s for r in rows.values()) for s in {r["status"] for r in rows.values()}}
+    return {
+        "parents": len(parents),
+        "nested_runs": len(children),
+        "trials_csv": len(rows),
+        "statuses": statuses,
+        "reports": total,
+        "trials_with_wrong_reports": len(wrong),
+        "wrong_examples": wrong[:3],
+        "registered_models": len(client.search_registered_models()),
+        "nodes": len({c.data.tags.get("ganpipe.node") for c in children}),
+        "first_report_s_median": statistics.median(first) if first else None,
+        "first_report_s_p90": statistics.quantiles(first, n=10)[-1] if len(first) > 1 else None,
+    }
+
+
+def single(args, tmp: Path) -> dict:
+    from tests.integration.conftest import TINY, make_project, set_params, sh
+
+    project = make_project(tmp / "proj", TINY)
+    set_params(project, params(args.trials, search_alg="optuna", scheduler="asha"))
+    sh(project, sys.executable, "stages/prepare.py")
+    wall, _ = drive(project, {})
+    out = reports(project, f"sqlite:///{project / 'mlflow.db'}")
+    return {"part": "single", "trials": args.trials, "wall_s": wall, **out}
+
+
+def team(args, tmp: Path) -> dict:
+    from pipeline.teamstack import auth_unavailable, start_postgres, start_stack
+    from tests.integration.conftest import TINY, free_port, make_project, set_params, sh, stop_group, wait_for_port
+    from tests.integration.test_tune_cluster import ray_node, wait_for_nodes
+
+    uri, stop_pg = start_postgres(tmp / "pg")
+    stack = start_stack(tmp / "stack", postgres_uri=uri, auth=auth_unavailable() is None)
+    nodes = []
+    try:
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths are short
+        env = stack.env()  # the team's exported settings, in each node's `ray start` too (trials run there)
+        head = ("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp_dir}")
+        nodes.append(ray_node(*head, extra_env=env))
+        wait_for_port(port)
+        nodes.append(ray_node(f"--address={address}", extra_env=env))
+        wait_for_nodes(address, 2)
+        project = make_project(tmp / "proj", TINY)
+        set_params(
+            project,
+            {
+                **params(args.trials, search_alg="optuna", scheduler="asha"),
+                "storage": {"root": f"s3://{stack.bucket}/ganpipe/ray", "s3_endpoint_url": stack.s3_endpoint_url},
+            },
+        )
+        sh(project, sys.executable, "stages/prepare.py", extra_env=env)
+        log = stack.workdir / "mlflow.log"
+        before = requests_in(log)
+        wall, _ = drive(project, {**env, "RAY_ADDRESS": address})
+        requests = requests_in(log) - before
+        os.environ.update({k: v for k, v in env.items() if k.startswith("MLFLOW_TRACKING_")})
+        out = reports(project, stack.tracking_uri)
+        return {
+            "part": "team",
+            "trials": args.trials,
+            "wall_s": wall,
+            "server_requests": requests,
+            "requests_per_s": requests / wall,
+            "backend": uri.split("://")[0],
+            "auth": stack.auth,
+            **out,
+        }
+    finally:
+        for node in reversed(nodes):
+            stop_group(node)
+        stack.stop()
+        stop_pg()
+
+
+def requests_in(log: Path) -> int:
+    """HTTP requests the MLflow server answered so far (its uvicorn access log lines)."""
+    try:
+        return sum('HTTP/1.1"' in line for line in log.read_text(errors="replace").splitlines())
+    except OSError:
+        return 0
+
+
+def trained_steps(project: Path) -> tuple[int, int]:
+    """(steps trained, reports) over every trial's result.json (Tune appends across driver restarts):
+    each process's last `steps_since_restore` summed."""
+    steps = reports_ = 0
+    for result in (project / ".ganpipe/ray").glob("ganpipe-tune-*/run_trial_*/result.json"):
+        segment = 0
+        for line in result.read_text().splitlines():
+            r = json.loads(line)
+            reports_ += 1
+            if r["iterations_since_restore"] == 1:
+                steps += segment
+            segment = r["steps_since_restore"]
+        steps += segment
+    return steps, reports_
+
+
+def kill(args, tmp: Path) -> dict:
+    from tests.integration.conftest import TINY, make_project, set_params, sh
+
+    out = {"part": "kill", "trials": args.trials}
+    for name, kill_after in (("straight", None), ("killed", args.trials // 2)):
+        project = make_project(tmp / name, TINY)
+        set_params(project, params(args.trials, scheduler="none"))
+        sh(project, sys.executable, "stages/prepare.py")
+        print(f"  [{name}]", flush=True)
+        wall, _ = drive(project, {}, kill_after)
+        if kill_after is not None:
+            resumed, lines = drive(project, {})
+            wall += resumed
+            out["repaired_line"] = next((x.strip() for x in lines if "newest checkpoint" in x), None)
+        steps, n = trained_steps(project)
+        checked = reports(project, f"sqlite:///{project / 'mlflow.db'}")
+        out[name] = {"wall_s": wall, "trial_steps": steps, "tune_reports": n, **checked}
+    out["trial_steps_ratio"] = out["killed"]["trial_steps"] / out["straight"]["trial_steps"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", choices=["single", "team", "kill"])
+    ap.add_argument("--trials", type=int, required=True)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="sweep-scale-", dir="/tmp"))
+    try:
+        result = {"single": single, "team": team, "kill": kill}[args.part](args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for k, v in result.items():
+        print(f"{k:>28}: {v}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
