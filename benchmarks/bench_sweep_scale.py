@@ -4,6 +4,7 @@ copy of the project), with real parts. Not a test: one run prints its figures (a
     python benchmarks/bench_sweep_scale.py single --trials 32   # one local Ray, SQLite MLflow store
     python benchmarks/bench_sweep_scale.py team --trials 256    # 2-node Ray, Postgres MLflow with auth, S3
     python benchmarks/bench_sweep_scale.py kill --trials 64     # SIGKILL the driver halfway, resume
+    python benchmarks/bench_sweep_scale.py pbt --trials 16      # PBT: mutated learning rates in the optimizers
 
 `single` and `team` run the same search (Optuna TPE + ASHA over lr_g, lr_d; 300 steps a trial, a report
 every 100; 2 trials at a time on 2 CPUs: one Ray node of 2, or two nodes of 1) and measure from MLflow:
@@ -210,14 +211,50 @@ def kill(args, tmp: Path) -> dict:
     return out
 
 
+def pbt(args, tmp: Path) -> dict:
+    """PBT over lr_g, lr_d with a population of `--trials`: every report's learning rates, read from the
+    optimizers (`opt/lr_*`), against the config Tune says the trial had then (mutated after each exploit),
+    and each exploit a resume from the donor's checkpoint (100 steps trained since it, not a restart)."""
+    from tests.integration.conftest import TINY, make_project, set_params, sh
+
+    project = make_project(tmp / "proj", TINY)
+    set_params(project, params(args.trials, scheduler="pbt", metric="w1"))
+    set_params(project, {"train": {"steps": 600, "ema": 0.999}})
+    sh(project, sys.executable, "stages/prepare.py")
+    wall, _ = drive(project, {})
+    rows = exploits = mismatched = from_scratch = 0
+    for result in (project / ".ganpipe/ray").glob("ganpipe-tune-*/run_trial_*/result.json"):
+        before = None
+        for line in result.read_text().splitlines():
+            r = json.loads(line)
+            rows += 1
+            lr = (r["config"]["train.lr_g"], r["config"]["train.lr_d"])
+            mismatched += any(abs(o - c) > 1e-9 * c for o, c in zip((r["opt/lr_g"], r["opt/lr_d"]), lr))
+            if before is not None and lr != before:  # an exploit: the donor's state, a mutated config
+                exploits += 1
+                from_scratch += r["steps_since_restore"] == r["step"]
+            before = lr
+    checked = reports(project, f"sqlite:///{project / 'mlflow.db'}")
+    return {
+        "part": "pbt",
+        "population": args.trials,
+        "wall_s": wall,
+        "reports_checked": rows,
+        "exploits": exploits,
+        "reports_whose_optimizer_lr_differs_from_config": mismatched,
+        "exploits_restarted_from_scratch": from_scratch,
+        **{k: checked[k] for k in ("nested_runs", "statuses")},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["single", "team", "kill"])
+    ap.add_argument("part", choices=["single", "team", "kill", "pbt"])
     ap.add_argument("--trials", type=int, required=True)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sweep-scale-", dir="/tmp"))
     try:
-        result = {"single": single, "team": team, "kill": kill}[args.part](args, tmp)
+        result = {"single": single, "team": team, "kill": kill, "pbt": pbt}[args.part](args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for k, v in result.items():

@@ -640,6 +640,14 @@ def progress_line(
     )
 
 
+def trial_position(trials: list, trial) -> int:
+    """A trial's number in the sweep, from 1, as in tune/trials.csv: its experiment tag's counter (the
+    `<n>` of its folder; the order the search created trials in, whatever their ids), else its place
+    in Tune's list."""
+    head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
+    return int(head) + 1 if head.isdigit() else trials.index(trial) + 1
+
+
 def progress_callback(cfg: Config):
     """A Tune callback that prints one line per trial that finishes, is stopped or fails (the sweep runs
     with Tune's own output off), with the running counts and an ETA. Tune pickles its callbacks with the
@@ -661,14 +669,14 @@ def progress_callback(cfg: Config):
             self.started.setdefault(trial.trial_id, time.monotonic())
 
         def _ended(self, trials, trial, status: str) -> None:
-            order, n = sorted(t.trial_id for t in trials), max(getattr(self, "total", total), len(trials))
+            n = max(getattr(self, "total", total), len(trials))
             # the trial that ends may not carry its final status yet
             final = "ERROR" if status in ("failed", "invalid") else "TERMINATED"
             counts = progress_counts([final if t is trial else t.status for t in trials], n)
             last = trial.last_result or {}
             since = self.started.get(trial.trial_id)
             line = progress_line(
-                order.index(trial.trial_id) + 1,
+                trial_position(trials, trial),
                 n,
                 trial.trial_id,
                 status,
@@ -687,10 +695,9 @@ def progress_callback(cfg: Config):
             self._ended(trials, trial, status)
 
         def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-            order = sorted(t.trial_id for t in trials)
             attempt = getattr(getattr(trial, "run_metadata", None), "num_failures", 0)
             print(
-                f"[tune] trial {order.index(trial.trial_id) + 1} {trial.trial_id} failed (its process, its node or its own error); "
+                f"[tune] trial {trial_position(trials, trial)} {trial.trial_id} failed (its process, its node or its own error); "
                 f"starting it again from its last checkpoint (failure {attempt} of train.max_failures "
                 f"{max_failures})",
                 flush=True,

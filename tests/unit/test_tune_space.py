@@ -264,3 +264,13 @@ def test_a_trial_is_named_and_ordered_by_its_folder_whatever_searched(folder, tr
 
     result = SimpleNamespace(path=f"bucket/ray/ganpipe-tune-grid-0123/{folder}")
     assert tune.trial_id(result) == trial and tune.trial_number(result) == number
+
+
+def test_a_trial_is_numbered_by_its_creation_not_its_id():
+    from types import SimpleNamespace
+
+    # Optuna's ids are random hex: sorting them would number the trials anyhow
+    trials = [SimpleNamespace(trial_id=i, experiment_tag=f"{n}_train_lr_g=0.001") for n, i in enumerate(["f0", "0a"])]
+    assert [tune.trial_position(trials, t) for t in trials] == [1, 2]
+    untagged = SimpleNamespace(trial_id="x", experiment_tag="")
+    assert tune.trial_position([*trials, untagged], untagged) == 3
