@@ -28,6 +28,14 @@ def newest_checkpoint(fs, trial_dir: str) -> str | None:
     return max(found)[1] if found else None
 
 
+def copy_checkpoint(fs, source: str, dest: str) -> None:
+    """Copy the checkpoint folder `source` to `dest` on `fs` (a local disk or a bucket)."""
+    import pyarrow.fs as pafs
+
+    fs.create_dir(dest, recursive=True)  # (pyarrow copies into a local folder only if it is there)
+    pafs.copy_files(source, dest, source_filesystem=fs, destination_filesystem=fs)
+
+
 def repair_pruned_checkpoints(experiment_path: str, fs=None) -> list[str]:
     """Give every unfinished trial of the sweep at `experiment_path` (a path on `fs`; None: the local
     disk) the checkpoint its last snapshot names, copied from its newest one where Tune pruned it after
@@ -56,7 +64,6 @@ def repair_pruned_checkpoints(experiment_path: str, fs=None) -> list[str]:
         newest = newest_checkpoint(fs, trial_dir)
         if newest is None:
             continue  # nothing to resume from: Tune reports the trial's error as it is
-        fs.create_dir(named, recursive=True)  # (pyarrow copies into a folder only if it is there)
-        pafs.copy_files(newest, named, source_filesystem=fs, destination_filesystem=fs)
+        copy_checkpoint(fs, newest, named)
         repaired.append(trial.trial_id)
     return repaired

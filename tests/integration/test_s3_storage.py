@@ -265,3 +265,33 @@ def test_an_s3_endpoint_that_stalls_mid_run_is_survived_or_named_and_the_rerun_r
         sh(reference, sys.executable, "stages/train.py", extra_env=AWS)  # never stalled
         got, want = (torch.load(p / "models/generator.pt", weights_only=True) for p in (project, reference))
         assert all(torch.equal(got["state_dict"][k], want["state_dict"][k]) for k in want["state_dict"])
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_a_pruned_checkpoint_is_given_back_from_the_newest_on_a_bucket_or_a_disk(
+    where: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """What a resumed sweep does for a trial whose snapshot names a checkpoint Tune has deleted since
+    (pipeline.sweep_state): the newest checkpoint by number (not by name) is copied under that name."""
+    import pyarrow.fs as pafs
+
+    from pipeline import distributed, sweep_state
+
+    if where == "s3":
+        s3_client(s3_endpoint).create_bucket(Bucket="team")
+        for k, v in AWS.items():  # pyarrow reads the credentials when it first calls S3
+            monkeypatch.setenv(k, v)
+        root, fs = distributed.storage_filesystem("s3://team/ray", s3_endpoint)
+    else:
+        root, fs = str(tmp_path), pafs.LocalFileSystem()
+    trial = f"{root}/sweep/run_trial_c5f4d_00001_1"
+    for n, body in ((9, b"older"), (10, b"newest"), (7, b"oldest")):
+        fs.create_dir(f"{trial}/checkpoint_{n:06d}", recursive=True)
+        with fs.open_output_stream(f"{trial}/checkpoint_{n:06d}/state.pt") as f:
+            f.write(body)
+    newest = sweep_state.newest_checkpoint(fs, trial)
+    assert newest.endswith("checkpoint_000010")
+    sweep_state.copy_checkpoint(fs, newest, f"{trial}/checkpoint_000008")
+    with fs.open_input_stream(f"{trial}/checkpoint_000008/state.pt") as f:
+        assert f.readall() == b"newest"
+    assert sweep_state.newest_checkpoint(fs, f"{root}/sweep/no_such_trial") is None
