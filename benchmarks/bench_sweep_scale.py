@@ -6,6 +6,7 @@ copy of the project), with real parts. Not a test: one run prints its figures (a
     python benchmarks/bench_sweep_scale.py team --trials 256 --storage local   # the same, checkpoints on disk
     python benchmarks/bench_sweep_scale.py kill --trials 64     # SIGKILL the driver halfway, resume
     python benchmarks/bench_sweep_scale.py pbt --trials 16      # PBT: mutated learning rates in the optimizers
+    python benchmarks/bench_sweep_scale.py spread --trials 2    # 2-worker trials over the 2 nodes, S3 storage
 
 `single` and `team` run the same search (Optuna TPE + ASHA over lr_g, lr_d; 300 steps a trial, a report
 every 100; 2 trials at a time on 2 CPUs: one Ray node of 2, or two nodes of 1) and measure from MLflow:
@@ -166,6 +167,63 @@ def team(args, tmp: Path) -> dict:
         stop_pg()
 
 
+def spread(args, tmp: Path) -> dict:
+    """Multi-worker trials (2 Ray Train workers of 1 CPU each) on the 2-node cluster of 1 CPU a node,
+    storage on S3 (moto), MLflow server: each trial's workers can only run one on each node."""
+    from pipeline.teamstack import start_stack
+    from tests.integration.conftest import TINY, free_port, make_project, set_params, sh, stop_group, wait_for_port
+    from tests.integration.test_tune_cluster import ray_node, wait_for_nodes
+
+    stack = start_stack(tmp / "stack")
+    nodes = []
+    try:
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+        env = stack.env()
+        head = ("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp_dir}")
+        nodes.append(ray_node(*head, extra_env=env))
+        wait_for_port(port)
+        nodes.append(ray_node(f"--address={address}", extra_env=env))
+        wait_for_nodes(address, 2)
+        project = make_project(tmp / "proj", TINY)
+        set_params(
+            project,
+            {
+                "tune": {
+                    "num_samples": 1,
+                    "scheduler": "none",
+                    "max_concurrent": 1,
+                    "search_space": {"train.lr_g": {"grid": [0.0005, 0.002][: max(1, min(args.trials, 2))]}},
+                },
+                "train": {"steps": 100, "checkpoint_every": 50, "num_workers": 2, "cpus_per_worker": 1},
+                "storage": {"root": f"s3://{stack.bucket}/ganpipe/ray", "s3_endpoint_url": stack.s3_endpoint_url},
+            },
+        )
+        sh(project, sys.executable, "stages/prepare.py", extra_env=env)
+        wall, _ = drive(project, {**env, "RAY_ADDRESS": address})
+        import ray
+        from ray.util.state import list_actors
+
+        ray.init(address=address, logging_level="ERROR")
+        try:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)
+        finally:
+            ray.shutdown()
+        out = reports(project, stack.tracking_uri)
+        return {
+            "part": "spread",
+            "wall_s": wall,
+            "train_workers": len(workers),
+            "worker_nodes": len({w.node_id for w in workers}),
+            **{k: out[k] for k in ("nested_runs", "statuses", "trials_with_wrong_reports")},
+        }
+    finally:
+        for node in reversed(nodes):
+            stop_group(node)
+        stack.stop()
+
+
 def requests_in(log: Path) -> int:
     """HTTP requests the MLflow server answered so far (its uvicorn access log lines)."""
     try:
@@ -249,13 +307,14 @@ def pbt(args, tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["single", "team", "kill", "pbt"])
+    ap.add_argument("part", choices=["single", "team", "kill", "pbt", "spread"])
     ap.add_argument("--trials", type=int, required=True)
     ap.add_argument("--storage", choices=["s3", "local"], default="s3", help="team: Ray's storage root")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sweep-scale-", dir="/tmp"))
     try:
-        result = {"single": single, "team": team, "kill": kill, "pbt": pbt}[args.part](args, tmp)
+        parts = {"single": single, "team": team, "kill": kill, "pbt": pbt, "spread": spread}
+        result = parts[args.part](args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for k, v in result.items():
