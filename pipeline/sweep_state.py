@@ -57,8 +57,11 @@ def repair_pruned_checkpoints(experiment_path: str, fs=None) -> list[str]:
         trial.restore_run_metadata(run_metadata)
         if trial.status == Trial.TERMINATED or trial.checkpoint is None:
             continue
-        trial_dir = f"{experiment_path.rstrip('/')}/{trial.storage.trial_dir_name}"
-        named = f"{trial_dir}/{PurePosixPath(trial.checkpoint.path).name}"
+        # where the checkpoint lies now: its own folder, or a PBT donor's, under this experiment path (the
+        # snapshot holds the path the sweep had then, which may have moved)
+        saved = PurePosixPath(trial.checkpoint.path)
+        trial_dir = f"{experiment_path.rstrip('/')}/{saved.parent.name}"
+        named = f"{trial_dir}/{saved.name}"
         if fs.get_file_info(named).type != pafs.FileType.NotFound:
             continue
         newest = newest_checkpoint(fs, trial_dir)
