@@ -146,6 +146,36 @@ def resolve_use_gpu(cfg: Config) -> bool:
     return use
 
 
+def node_id() -> str:
+    """The Ray node this process runs on (a trial's `ganpipe.node` tag: where it first ran)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def check_tracking_here(uri: str, who: str) -> None:
+    """A trial, or rank 0 of a training, reaches the MLflow server with the credentials of its own
+    process, which on a cluster has the environment of the `ray start` that started its node, not the
+    driver's: say so on its first request rather than with MLflow's bare 401. A server that is away is
+    not an error here (the metrics wait for it: tracking.MetricBuffer)."""
+    import ray
+
+    from pipeline import tracking
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        tracking.check_credentials(uri)
+    except tracking.CredentialsRefused as e:
+        where = f"Ray node {node_id()[:12]}" if ray.is_initialized() else "its Ray node"
+        raise ConnectionError(
+            f"{e} (from {who} on {where}: a Ray worker runs in the environment its node was started with; "
+            "start every node's `ray start` with the MLflow credentials exported)"
+        ) from None
+    except ConnectionError:
+        pass
+
+
 def storage_filesystem(root: str, endpoint_url: str | None):
     """(storage_path, pyarrow filesystem or None) for Ray's RunConfig.
 
@@ -307,6 +337,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     metrics = None
     if rank == 0:
+        check_tracking_here(job.tracking_uri, "rank 0 of the training")
         metrics = MetricBuffer(job.tracking_uri, job.run_id, job.spill_path, cfg.tracking.flush_timeout_s)
     progress = _Progress(cfg.train.steps, gan.step)
     comm = Collectives(world, session.device)

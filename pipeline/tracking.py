@@ -57,6 +57,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     check_credentials(uri, timeout)
 
 
+class CredentialsRefused(ConnectionError):
+    """The MLflow server answered, and refused who we are (401) or what we may do (403)."""
+
+
 def check_credentials(uri: str, timeout: float = 5.0, env: dict[str, str] | None = None) -> None:
     """One authenticated call (a one-row experiment search), so that a wrong user or password stops
     the stage before any work, not at its first logged value. Credentials are MLflow's own:
@@ -75,12 +79,12 @@ def check_credentials(uri: str, timeout: float = 5.0, env: dict[str, str] | None
         urllib.request.urlopen(req, timeout=timeout).close()
     except urllib.error.HTTPError as e:  # any other answer: the server took the credentials
         if e.code == 401:
-            raise ConnectionError(
+            raise CredentialsRefused(
                 f"tracking.uri: the MLflow server at {redact(uri)} refused the credentials ({who}); set "
                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to a valid user"
             ) from None
         if e.code == 403:
-            raise ConnectionError(
+            raise CredentialsRefused(
                 f"tracking.uri: the MLflow server at {redact(uri)} took the credentials ({who}) but denies "
                 "them access to experiments"
             ) from None

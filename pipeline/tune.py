@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, datasets, extras, metrics_image, monitor, runtime, sweep_state
+from pipeline import data, datasets, distributed, extras, metrics_image, monitor, runtime, sweep_state
 from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
 from pipeline.objectives import objective
 from pipeline.runtime import WorkerData
@@ -223,35 +223,10 @@ def trial_tags(job: SweepJob, overrides: dict[str, Any]) -> dict[str, str]:
     return {"ganpipe.identity": identity.key({"sweep": job.sweep_name, "trial": overrides})}
 
 
-def node_id() -> str:
-    """The Ray node this process runs on (a trial's `ganpipe.node` tag: where it first ran)."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
-
-
 def own_checkpoint(checkpoint, trial_id: str) -> bool:
     """Whether a trial restores from a checkpoint of its own (Tune keeps them in a folder named with the
     trial's id), not from a PBT donor's or none."""
     return checkpoint is not None and trial_id in PurePosixPath(checkpoint.path).parent.name
-
-
-def check_tracking_here(uri: str) -> None:
-    """A trial reaches the sweep's MLflow server with the credentials of its own process, which on a
-    cluster has the environment of the `ray start` that started its node, not the driver's: say so on
-    the trial's first request rather than with MLflow's bare 401."""
-    import ray
-
-    from pipeline import tracking
-
-    try:
-        tracking.check_reachable(uri)
-    except ConnectionError as e:
-        where = f"Ray node {node_id()[:12]}" if ray.is_initialized() else "its Ray node"
-        raise ConnectionError(
-            f"{e} (from the trial on {where}: a trial runs in the environment its node was started with; "
-            "start every node's `ray start` with the MLflow credentials exported)"
-        ) from None
 
 
 def run_trial(config: dict[str, Any], job: SweepJob) -> None:
@@ -267,7 +242,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         raise InvalidTrial(f"{_combo(overrides)}: {str(e).splitlines()[0]}") from None
     if cfg.train.num_workers > 1:
         return _fit_trial(cfg, overrides, job)
-    check_tracking_here(job.tracking_uri)
+    distributed.check_tracking_here(job.tracking_uri, "the trial")
     worker = runtime.Worker(cfg, job.data, runtime.tune_session())
     ctx = tune.get_context()
     run_id = tracking.nested_run(
@@ -277,7 +252,7 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
         ctx.get_trial_id(),
         trial_run_name(job, ctx.get_trial_name()),
         overrides,
-        {**trial_tags(job, overrides), "ganpipe.node": node_id()},
+        {**trial_tags(job, overrides), "ganpipe.node": distributed.node_id()},
     )
     hp = {f"hp/{k}": float(v) for k, v in overrides.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     last: dict[str, float] = {}
@@ -338,7 +313,7 @@ def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
 
     from pipeline import distributed, tracking, training
 
-    check_tracking_here(job.tracking_uri)
+    distributed.check_tracking_here(job.tracking_uri, "the trial")
     ctx = tune.get_context()
     run_id = tracking.nested_run(
         job.tracking_uri,

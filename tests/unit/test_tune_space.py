@@ -225,6 +225,9 @@ def test_a_trial_refused_by_the_tracking_server_says_where_its_credentials_come_
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
+    from pipeline import distributed
+    from pipeline.teamstack import free_port
+
     class Refuse(BaseHTTPRequestHandler):  # an MLflow server with basic auth, to a client without credentials
         def do_GET(self):
             self.send_response(200 if self.path == "/health" else 401)
@@ -245,8 +248,10 @@ def test_a_trial_refused_by_the_tracking_server_says_where_its_credentials_come_
             with pytest.MonkeyPatch.context() as mp:
                 for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
                     mp.delenv(k, raising=False)
-                tune.check_tracking_here(uri)
-        tune.check_tracking_here("sqlite:///nowhere.db")  # a local store needs no credentials
+                distributed.check_tracking_here(uri, "the trial")
+        distributed.check_tracking_here("sqlite:///nowhere.db", "the trial")  # a local store needs no credentials
+        # a server that is away is no error here: a training's metrics wait for it
+        distributed.check_tracking_here(f"http://127.0.0.1:{free_port()}", "rank 0 of the training")
     finally:
         server.shutdown()
 
