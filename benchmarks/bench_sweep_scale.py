@@ -216,7 +216,9 @@ def spread(args, tmp: Path) -> dict:
             "part": "spread",
             "wall_s": wall,
             "cpus_per_node": cpus,
-            **{k: out[k] for k in ("nested_runs", "statuses", "trials_with_wrong_reports")},
+            # (a multi-worker trial reports val/w1 every checkpoint_every: `reports`' check of w1 every 100
+            # steps does not apply; tests/integration/test_tune.py checks those)
+            **{k: out[k] for k in ("nested_runs", "statuses")},
         }
     finally:
         for node in reversed(nodes):
