@@ -107,6 +107,24 @@ def reports(project: Path, uri: str) -> dict:
     }
 
 
+def two_nodes(env: dict[str, str], nodes: list) -> str:
+    """Start a Ray cluster of two raylets of one CPU each, their `ray start` given `env` (appended to
+    `nodes`, for the caller to stop); returns its address."""
+    from tests.integration.conftest import free_port, wait_for_port
+    from tests.integration.test_tune_cluster import ray_node, wait_for_nodes
+
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths are short
+    nodes.append(
+        ray_node("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp_dir}", extra_env=env)
+    )
+    wait_for_port(port)
+    nodes.append(ray_node(f"--address={address}", extra_env=env))
+    wait_for_nodes(address, 2)
+    return address
+
+
 def single(args, tmp: Path) -> dict:
     from tests.integration.conftest import TINY, make_project, set_params, sh
 
@@ -120,22 +138,14 @@ def single(args, tmp: Path) -> dict:
 
 def team(args, tmp: Path) -> dict:
     from pipeline.teamstack import auth_unavailable, start_postgres, start_stack
-    from tests.integration.conftest import TINY, free_port, make_project, set_params, sh, stop_group, wait_for_port
-    from tests.integration.test_tune_cluster import ray_node, wait_for_nodes
+    from tests.integration.conftest import TINY, make_project, set_params, sh, stop_group
 
     uri, stop_pg = start_postgres(tmp / "pg")
     stack = start_stack(tmp / "stack", postgres_uri=uri, auth=auth_unavailable() is None)
     nodes = []
     try:
-        port = free_port()
-        address = f"127.0.0.1:{port}"
-        temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths are short
         env = stack.env()  # the team's exported settings, in each node's `ray start` too (trials run there)
-        head = ("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp_dir}")
-        nodes.append(ray_node(*head, extra_env=env))
-        wait_for_port(port)
-        nodes.append(ray_node(f"--address={address}", extra_env=env))
-        wait_for_nodes(address, 2)
+        address = two_nodes(env, nodes)
         project = make_project(tmp / "proj", TINY)
         # the nodes share this machine's disk: `--storage local` takes S3 (moto) out of the measure
         storage = {"root": f"s3://{stack.bucket}/ganpipe/ray", "s3_endpoint_url": stack.s3_endpoint_url}
@@ -171,21 +181,13 @@ def spread(args, tmp: Path) -> dict:
     """Multi-worker trials (2 Ray Train workers of 1 CPU each) on the 2-node cluster of 1 CPU a node,
     storage on S3 (moto), MLflow server: each trial's workers can only run one on each node."""
     from pipeline.teamstack import start_stack
-    from tests.integration.conftest import TINY, free_port, make_project, set_params, sh, stop_group, wait_for_port
-    from tests.integration.test_tune_cluster import ray_node, wait_for_nodes
+    from tests.integration.conftest import TINY, make_project, set_params, sh, stop_group
 
     stack = start_stack(tmp / "stack")
     nodes = []
     try:
-        port = free_port()
-        address = f"127.0.0.1:{port}"
-        temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
         env = stack.env()
-        head = ("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp_dir}")
-        nodes.append(ray_node(*head, extra_env=env))
-        wait_for_port(port)
-        nodes.append(ray_node(f"--address={address}", extra_env=env))
-        wait_for_nodes(address, 2)
+        address = two_nodes(env, nodes)
         project = make_project(tmp / "proj", TINY)
         set_params(
             project,
