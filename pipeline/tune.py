@@ -311,7 +311,7 @@ def _fit_trial(cfg: Config, overrides: dict[str, Any], job: SweepJob) -> None:
     resumed sweep resumes it too), evaluated at every checkpoint, reporting to Tune via a callback."""
     from ray import tune
 
-    from pipeline import distributed, tracking, training
+    from pipeline import tracking, training
 
     distributed.check_tracking_here(job.tracking_uri, "the trial")
     ctx = tune.get_context()

@@ -144,7 +144,7 @@ def _sweep(
             failed = [r for r in rows if r["status"] == "failed"]
             raise RuntimeError(
                 f"every trial failed; the first: {failed[0]['error']}"
-                if len(failed) == len(rows)
+                if failed and len(failed) == len(rows)
                 else f"no trial reported a finite {cfg.tune.metric} without collapsing or diverging; the nested runs "
                 f"of the MLflow sweep run {parent} hold each trial's status and ganpipe.diagnosis"
             )
