@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,18 +73,33 @@ def set_params(project: Path, update: dict) -> None:
     path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), update), sort_keys=False))
 
 
+_TEMPLATE: list[Path] = []
+
+
+def _template() -> Path:
+    """This checkout's code, params.yaml and dvc.yaml in a fresh git + DVC repository, nothing committed:
+    made once per test process (`dvc init` alone takes seconds) and copied by `make_project`."""
+    if not _TEMPLATE:
+        base = Path(tempfile.mkdtemp(prefix="ganpipe-template-"))
+        atexit.register(shutil.rmtree, base, True)
+        t = base / "proj"
+        t.mkdir()
+        for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
+            shutil.copy(ROOT / name, t / name)
+        for d in ("pipeline", "stages", "presets", "data/inputs"):
+            shutil.copytree(ROOT / d, t / d, ignore=shutil.ignore_patterns("__pycache__"))
+        sh(t, "git", "init", "-q")
+        sh(t, "dvc", "init", "-q")
+        _TEMPLATE.append(t)
+    return _TEMPLATE[0]
+
+
 def make_project(proj: Path, params: dict | None = None) -> Path:
     """A git + DVC repository at `proj` holding this checkout's code, params.yaml (with `params`
     merged in) and dvc.yaml, committed; no stores, no outputs."""
-    proj.mkdir()
-    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, proj / name)
-    for d in ("pipeline", "stages", "presets", "data/inputs"):
-        shutil.copytree(ROOT / d, proj / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(_template(), proj, symlinks=True)
     if params:
         set_params(proj, params)
-    sh(proj, "git", "init", "-q")
-    sh(proj, "dvc", "init", "-q")
     sh(proj, "git", "add", "-A")
     sh(proj, "git", "commit", "-qm", "init")
     return proj
