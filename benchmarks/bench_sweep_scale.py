@@ -153,10 +153,10 @@ def team(args, tmp: Path) -> dict:
             storage = {"root": str(tmp / "ray")}
         set_params(project, {**params(args.trials, search_alg="optuna", scheduler="asha"), "storage": storage})
         sh(project, sys.executable, "stages/prepare.py", extra_env=env)
-        log = stack.workdir / "mlflow.log"
-        before = requests_in(log)
+        log, s3_log = stack.workdir / "mlflow.log", stack.workdir / "moto.log"
+        before, s3_before = requests_in(log), requests_in(s3_log)
         wall, _ = drive(project, {**env, "RAY_ADDRESS": address})
-        requests = requests_in(log) - before
+        requests, s3_requests = requests_in(log) - before, requests_in(s3_log) - s3_before
         os.environ.update({k: v for k, v in env.items() if k.startswith("MLFLOW_TRACKING_")})
         out = reports(project, stack.tracking_uri)
         return {
@@ -166,6 +166,7 @@ def team(args, tmp: Path) -> dict:
             "wall_s": wall,
             "server_requests": requests,
             "requests_per_s": requests / wall,
+            "s3_requests": s3_requests,  # all of moto's: Tune's snapshots and checkpoints, DVC's, MLflow's artifacts
             "backend": uri.split("://")[0],
             "auth": stack.auth,
             **out,
@@ -229,7 +230,7 @@ def spread(args, tmp: Path) -> dict:
 
 
 def requests_in(log: Path) -> int:
-    """HTTP requests the MLflow server answered so far (its uvicorn access log lines)."""
+    """HTTP requests a server answered so far (its access log lines: MLflow's uvicorn, moto's werkzeug)."""
     try:
         return sum('HTTP/1.1"' in line for line in log.read_text(errors="replace").splitlines())
     except OSError:
