@@ -189,19 +189,34 @@ def _split(
 @dataclass(frozen=True)
 class StoreFile:
     """A memory-mapped store array, handed to Ray workers by path: each maps the file itself, so
-    the data are neither copied into the object store nor held in any process's private memory."""
+    the data are neither copied into the object store nor held in any process's private memory.
+    When the store was also shipped through storage.root (pipeline.store_shipping.publish), `remote`,
+    `sha256` and `size` say where a node without the file at `path` fetches it, and what it must be."""
 
     path: str
+    remote: str | None = None  # s3://<storage.root>/stores/<sha256>.npy
+    sha256: str | None = None
+    size: int | None = None
+    endpoint: str | None = None  # the S3 endpoint (None: AWS)
 
-    def open(self) -> np.ndarray:
-        if not Path(self.path).is_file():
+    def local(self) -> bool:
+        """Whether this node has the store at `path` (the same machine or a shared path; when the store
+        was shipped, a file of another size there is another store, not this one)."""
+        path = Path(self.path)
+        return path.is_file() and (self.size is None or path.stat().st_size == self.size)
+
+    def open(self, fetched: str | Path | None = None) -> np.ndarray:
+        """Map the store: the file at `path`, or `fetched`, this node's copy of `remote`
+        (pipeline.store_shipping.open_store fetches it)."""
+        if fetched is None and not self.local():
             import socket
 
             raise DataError(
                 f"{self.path}: the prepared image store is not on this node ({socket.gethostname()}); "
-                "run the workers where data/prepared is, or on a shared path"
+                "run the workers where data/prepared is, on a shared path, or set storage.root to an "
+                "s3:// URI: the store is then shipped to the other nodes"
             )
-        return np.load(self.path, mmap_mode="c")  # copy-on-write: writable for torch, never written back
+        return np.load(fetched or self.path, mmap_mode="c")  # copy-on-write: writable for torch, never written back
 
 
 def shippable(a: np.ndarray | None):
@@ -213,7 +228,7 @@ def shippable(a: np.ndarray | None):
 
 
 def unship(a):
-    """The worker's side of `shippable`."""
+    """The worker's side of `shippable` (a store at its path; runtime.as_tensor also fetches a shipped one)."""
     return a.open() if isinstance(a, StoreFile) else a
 
 

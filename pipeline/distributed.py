@@ -153,6 +153,13 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def other_nodes() -> bool:
+    """Whether the Ray cluster this process is connected to has live nodes besides this one."""
+    import ray
+
+    return any(n.get("Alive") and n["NodeID"] != node_id() for n in ray.nodes())
+
+
 def check_tracking_here(uri: str, who: str) -> None:
     """A trial, or rank 0 of a training, reaches the MLflow server with the credentials of its own
     process, which on a cluster has the environment of the `ray start` that started its node, not the

@@ -63,6 +63,7 @@ NOT_RESULT_SHAPING = {
     "pipeline/protocol.py": "names how figures are measured; the extractor's hash enters the identity as a value",
     "pipeline/s3.py": "storage I/O",
     "pipeline/secrets.py": "redaction",
+    "pipeline/store_shipping.py": "moves the prepared store to the nodes, verified by hash (not what it holds)",
     "pipeline/sweep_state.py": "makes a killed sweep's state restorable (which checkpoint, not what it holds)",
     "pipeline/tracking.py": "MLflow",
     "stages/common.py": "paths, Ray start-up, the tracking URI",

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, training
+from pipeline import data, store_shipping, training
 from pipeline.config import Config
 from pipeline.objectives import objective
 from pipeline.outputs import load_tensors
@@ -48,11 +48,12 @@ class WorkerData:
 
 
 def as_tensor(shipped) -> torch.Tensor | None:
-    """A shipped array as a tensor: a memory-mapped store is mapped (no copy), anything else copied
-    (arrays from Ray's object store are read-only)."""
+    """A shipped array as a tensor: a memory-mapped store is mapped (no copy; fetched first on a node
+    without it, when it was shipped through storage.root), anything else copied (arrays from Ray's
+    object store are read-only)."""
     if shipped is None:
         return None
-    a = data.unship(shipped)
+    a = store_shipping.open_store(shipped) if isinstance(shipped, data.StoreFile) else shipped
     return torch.from_numpy(a) if isinstance(a, np.memmap) else torch.tensor(a)
 
 

@@ -184,3 +184,40 @@ class Reader:
     def list(self, uri: str) -> list[str]:
         bucket, _ = split(uri)
         return [f"s3://{bucket}/{k}" for k in list_keys(uri, self.endpoint)]
+
+
+def object_metadata(uri: str, endpoint: str | None, what: str) -> dict[str, str] | None:
+    """The user metadata of the object at `uri` (x-amz-meta-*), or None if there is no such object."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split(uri)
+    try:
+        return client(endpoint).head_object(Bucket=bucket, Key=key).get("Metadata", {})
+    except ClientError as e:
+        if str(e.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise _explain(e, what, uri, endpoint) from None
+    except BotoCoreError as e:
+        raise _explain(e, what, uri, endpoint) from None
+
+
+def upload_file(path: str | os.PathLike, uri: str, endpoint: str | None, what: str, metadata: dict[str, str]) -> None:
+    """Upload a local file to `uri` (multipart for large files), with user `metadata`."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split(uri)
+    try:
+        client(endpoint).upload_file(str(path), bucket, key, ExtraArgs={"Metadata": metadata})
+    except (BotoCoreError, ClientError) as e:
+        raise _explain(e, what, uri, endpoint) from None
+
+
+def download_file(uri: str, path: str | os.PathLike, endpoint: str | None, what: str) -> None:
+    """Download the object at `uri` to the local file `path` (ranged, in parallel, for large objects)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split(uri)
+    try:
+        client(endpoint).download_file(bucket, key, str(path))
+    except (BotoCoreError, ClientError) as e:
+        raise _explain(e, what, uri, endpoint) from None

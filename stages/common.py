@@ -148,6 +148,17 @@ def start_ray(cfg: Config, uri: str) -> str:
     return done
 
 
+def ship_data(cfg: Config, stage: str, shipped):
+    """The workers' data (runtime.WorkerData), its image stores also shipped through storage.root when
+    it is on S3 and the Ray cluster has other nodes, which may not share this disk (pipeline.store_shipping)."""
+    from pipeline import distributed, store_shipping
+
+    root = cfg.storage.root
+    others = root.startswith("s3://") and distributed.other_nodes()
+    endpoint = s3.endpoint_url(cfg.storage.s3_endpoint_url)
+    return store_shipping.ship(shipped, root, endpoint, others, say=lambda m: print(f"[{stage}] {m}", flush=True))
+
+
 UNSENT_DIR = ".ganpipe/unsent-metrics"
 
 

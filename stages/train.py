@@ -116,16 +116,17 @@ def _train_in_run(
     spill = common.spill_path(run_id)
     t0 = time.perf_counter()
     try:
+        shipped = runtime.WorkerData.ship(
+            prepared.x_train,
+            y=prepared.y_train,
+            num_classes=prepared.manifest["classes"],
+            x_b=prepared.b.x_train if obj.domains == 2 else None,
+            heldout=prepared.x_val if obj.labels else None,  # the monitor's held-out reals
+            heldout_y=prepared.y_val,
+        )
         state, result_path = distributed.fit(
             cfg,
-            runtime.WorkerData.ship(
-                prepared.x_train,
-                y=prepared.y_train,
-                num_classes=prepared.manifest["classes"],
-                x_b=prepared.b.x_train if obj.domains == 2 else None,
-                heldout=prepared.x_val if obj.labels else None,  # the monitor's held-out reals
-                heldout_y=prepared.y_val,
-            ),
+            common.ship_data(cfg, "train", shipped),
             tracking_uri=uri,
             run_id=run_id,
             name=name,

@@ -104,13 +104,17 @@ def _sweep(
         job = tune.SweepJob(
             base_raw=cfg.to_dict(),  # the resolved params (storage root anchored at the repository root)
             keys=list(parsed),
-            data=runtime.WorkerData.ship(
-                prepared.x_train,
-                y=prepared.y_train,
-                num_classes=prepared.manifest["classes"],
-                x_b=None if b is None else b.x_train,
-                heldout=prepared.x_val,  # a store by path, as x_train
-                heldout_y=prepared.y_val,
+            data=common.ship_data(
+                cfg,
+                "tune",
+                runtime.WorkerData.ship(
+                    prepared.x_train,
+                    y=prepared.y_train,
+                    num_classes=prepared.manifest["classes"],
+                    x_b=None if b is None else b.x_train,
+                    heldout=prepared.x_val,  # a store by path, as x_train
+                    heldout_y=prepared.y_val,
+                ),
             ),
             live=live,
             tracking_uri=uri,

@@ -314,3 +314,58 @@ def test_a_pruned_checkpoint_is_given_back_from_the_newest_on_a_bucket_or_a_disk
     prune.on_checkpoint(0, [], SimpleNamespace(checkpoint=None), at[10])  # a trial's first checkpoint
     assert fs.get_file_info(donor).type == pafs.FileType.Directory
 
+
+def test_an_image_store_is_shipped_once_through_storage_root_and_fetched_once_per_node_by_hash(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A node that does not share the driver's disk maps the prepared image store from its own copy,
+    fetched from storage.root on S3 once and checked by SHA-256; the driver sends it once
+    (pipeline.store_shipping)."""
+    from dataclasses import replace
+
+    import numpy as np
+    import torch
+
+    from pipeline import runtime, store_shipping
+    from pipeline.datasets import DataError
+
+    s3 = s3_client(s3_endpoint)
+    s3.create_bucket(Bucket="team")
+    for k, v in AWS.items():
+        monkeypatch.setenv(k, v)
+    cache = tmp_path / "node-cache"
+    monkeypatch.setenv(store_shipping.CACHE_ENV, str(cache))
+    images = np.random.default_rng(0).integers(0, 256, (50, 3, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "x_train.npy", images)
+    store = np.load(tmp_path / "x_train.npy", mmap_mode="r")
+    said: list[str] = []
+
+    def ship(other_nodes: bool) -> runtime.WorkerData:
+        return store_shipping.ship(
+            runtime.WorkerData.ship(store), "s3://team/ray", s3_endpoint, other_nodes, say=said.append
+        )
+
+    assert ship(False).x.remote is None and not said  # one node: nothing to ship
+    x = ship(True).x
+    sha = store_shipping.sha256_file(tmp_path / "x_train.npy")
+    assert x.remote == f"s3://team/ray/stores/{sha}.npy" and x.sha256 == sha, x
+    assert "shipping the image store x_train.npy" in said[0], said
+    key = f"ray/stores/{sha}.npy"
+    sent = s3.head_object(Bucket="team", Key=key)["LastModified"]
+    assert ship(True).x == x and "is on s3://team/ray/stores/" in said[1], said  # a rerun sends nothing
+    assert s3.head_object(Bucket="team", Key=key)["LastModified"] == sent
+
+    assert torch.equal(runtime.as_tensor(x), torch.from_numpy(images))  # the driver's node: its own file
+    assert not cache.exists()
+    elsewhere = replace(x, path=str(tmp_path / "another-node" / "x_train.npy"))  # not at the driver's path
+    assert torch.equal(runtime.as_tensor(elsewhere), torch.from_numpy(images))
+    assert sorted(p.name for p in cache.iterdir()) == [f"{sha}.lock", f"{sha}.npy"]
+    s3.delete_object(Bucket="team", Key=key)  # once per node: the next worker maps the node's copy
+    assert torch.equal(runtime.as_tensor(elsewhere), torch.from_numpy(images))
+
+    # a store changed on storage is refused by its hash, and nothing half-fetched stays on the node
+    (cache / f"{sha}.npy").unlink()
+    s3.put_object(Bucket="team", Key=key, Body=b"not the store")
+    with pytest.raises(DataError, match=r"has SHA-256 .* not .* as shipped"):
+        runtime.as_tensor(elsewhere)
+    assert sorted(p.name for p in cache.iterdir()) == [f"{sha}.lock"]

@@ -74,6 +74,9 @@ def test_a_sweep_spreads_over_two_nodes_keeps_checkpoints_on_s3_and_outlives_a_d
         wait_for_port(port)
         nodes.append(ray_node(f"--address={address}"))
         wait_for_nodes(address, 2)
+        # what tells the stages to ship an image store through storage.root (pipeline.store_shipping)
+        probe = f"import ray; from pipeline import distributed; ray.init(address={address!r}); print(distributed.other_nodes())"
+        assert sh(project, sys.executable, "-c", probe).stdout.split()[-1:] == ["True"]
         sh(project, sys.executable, "stages/prepare.py")
         space = {"train.lr_g": {"loguniform": [5e-4, 2e-3]}}
         set_params(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-IO = {"tracking", "registry", "s3", "teamstack", "outputs", "lease", "plots", "export"}
+IO = {"tracking", "registry", "s3", "teamstack", "outputs", "lease", "plots", "export", "store_shipping"}
 RUNTIME = {"runtime", "distributed", "tune", "sweep_state"}
 RANK = {"core": 0, "io": 1, "runtime": 2, "entry": 3}
 
