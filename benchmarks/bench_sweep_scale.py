@@ -4,6 +4,7 @@ copy of the project), with real parts. Not a test: one run prints its figures (a
     python benchmarks/bench_sweep_scale.py single --trials 32   # one local Ray, SQLite MLflow store
     python benchmarks/bench_sweep_scale.py team --trials 256    # 2-node Ray, Postgres MLflow with auth, S3
     python benchmarks/bench_sweep_scale.py team --trials 256 --storage local   # the same, checkpoints on disk
+    python benchmarks/bench_sweep_scale.py team --trials 64 --kill-node 32   # the worker node dies halfway
     python benchmarks/bench_sweep_scale.py kill --trials 64     # SIGKILL the driver halfway, resume
     python benchmarks/bench_sweep_scale.py pbt --trials 16      # PBT: mutated learning rates in the optimizers
     python benchmarks/bench_sweep_scale.py spread --trials 2    # 2-worker trials over the 2 nodes, S3 storage
@@ -45,9 +46,12 @@ def params(trials: int, **tune) -> dict:
     }
 
 
-def drive(project: Path, extra_env: dict[str, str], kill_after: int | None = None) -> tuple[float, list[str]]:
+def drive(
+    project: Path, extra_env: dict[str, str], kill_after: int | None = None, on_ended=None
+) -> tuple[float, list[str]]:
     """Run the tune stage, echoing its progress lines; with `kill_after`, SIGKILL it (and its process
-    group: the local Ray it started) once that many trials have ended. Returns (wall s, output lines)."""
+    group: the local Ray it started) once that many trials have ended; `on_ended(n)` is called as the
+    n-th trial ends. Returns (wall s, output lines)."""
     from tests.integration.conftest import spawn, stop_group
 
     t0 = time.perf_counter()
@@ -58,7 +62,10 @@ def drive(project: Path, extra_env: dict[str, str], kill_after: int | None = Non
             lines.append(line)
             if line.startswith("[tune]"):
                 print("   ", line.rstrip(), flush=True)
-            ended += line.startswith("[tune] trial ") and " again " not in line
+            if line.startswith("[tune] trial ") and " again " not in line:
+                ended += 1
+                if on_ended is not None:
+                    on_ended(ended)
             if kill_after is not None and ended >= kill_after:
                 os.killpg(driver.pid, signal.SIGKILL)
                 break
@@ -155,7 +162,12 @@ def team(args, tmp: Path) -> dict:
         sh(project, sys.executable, "stages/prepare.py", extra_env=env)
         log, s3_log = stack.workdir / "mlflow.log", stack.workdir / "moto.log"
         before, s3_before = requests_in(log), requests_in(s3_log)
-        wall, _ = drive(project, {**env, "RAY_ADDRESS": address})
+
+        def kill_node(ended: int) -> None:  # the worker node dies (its raylet and every trial on it)
+            if ended == args.kill_node:
+                os.killpg(nodes[1].pid, signal.SIGKILL)
+
+        wall, lines = drive(project, {**env, "RAY_ADDRESS": address}, on_ended=kill_node)
         requests, s3_requests = requests_in(log) - before, requests_in(s3_log) - s3_before
         os.environ.update({k: v for k, v in env.items() if k.startswith("MLFLOW_TRACKING_")})
         out = reports(project, stack.tracking_uri)
@@ -166,6 +178,8 @@ def team(args, tmp: Path) -> dict:
             "wall_s": wall,
             "server_requests": requests,
             "requests_per_s": requests / wall,
+            "node_killed_after_trials": args.kill_node,
+            "trial_restarts": sum(" again " in line for line in lines),
             "s3_requests": s3_requests,  # all of moto's: Tune's snapshots and checkpoints, DVC's, MLflow's artifacts
             "backend": uri.split("://")[0],
             "auth": stack.auth,
@@ -315,6 +329,7 @@ def main() -> None:
     ap.add_argument("part", choices=["single", "team", "kill", "pbt", "spread"])
     ap.add_argument("--trials", type=int, required=True)
     ap.add_argument("--storage", choices=["s3", "local"], default="s3", help="team: Ray's storage root")
+    ap.add_argument("--kill-node", type=int, default=None, help="team: SIGKILL the worker node once N trials ended")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sweep-scale-", dir="/tmp"))
     try:
