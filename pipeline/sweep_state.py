@@ -1,18 +1,23 @@
-"""The checkpoints a sweep keeps on storage, and what a killed driver leaves of them, made restorable.
+"""What a killed driver leaves of a sweep, made restorable.
 
-Each trial keeps its newest checkpoint only: `prune_older_checkpoints` deletes the one before as soon as
-Tune registers a new one. (Tune's own `CheckpointConfig(num_to_keep)` would do the same, but it then
-forces a snapshot of the sweep after every trial checkpoint, and a snapshot uploads the sweep's whole
-folder, every trial's files: O(trials) requests per checkpoint, so O(trials^2) per sweep, which on S3
-took a 256-trial sweep to 111,828 requests by its 75th trial. Without it Tune snapshots every 10 s or
-more, 5% of the time at most.) The sweep's last snapshot may therefore name a checkpoint deleted since;
-`Tuner.restore` would then fail that trial ("Could not recover from checkpoint as it does not exist on
-storage anymore"), though a newer checkpoint of it lies in its folder.
+Tune keeps each trial's newest checkpoints (`CheckpointConfig(num_to_keep)`) and deletes the older ones
+the moment a new one is registered, but it snapshots the sweep (experiment_state-*.json) only every
+10 s or so, a moment after. A driver killed between the two leaves a snapshot that names a checkpoint
+no longer on storage; `Tuner.restore` then fails that trial ("Could not recover from checkpoint as it
+does not exist on storage anymore"), though a newer checkpoint of it lies in its folder.
 
 `repair_pruned_checkpoints` reads the newest snapshot with Tune's own loader and, for each trial to be
 resumed whose named checkpoint is gone, copies the trial's newest checkpoint under that name. The trial
 then resumes from its newest state: nothing it trained is redone and nothing it reported is reported
-again. Local folders and S3 alike (any pyarrow filesystem)."""
+again. Local folders and S3 alike (any pyarrow filesystem).
+
+`num_to_keep` costs: it also makes Tune snapshot the sweep after every trial checkpoint, and each
+snapshot uploads the driver's whole staging folder (every trial's result.json, progress.csv, params.*),
+so a sweep's uploads grow with trials x checkpoints x trials (on moto's S3, 111,828 requests by the 75th
+trial of 256). Dropping it for a callback that deletes the older checkpoint was tried and reverted: the
+snapshots then come every 10 s or more, and a trial whose first checkpoint came after the last one is
+restored with none and trains (and reports to MLflow) again from step 0
+(test_a_killed_driver_resumes_the_sweep_with_no_trial_lost_or_repeated caught it)."""
 
 from __future__ import annotations
 
@@ -37,27 +42,6 @@ def copy_checkpoint(fs, source: str, dest: str) -> None:
 
     fs.create_dir(dest, recursive=True)  # (pyarrow copies into a local folder only if it is there)
     pafs.copy_files(source, dest, source_filesystem=fs, destination_filesystem=fs)
-
-
-def prune_older_checkpoints():
-    """A Tune callback that deletes a trial's previous checkpoint once Tune has its new one (on the
-    driver; local disk or S3 alike). Only the trial's own: a checkpoint it was restored from that lies in
-    another trial's folder (a PBT donor's) is never touched; PBT keeps its own few (num_to_keep)."""
-    from ray.tune import Callback
-
-    class PruneOlderCheckpoints(Callback):
-        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-            older = trial.checkpoint  # the newest until now: Tune registers the new one after its callbacks
-            if older is None or older.path == checkpoint.path:
-                return
-            if PurePosixPath(older.path).parent != PurePosixPath(checkpoint.path).parent:
-                return
-            try:
-                older.filesystem.delete_dir(older.path)
-            except (FileNotFoundError, OSError) as e:  # storage that is away costs space, never the sweep
-                print(f"[tune] could not delete {older.path}: {e}", flush=True)
-
-    return PruneOlderCheckpoints()
 
 
 def repair_pruned_checkpoints(experiment_path: str, fs=None) -> list[str]:

@@ -500,8 +500,6 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
         need["gpu"] = 1
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), need)
     path = os.path.join(storage_path, name)
-    pbt = cfg.tune.scheduler == "pbt"
-    keep = [] if pbt else [sweep_state.prune_older_checkpoints()]
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[tune] resuming the sweep at {path}: finished trials are kept", flush=True)
         repaired = sweep_state.repair_pruned_checkpoints(path, fs)
@@ -538,14 +536,13 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 storage_path=storage_path,
                 storage_filesystem=fs,
                 verbose=0,
-                callbacks=[progress_callback(cfg), *keep, *(callbacks or [])],
+                callbacks=[progress_callback(cfg), *(callbacks or [])],
                 stop=diagnosis_stopper(),
                 # a trial whose process or node dies starts again from its last checkpoint, elsewhere if
                 # need be (so does one that fails for its own reasons: a NaN fails again)
                 failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
-                # PBT copies a donor's checkpoint a tick later: keep a few, not just the newest (other
-                # sweeps keep the newest by `keep`, which costs no forced snapshot: sweep_state)
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if pbt else None),
+                # PBT copies a donor's checkpoint a tick later: keep a few, not just the newest
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
             ),
         )
     return tuner.fit()

@@ -271,9 +271,8 @@ def test_an_s3_endpoint_that_stalls_mid_run_is_survived_or_named_and_the_rerun_r
 def test_a_pruned_checkpoint_is_given_back_from_the_newest_on_a_bucket_or_a_disk(
     where: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """What a resumed sweep does for a trial whose snapshot names a checkpoint deleted since
-    (pipeline.sweep_state): the newest checkpoint by number (not by name) is copied under that name; and
-    the pruning that deletes them."""
+    """What a resumed sweep does for a trial whose snapshot names a checkpoint Tune has deleted since
+    (pipeline.sweep_state): the newest checkpoint by number (not by name) is copied under that name."""
     import pyarrow.fs as pafs
 
     from pipeline import distributed, sweep_state
@@ -296,23 +295,6 @@ def test_a_pruned_checkpoint_is_given_back_from_the_newest_on_a_bucket_or_a_disk
     with fs.open_input_stream(f"{trial}/checkpoint_000008/state.pt") as f:
         assert f.readall() == b"newest"
     assert sweep_state.newest_checkpoint(fs, f"{root}/sweep/no_such_trial") is None
-
-    # what keeps one checkpoint per trial: the previous one goes once Tune has the new one, a PBT donor's
-    # (another trial's folder) never
-    from types import SimpleNamespace
-
-    from ray.tune import Checkpoint
-
-    donor = f"{root}/sweep/run_trial_c5f4d_00002_2/checkpoint_000004"
-    fs.create_dir(donor, recursive=True)
-    prune = sweep_state.prune_older_checkpoints()
-    at = {n: Checkpoint(f"{trial}/checkpoint_{n:06d}", filesystem=fs) for n in (9, 10)}
-    prune.on_checkpoint(0, [], SimpleNamespace(checkpoint=at[9]), at[10])
-    assert fs.get_file_info(f"{trial}/checkpoint_000009").type == pafs.FileType.NotFound
-    assert fs.get_file_info(f"{trial}/checkpoint_000010/state.pt").type == pafs.FileType.File
-    prune.on_checkpoint(0, [], SimpleNamespace(checkpoint=Checkpoint(donor, filesystem=fs)), at[10])
-    prune.on_checkpoint(0, [], SimpleNamespace(checkpoint=None), at[10])  # a trial's first checkpoint
-    assert fs.get_file_info(donor).type == pafs.FileType.Directory
 
 
 def test_an_image_store_is_shipped_once_through_storage_root_and_fetched_once_per_node_by_hash(

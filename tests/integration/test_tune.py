@@ -132,10 +132,9 @@ def test_a_killed_driver_resumes_the_sweep_with_no_trial_lost_or_repeated(projec
         driver.wait()
     finally:
         stop_group(driver)
-    # as if every trial still training had registered one more checkpoint just before the kill: the sweep
-    # deletes the older one at once (sweep_state.prune_older_checkpoints), yet its last snapshot may still
-    # name it (what made CI fail once, by chance). A trial's 4th checkpoint (checkpoint_000003, step 400)
-    # is its last.
+    # as if every trial still training had registered one more checkpoint just before the kill: Tune
+    # deletes the older one at once, yet the sweep's last snapshot still names it (what made CI fail once,
+    # by chance). A trial's 4th checkpoint (checkpoint_000003, step 400) is its last.
     pruned = [c for c in checkpoints(project) if int(c.name.split("_")[1]) < 3]
     assert pruned, "no trial was still training"
     for c in pruned:
