@@ -696,7 +696,8 @@ def summarise(results, keys: list[str], cfg: Config) -> list[dict[str, Any]]:
         status, error = trial_status(r, cfg.train.steps)
         m = last_report(r)
         row = {"trial": len(rows) + 1, "trial_id": trial_id(r), "status": status}
-        row.update({k: plain(r.config.get(k)) for k in keys})
+        # (a trial that died before its first report, its node lost with it, comes back with no config)
+        row.update({k: plain((r.config or {}).get(k)) for k in keys})
         row["score"] = m.get(cfg.tune.metric)
         row.update({k: m.get(k) for k in REPORTED})
         row["diagnosis"], row["severe"] = m.get("diagnosis"), m.get("severe") or ""

@@ -203,6 +203,24 @@ def test_an_invalid_trial_is_recorded_as_invalid_and_never_picked():
     assert best_row(rows, "w1", "min")["trial_id"] == "b"
 
 
+def test_a_trial_lost_before_its_first_report_is_a_failed_row_not_a_crash():
+    """A trial whose node died before it reported: Tune hands back no config and no metrics (seen on a
+    64-trial sweep whose worker node was killed: the stage ended in an AttributeError, no trials.csv)."""
+    from types import SimpleNamespace
+
+    cfg = build_config(read_yaml(Path(__file__).resolve().parents[2] / "params.yaml"))
+    lost = SimpleNamespace(
+        path="ray/ganpipe-tune-grid-0123/run_trial_45b51905_34_train_lr_d=0.0010_2026-12-01_15-23-48",
+        config=None,
+        metrics=None,
+        metrics_dataframe=None,
+        error=RuntimeError("The actor b8f62b8c is unavailable"),
+    )
+    (row,) = tune.summarise([lost], ["train.lr_d"], cfg)
+    assert row["trial_id"] == "45b51905" and row["status"] == "failed" and row["train.lr_d"] is None
+    assert row["score"] is None and "actor b8f62b8c is unavailable" in row["error"]
+
+
 def test_a_trial_knows_its_own_checkpoint_from_a_pbt_donors():
     from types import SimpleNamespace
 
