@@ -191,19 +191,25 @@ class StoreFile:
     """A memory-mapped store array, handed to Ray workers by path: each maps the file itself, so
     the data are neither copied into the object store nor held in any process's private memory.
     When the store was also shipped through storage.root (pipeline.store_shipping.publish), `remote`,
-    `sha256` and `size` say where a node without the file at `path` fetches it, and what it must be."""
+    `sha256`, `size` and `mtime_ns` say where a node without the file at `path` fetches it, and what
+    it must be."""
 
     path: str
     remote: str | None = None  # s3://<storage.root>/stores/<sha256>.npy
     sha256: str | None = None
     size: int | None = None
+    mtime_ns: int | None = None  # the driver's file's modification time
     endpoint: str | None = None  # the S3 endpoint (None: AWS)
 
     def local(self) -> bool:
-        """Whether this node has the store at `path` (the same machine or a shared path; when the store
-        was shipped, a file of another size there is another store, not this one)."""
+        """Whether this node has the store at `path`: the same machine, or a shared path. When the store
+        was shipped, a file there of another size or modification time is another store (another data
+        version prepared at the same path on that node), not this one."""
         path = Path(self.path)
-        return path.is_file() and (self.size is None or path.stat().st_size == self.size)
+        if not path.is_file():
+            return False
+        st = path.stat()
+        return self.size is None or (st.st_size, st.st_mtime_ns) == (self.size, self.mtime_ns)
 
     def open(self, fetched: str | Path | None = None) -> np.ndarray:
         """Map the store: the file at `path`, or `fetched`, this node's copy of `remote`

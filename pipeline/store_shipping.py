@@ -1,7 +1,7 @@
 """The prepared image store on a Ray cluster whose nodes share no disk: shipped through storage.root.
 
 A worker maps the memory-mapped store (data.StoreFile) at the driver's path when its node has it (the
-same machine, or a shared path). When the cluster has other nodes and `storage.root` is on S3, the
+same machine, or a shared path: a file of the same size and modification time). When the cluster has other nodes and `storage.root` is on S3, the
 driver also uploads the store's file once to `<storage.root>/stores/<sha256>.npy`: the key is the
 file's content, so a store already there (sent by an earlier run) is not sent again.
 A worker on a node without the file fetches it once per node into a node-local cache
@@ -45,7 +45,8 @@ def remote_uri(root: str, sha256: str) -> str:
 def publish(store: StoreFile, root: str, endpoint: str | None, say: Callable[[str], None] = print) -> StoreFile:
     """Upload the store's file under `root` (an s3:// URI) unless it is there; the StoreFile that
     says where the other nodes fetch it."""
-    size = os.path.getsize(store.path)
+    st = os.stat(store.path)
+    size = st.st_size
     sha = sha256_file(store.path)
     uri = remote_uri(root, sha)
     what = "storage.root (the image store shipped to the cluster's nodes)"
@@ -55,7 +56,7 @@ def publish(store: StoreFile, root: str, endpoint: str | None, say: Callable[[st
     else:
         say(f"shipping the image store {Path(store.path).name} ({size / 2**20:.0f} MiB) to {uri} for the other nodes")
         s3.upload_file(store.path, uri, endpoint, what, {"sha256": sha})
-    return dataclasses.replace(store, remote=uri, sha256=sha, size=size, endpoint=endpoint)
+    return dataclasses.replace(store, remote=uri, sha256=sha, size=size, mtime_ns=st.st_mtime_ns, endpoint=endpoint)
 
 
 def cache_dir() -> Path:

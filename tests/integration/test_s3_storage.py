@@ -344,6 +344,12 @@ def test_an_image_store_is_shipped_once_through_storage_root_and_fetched_once_pe
     assert sorted(p.name for p in cache.iterdir()) == [f"{sha}.lock", f"{sha}.npy"]
     s3.delete_object(Bucket="team", Key=key)  # once per node: the next worker maps the node's copy
     assert torch.equal(runtime.as_tensor(elsewhere), torch.from_numpy(images))
+    # a store of the same shape prepared at the driver's path on that node (another data version) is not it
+    other = tmp_path / "another-node" / "x_train.npy"
+    other.parent.mkdir()
+    np.save(other, 255 - images)
+    assert other.stat().st_size == x.size and not elsewhere.local()
+    assert torch.equal(runtime.as_tensor(elsewhere), torch.from_numpy(images))
 
     # a store changed on storage is refused by its hash, and nothing half-fetched stays on the node
     (cache / f"{sha}.npy").unlink()
