@@ -1,9 +1,10 @@
 """The prepared image store on a Ray cluster whose nodes share no disk: shipped through storage.root.
 
 A worker maps the memory-mapped store (data.StoreFile) at the driver's path when its node has it (the
-same machine, or a shared path: a file of the same size and modification time). When the cluster has other nodes and `storage.root` is on S3, the
-driver also uploads the store's file once to `<storage.root>/stores/<sha256>.npy`: the key is the
-file's content, so a store already there (sent by an earlier run) is not sent again.
+same machine, or a shared path: a file of the same size and modification time). When the cluster has
+other nodes and `storage.root` is on S3, the driver also uploads the store's file once to
+`<storage.root>/stores/<sha256>.npy`: the key is the file's content, so a store already there (sent
+by an earlier run) is not sent again.
 A worker on a node without the file fetches it once per node into a node-local cache
 (`$GANPIPE_STORE_CACHE`, else `<tmp>/ganpipe-stores`), checks its SHA-256, and maps it from there;
 the workers of one node wait for the first one's download (a file lock) instead of downloading too.
