@@ -29,6 +29,7 @@ import numpy as np
 from pipeline.datasets import DataError, Dataset, register, rows_to_file
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+FORMATS = ("PNG", "JPEG", "WEBP")  # the decoders PIL may try (the first is the likeliest)
 DEFAULT_RESOLUTION = 64
 MAX_BAD_FRACTION = 0.01  # more undecodable files than this fails the stage
 MIN_CHUNK, MAX_CHUNK = 64, 2048  # files per decoding task
@@ -75,10 +76,14 @@ def decode(blob: bytes | str, side: int, channels: int) -> np.ndarray:
     `side` (bicubic), centre-cropped. Raises on anything PIL cannot decode."""
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(blob) if isinstance(blob, bytes) else blob) as img:
-        img.draft("RGB" if channels == 3 else "L", (side, side))  # JPEG: decode at a reduced scale
-        img = img.convert("RGB" if channels == 3 else "L")
-        img = ImageOps.fit(img, (side, side), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    mode = "RGB" if channels == 3 else "L"
+    with Image.open(io.BytesIO(blob) if isinstance(blob, bytes) else blob, formats=FORMATS) as img:
+        img.draft(mode, (side, side))  # JPEG: decode at a reduced scale
+        # convert and fit return a copy when there is nothing to do: skip them (the same pixels)
+        if img.mode != mode:
+            img = img.convert(mode)
+        if img.size != (side, side):
+            img = ImageOps.fit(img, (side, side), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
         a = np.asarray(img, dtype=np.uint8)
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
