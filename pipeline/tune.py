@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, datasets, distributed, extras, metrics_image, monitor, runtime, sweep_state
+from pipeline import data, datasets, distributed, environment, extras, metrics_image, monitor, runtime, sweep_state
 from pipeline.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
 from pipeline.objectives import objective
 from pipeline.runtime import WorkerData
@@ -490,6 +490,7 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
     """Fit the sweep (or resume it, finishing only what was left); returns Tune's ResultGrid.
     `callbacks`: extra Tune callbacks (the benchmark times trials with one)."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     # a single-worker trial trains in the trial itself (its CPUs); a multi-worker trial only drives a
     # Ray Train run, whose workers ask for their own CPUs
@@ -536,7 +537,10 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 storage_path=storage_path,
                 storage_filesystem=fs,
                 verbose=0,
-                callbacks=[progress_callback(cfg), *(callbacks or [])],
+                # result.json only (what Tune restores and reads results from): its CSV and TensorBoard
+                # copies of each trial's reports (MLflow has the curves) are two more files in every
+                # trial folder, and every sweep snapshot uploads them all again
+                callbacks=[progress_callback(cfg), JsonLoggerCallback(), *(callbacks or [])],
                 stop=diagnosis_stopper(),
                 # a trial whose process or node dies starts again from its last checkpoint, elsewhere if
                 # need be (so does one that fails for its own reasons: a NaN fails again)
@@ -545,7 +549,8 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
             ),
         )
-    return tuner.fit()
+    with environment.temporarily({"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):
+        return tuner.fit()
 
 
 def tag_quietly(uri: str, run_id: str, tags: dict[str, str]) -> None:

@@ -4,6 +4,7 @@ trial runs; NaN trials recorded as failed, PBT's mutated learning rates really u
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import sys
@@ -85,6 +86,16 @@ def test_asha_sweep_writes_outputs_tracks_nested_runs_and_resumes(project: Path)
     # trials.csv: a trial number (x) and its score (y, the final tune.metric) for dvc plots
     assert [int(r["trial"]) for r in rows] == [1, 2, 3, 4] and all(r["score"] == r["w1"] for r in rows)
     history = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "w1")) for c in children}
+    # each trial folder keeps Tune's result.json (its reports, read back for trials.csv) and no CSV or
+    # TensorBoard copies (every snapshot of the sweep would upload them again)
+    folders = list((project / ".ganpipe/ray").glob("ganpipe-tune-*/run_trial_*"))
+    assert len(folders) == 4
+    last_w1 = set()
+    for folder in folders:
+        names = {f.name for f in folder.iterdir()}
+        assert "result.json" in names and not {n for n in names if n == "progress.csv" or n.startswith("events.")}
+        last_w1.add(json.loads((folder / "result.json").read_text().splitlines()[-1])["w1"])
+    assert last_w1 == {float(r["w1"]) for r in rows}
 
     # a rerun resumes the finished sweep: no trial runs again
     second = sh(project, sys.executable, "stages/tune.py")
