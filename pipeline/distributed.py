@@ -26,7 +26,6 @@ from pipeline.runtime import WorkerData
 # Ray's own chatter (usage stats, V2 tips, per-run banners) is noise for our users.
 _QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",  # no token warning, no ~/.ray/auth_token for a local run
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_DEDUP_LOGS_SKIP_REGEX": "State API may be temporarily unavailable|^Reporting training result|Checkpoint successfully created",
     "RAY_DISABLE_WORKER_LOG_PREFIX": "1",
@@ -100,6 +99,9 @@ def _start_own_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
 
     import ray
 
+    # our own Ray: no token warning, no ~/.ray/auth_token written. A cluster joined by address keeps
+    # the user's RAY_AUTH_MODE / RAY_AUTH_TOKEN (docs/distributed.md)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
