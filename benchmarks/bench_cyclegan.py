@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import yaml
 
-from pipeline import cyclegan, data, features, metrics_image, training
-from pipeline.config import build_config, deep_merge, read_yaml, unflatten
+from pipeline.core import cyclegan, data, features, metrics_image, training
+from pipeline.core.config import build_config, deep_merge, read_yaml, unflatten
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def main() -> None:
         per = [f"{c}:{np.mean(pred[y == c] == c):.2f}(->{w.argmax() if w.any() else '-'})" for c, w in enumerate(wrong)]
         print(f"{names[d]:>18}: per class accuracy (most common wrong label) " + " ".join(per))
     if args.save:
-        from pipeline import plots
+        from pipeline.io import plots
 
         rows = cyclegan.triplets(G, p.x_val, p.b.x_val, n=16)
         plots.image_grid(rows, Path(args.save), nrow=6, max_rows=16)

@@ -16,9 +16,11 @@ import time
 
 import torch
 
-from pipeline import data, distributed, tracking, training
-from pipeline.config import load_config
-from pipeline.runtime import WorkerData
+from pipeline.core import data, training
+from pipeline.core.config import load_config
+from pipeline.io import tracking
+from pipeline.ray import distributed
+from pipeline.ray.runtime import WorkerData
 
 
 def median_step(history: list[dict]) -> float:

@@ -1,4 +1,4 @@
-"""What staging a step's random draws costs on the CPU (pipeline/draws.py). Not a test.
+"""What staging a step's random draws costs on the CPU (pipeline/core/draws.py). Not a test.
 
     python benchmarks/bench_draws.py [--steps 2000]
 
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from pipeline import training
-from pipeline.config import build_config, deep_merge, read_yaml
+from pipeline.core import training
+from pipeline.core.config import build_config, deep_merge, read_yaml
 
 
 class Direct(training.Batches):

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from pipeline import data, features, metrics_image
-from pipeline.config import DataConfig
+from pipeline.core import data, features, metrics_image
+from pipeline.core.config import DataConfig
 
 
 def clock() -> tuple[float, float]:
@@ -71,8 +71,8 @@ def shifted_copies(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def score_generator(path: str, model, real, k: int, n: int, seed: int) -> None:
-    from pipeline.outputs import load_generator
-    from pipeline.training import sample, sample_labels
+    from pipeline.core.training import sample, sample_labels
+    from pipeline.io.outputs import load_generator
 
     G, spec = load_generator(path)
     if tuple(spec["sample_shape"]) != model.shape:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import data, metrics2d, training
-from pipeline.config import build_config, deep_merge, read_yaml, unflatten
+from pipeline.core import data, metrics2d, training
+from pipeline.core.config import build_config, deep_merge, read_yaml, unflatten
 
 ROOT = Path(__file__).resolve().parents[1]
 

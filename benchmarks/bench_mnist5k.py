@@ -25,7 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import deep_merge, read_yaml  # noqa: E402
+from pipeline.core.config import deep_merge, read_yaml  # noqa: E402
 
 KEYS = ["fid", "kid", "precision", "recall", "density", "coverage", "class_modes", "class_kl", "label_accuracy"]
 TARGETS = {"class_modes": (">=", 10), "class_kl": ("<=", 0.05), "precision": (">=", 0.7), "recall": (">=", 0.7)}
@@ -43,7 +43,7 @@ def floor(out: Path, seed: int) -> dict:
     """The evaluate stage's metrics for real training images in place of generated ones."""
     import numpy as np
 
-    from pipeline import data, features, metrics_image
+    from pipeline.core import data, features, metrics_image
 
     p = data.load_prepared(out / "data/prepared")
     model, _ = features.load_extractor(out / "data/features/extractor.pt")

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import monitor_cases  # noqa: E402
 
-from pipeline import losses, monitor, training  # noqa: E402
+from pipeline.core import losses, monitor, training  # noqa: E402
 
 
 def detection(only: str | None) -> list[dict]:
@@ -100,7 +100,7 @@ def cost(steps: int, rounds: int = 6) -> dict:
 
 
 def presets(names: list[str], seeds: int) -> list[dict]:
-    from pipeline.config import deep_merge, read_yaml
+    from pipeline.core.config import deep_merge, read_yaml
 
     root = Path(__file__).resolve().parents[1]
     base = read_yaml(root / "params.yaml")

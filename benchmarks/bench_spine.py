@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, distributed, tracking, training
-from pipeline.config import load_config
-from pipeline.runtime import WorkerData
+from pipeline.core import data, training
+from pipeline.core.config import load_config
+from pipeline.io import tracking
+from pipeline.ray import distributed
+from pipeline.ray.runtime import WorkerData
 
 
 def step_times(history: list[dict]) -> list[float]:

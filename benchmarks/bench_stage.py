@@ -80,8 +80,8 @@ def bare_loop(proj: Path, steps: int) -> float:
     """Seconds for `steps` steps of the stage's model through training.train, no hooks, one thread."""
     import torch
 
-    from pipeline import data, training
-    from pipeline.config import load_config
+    from pipeline.core import data, training
+    from pipeline.core.config import load_config
 
     cfg = load_config(proj / "params.yaml", {"train.steps": steps})
     prepared = data.load_prepared(proj / "data/prepared")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 def write_pngs(root: Path, n: int, side: int = 64) -> list[str]:
     from PIL import Image
 
-    from pipeline.datasets import shapes
+    from pipeline.core.datasets import shapes
 
     names = []
     for lo in range(0, n, 2000):
@@ -63,7 +63,7 @@ def plain_loop(names: list[str], side: int) -> np.ndarray:
 
 
 def bench_prepare(files: int, source_side: int = 64) -> dict:
-    from pipeline.datasets import imagefolder
+    from pipeline.core.datasets import imagefolder
 
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
@@ -90,7 +90,7 @@ def bench_prepare(files: int, source_side: int = 64) -> dict:
 
 
 def _cfg(steps: int):
-    from pipeline.config import build_config
+    from pipeline.core.config import build_config
 
     return build_config(
         {
@@ -114,7 +114,7 @@ def make_store(path: Path, n: int, side: int = 64) -> np.ndarray:
 
 def steps_per_s(x, steps: int) -> float:
 
-    from pipeline import training
+    from pipeline.core import training
 
     cfg = _cfg(steps)
     gan = training.build_gan(cfg, list(x.shape[1:]))
@@ -127,7 +127,7 @@ def steps_per_s(x, steps: int) -> float:
 def bench_step(steps: int) -> dict:
     import torch
 
-    from pipeline import data
+    from pipeline.core import data
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:

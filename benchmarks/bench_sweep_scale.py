@@ -144,7 +144,7 @@ def single(args, tmp: Path) -> dict:
 
 
 def team(args, tmp: Path) -> dict:
-    from pipeline.teamstack import auth_unavailable, start_postgres, start_stack
+    from pipeline.io.teamstack import auth_unavailable, start_postgres, start_stack
     from tests.integration.conftest import TINY, make_project, set_params, sh, stop_group
 
     uri, stop_pg = start_postgres(tmp / "pg")
@@ -195,7 +195,7 @@ def team(args, tmp: Path) -> dict:
 def spread(args, tmp: Path) -> dict:
     """Multi-worker trials (2 Ray Train workers of 1 CPU each) on the 2-node cluster of 1 CPU a node,
     storage on S3 (moto), MLflow server: each trial's workers can only run one on each node."""
-    from pipeline.teamstack import start_stack
+    from pipeline.io.teamstack import start_stack
     from tests.integration.conftest import TINY, make_project, set_params, sh, stop_group
 
     stack = start_stack(tmp / "stack")

@@ -12,9 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import data, distributed, live_eval, tracking, tune
-from pipeline.config import build_config, deep_merge, read_yaml
-from pipeline.runtime import WorkerData
+from pipeline.core import data, live_eval
+from pipeline.core.config import build_config, deep_merge, read_yaml
+from pipeline.io import tracking
+from pipeline.ray import distributed, tune
+from pipeline.ray.runtime import WorkerData
 
 SPACE = {"train.lr_g": {"loguniform": [1e-4, 3e-3]}, "train.lr_d": {"loguniform": [1e-4, 3e-3]}}
 

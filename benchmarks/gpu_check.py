@@ -4,8 +4,8 @@ measures it, in one command and one JSON file.
     python benchmarks/gpu_check.py --out gpu_check.json            # on a GPU machine, < 8 minutes
     python benchmarks/gpu_check.py --device cpu --quick --out x.json  # anywhere (the test suite runs it)
 
-It needs PyTorch and numpy, not Ray, MLflow or a network: the loop (`pipeline.training`) and the hooks
-(`pipeline.collectives`) are driven with `torch.distributed` directly, in processes of its own.
+It needs PyTorch and numpy, not Ray, MLflow or a network: the loop (`pipeline.core.training`) and the hooks
+(`pipeline.core.collectives`) are driven with `torch.distributed` directly, in processes of its own.
 Our config needs pydantic; on a machine without it, put its wheels in `.whl/` at the repository root
 (`bash benchmarks/gpu_check_wheels.sh` downloads them, about 2 MiB) and they are unpacked to a
 temporary folder. The ONNX export parity needs onnx and onnxruntime; without them it is skipped.
@@ -71,10 +71,10 @@ _bootstrap_wheels()
 
 import torch  # noqa: E402
 
-from pipeline import training  # noqa: E402
-from pipeline.collectives import Collectives, on_device  # noqa: E402
-from pipeline.config import Config, build_config, deep_merge, read_yaml  # noqa: E402
-from pipeline.outputs import load_tensors  # noqa: E402
+from pipeline.core import training  # noqa: E402
+from pipeline.core.collectives import Collectives, on_device  # noqa: E402
+from pipeline.core.config import Config, build_config, deep_merge, read_yaml  # noqa: E402
+from pipeline.io.outputs import load_tensors  # noqa: E402
 
 # ---- configs and data ------------------------------------------------------------------------
 
@@ -472,7 +472,7 @@ def throughput(args, deadline) -> dict:
 def export(args, deadline) -> dict:
     dev = torch.device(args.device)
     try:
-        from pipeline import export as exporter
+        from pipeline.io import export as exporter
     except ImportError as e:
         return {"ok": True, "skipped": f"export needs {e.name}"}
     cfg = make_cfg(IMAGE, 6 if args.quick else 50, batch=16 if args.quick else 128)
@@ -482,7 +482,7 @@ def export(args, deadline) -> dict:
     with tempfile.TemporaryDirectory() as d:
         torch.save({"spec": gan.spec, "state_dict": G_dev.state_dict()}, Path(d) / "generator.pt")
         blob = load_tensors(Path(d) / "generator.pt")  # on the CPU, as the export stage loads it
-        from pipeline.objectives import build_generator
+        from pipeline.core.objectives import build_generator
 
         G_cpu = build_generator(blob["spec"])
         G_cpu.load_state_dict(blob["state_dict"])

@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline import training
-from pipeline.config import Config, build_config, deep_merge
-from pipeline.data import prepare
+from pipeline.core import training
+from pipeline.core.config import Config, build_config, deep_merge
+from pipeline.core.data import prepare
 
 BASE: dict[str, Any] = {
     "seed": 0,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, training
-from pipeline.config import build_config, deep_merge, read_yaml, unflatten
+from pipeline.core import data, training
+from pipeline.core.config import build_config, deep_merge, read_yaml, unflatten
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = {"data.name": "digits", "model.arch": "dcgan", "model.hidden": 16, "train.batch_size": 32}

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, build_config, deep_merge, flatten, load_config, read_yaml, unflatten
+from pipeline.core.config import ConfigError, build_config, deep_merge, flatten, load_config, read_yaml, unflatten
 
 STAGES = {
     "prepare": "load the dataset, split it, write data/prepared",
@@ -31,7 +31,7 @@ PRESETS_DIR = "presets"
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "stack":
-        from pipeline import teamstack
+        from pipeline.io import teamstack
 
         return teamstack.main(argv[1:])
     if argv and argv[0] in STAGES:
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(args) -> None:
     """Validate the params as every stage will: the schema, the sweep's settings and search space."""
-    from pipeline import tune
-    from pipeline.config import read_yaml
+    from pipeline.core.config import read_yaml
+    from pipeline.ray import tune
 
     cfg = load_config(args.params)
     tune.check_tunable(cfg)
@@ -111,7 +111,7 @@ def _check(args) -> None:
 
 
 def _promote(args) -> int:
-    from pipeline import registry, tracking
+    from pipeline.io import registry, tracking
 
     cfg = load_config(args.params)
     uri = tracking.resolve_uri(cfg.tracking.uri)
@@ -129,7 +129,7 @@ def _remote(args) -> None:
     the repository's; credentials stay in the AWS chain, never in DVC's config."""
     import subprocess
 
-    from pipeline import s3
+    from pipeline.io import s3
 
     if not args.url.startswith("s3://"):
         raise ValueError(f"remote: an s3:// URL is expected, got {args.url}")
@@ -147,7 +147,7 @@ def _remote(args) -> None:
 def _sample(args) -> None:
     import numpy as np
 
-    from pipeline import plots, registry, tracking
+    from pipeline.io import plots, registry, tracking
 
     uri = None
     if args.model.startswith("models:/"):

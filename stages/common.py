@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline import datasets, outputs, s3, tracking
-from pipeline.config import Config, ConfigError, load_config
-from pipeline.objectives import objective
+from pipeline.core import datasets
+from pipeline.core.config import Config, ConfigError, load_config
+from pipeline.core.objectives import objective
+from pipeline.io import outputs, s3, tracking
 
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter in the terminal
 # a server that goes away makes an MLflow call fail within seconds (backoff 1, 2 s), not after
@@ -141,7 +142,7 @@ def tracking_uri(cfg: Config) -> str:
 def start_ray(cfg: Config, uri: str) -> str:
     """Start or join Ray (`ray.address`), and refuse a tracking store the cluster's nodes cannot reach
     (before any MLflow run is opened). Returns what was done."""
-    from pipeline import distributed
+    from pipeline.ray import distributed
 
     done = distributed.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     distributed.check_tracking_placement(uri)
@@ -150,8 +151,9 @@ def start_ray(cfg: Config, uri: str) -> str:
 
 def ship_data(cfg: Config, stage: str, shipped):
     """The workers' data (runtime.WorkerData), its image stores also shipped through storage.root when
-    it is on S3 and the Ray cluster has other nodes, which may not share this disk (pipeline.store_shipping)."""
-    from pipeline import distributed, store_shipping
+    it is on S3 and the Ray cluster has other nodes, which may not share this disk (pipeline.io.store_shipping)."""
+    from pipeline.io import store_shipping
+    from pipeline.ray import distributed
 
     root = cfg.storage.root
     others = root.startswith("s3://") and distributed.other_nodes()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import data, datasets, outputs, plots, protocol, tracking, training
-from pipeline.objectives import of_spec
+from pipeline.core import data, datasets, protocol, training
+from pipeline.core.objectives import of_spec
+from pipeline.io import outputs, plots, tracking
 from stages import common
 
 
@@ -73,7 +74,7 @@ def translation_scores(G, prepared, features_dir: Path, models_dir: Path, plots_
     """CycleGAN: both directions scored on up to eval.n_samples validation images of each domain, each
     in its target domain's extractor space (`cyclegan.translation_metrics`); the plot shows
     x | G(x) | F(G(x)) | y | F(y) | G(F(y))."""
-    from pipeline import cyclegan, features
+    from pipeline.core import cyclegan, features
 
     if prepared.b is None:
         raise ValueError(f"{models_dir}/generator.pt is a CycleGAN; the prepared data has no domain B (data.target)")
@@ -102,7 +103,7 @@ def image_scores(samples, prepared, spec, features_dir: Path, cfg, plots_dir: Pa
     """FID, KID, precision/recall, density/coverage, class modes and class KL in the feature space of
     the pipeline's own extractor (named in the result: numbers from different extractors never mix),
     and the nearest training images of a few samples (plots_dir/nearest.png)."""
-    from pipeline import features, metrics_image
+    from pipeline.core import features, metrics_image
 
     extractor, info = features.load_extractor(features_dir / "extractor.pt")
     real_f, real_p = features.embed(extractor, prepared.x_val)

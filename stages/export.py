@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import export, outputs, tracking
-from pipeline.objectives import of_spec
+from pipeline.core.objectives import of_spec
+from pipeline.io import export, outputs, tracking
 from stages import common
 
 

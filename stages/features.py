@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from pipeline import data, features, outputs
+from pipeline.core import data, features
+from pipeline.io import outputs
 from stages import common
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from pipeline import data, outputs, s3
+from pipeline.core import data
+from pipeline.io import outputs, s3
 from stages import common
 
 

@@ -7,24 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import (
-    cyclegan,
-    data,
-    datasets,
-    distributed,
-    environment,
-    identity,
-    live_eval,
-    monitor,
-    outputs,
-    plots,
-    protocol,
-    runtime,
-    tracking,
-    training,
-)
-from pipeline.config import flatten
-from pipeline.objectives import Objective, build_generator, objective
+from pipeline.core import cyclegan, data, datasets, environment, identity, live_eval, monitor, protocol, training
+from pipeline.core.config import flatten
+from pipeline.core.objectives import Objective, build_generator, objective
+from pipeline.io import outputs, plots, tracking
+from pipeline.ray import distributed, runtime
 from stages import common
 
 

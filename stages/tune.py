@@ -9,10 +9,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import data, distributed, identity, live_eval, outputs, protocol, runtime, tracking, tune
-from pipeline.config import deep_merge, flatten, read_yaml, unflatten
-from pipeline.objectives import objective
-from pipeline.secrets import redact_tree
+from pipeline.core import data, identity, live_eval, protocol
+from pipeline.core.config import deep_merge, flatten, read_yaml, unflatten
+from pipeline.core.objectives import objective
+from pipeline.core.secrets import redact_tree
+from pipeline.io import outputs, tracking
+from pipeline.ray import distributed, runtime, tune
 from stages import common
 
 STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED", "invalid": "FAILED"}
@@ -183,7 +185,7 @@ def _sweep(
 
 
 def _plot(rows, keys, metric, path) -> None:
-    from pipeline.plots import scatter_metric
+    from pipeline.io.plots import scatter_metric
 
     scatter_metric(rows, keys, metric, path)
 

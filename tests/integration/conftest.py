@@ -26,7 +26,7 @@ TINY = {
 
 
 def merge(base: dict, update: dict) -> dict:
-    from pipeline.config import deep_merge  # the pipeline's own rule (a search space is replaced whole)
+    from pipeline.core.config import deep_merge  # the pipeline's own rule (a search space is replaced whole)
 
     return deep_merge(base, update)
 

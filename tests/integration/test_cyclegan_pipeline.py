@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.runtime import WorkerData
+from pipeline.ray.runtime import WorkerData
 from tests.integration.conftest import set_params, sh
 
 pytestmark = pytest.mark.integration
@@ -87,8 +87,10 @@ def test_cyclegan_two_workers_match_one_and_keep_each_pool(tmp_path: Path):
     import ray
     import torch
 
-    from pipeline import data, distributed, tracking
-    from pipeline.config import build_config, deep_merge, read_yaml
+    from pipeline.core import data
+    from pipeline.core.config import build_config, deep_merge, read_yaml
+    from pipeline.io import tracking
+    from pipeline.ray import distributed
     from tests.integration.conftest import ROOT, TINY
 
     def fit(name: str, **train) -> dict:

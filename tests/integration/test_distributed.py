@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data, distributed, tracking
-from pipeline.config import build_config, deep_merge, read_yaml
-from pipeline.runtime import WorkerData
+from pipeline.core import data
+from pipeline.core.config import build_config, deep_merge, read_yaml
+from pipeline.io import tracking
+from pipeline.ray import distributed
+from pipeline.ray.runtime import WorkerData
 from tests.integration.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.integration
@@ -129,7 +131,7 @@ def test_the_memory_mapped_image_store_trains_as_the_same_images_in_memory(ray_l
 
 def _row_first_drawn_after(x: torch.Tensor, batch_size: int, seed: int, after: int) -> tuple[int, int]:
     """A row of `x` that no real batch (phase 0) draws before step `after`, and the step that first does."""
-    from pipeline import training
+    from pipeline.core import training
 
     b = training.Batches(x, batch_size, 2, seed)
     drawn: set[int] = set()

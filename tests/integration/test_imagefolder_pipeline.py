@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import shapes
-from pipeline.teamstack import LOCAL_AWS as AWS
-from pipeline.teamstack import s3_client
+from pipeline.core.datasets import shapes
+from pipeline.io.teamstack import LOCAL_AWS as AWS
+from pipeline.io.teamstack import s3_client
 from tests.integration.conftest import set_params, sh
 from tests.integration.test_s3_storage import s3_endpoint  # noqa: F401 (the moto fixture)
 

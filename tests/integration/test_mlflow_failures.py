@@ -81,7 +81,7 @@ def test_the_registry_hears_of_a_model_only_once_its_export_folder_is_complete(p
         project,
         sys.executable,
         "-c",
-        "import sys; from pipeline import export\n"
+        "import sys; from pipeline.io import export\n"
         "def fail(*a, **k): raise OSError('no space left on device')\n"
         "export.model_card = fail\n"
         "from stages.export import main; sys.exit(main([]))",
@@ -111,7 +111,7 @@ def test_the_registry_hears_of_a_model_only_once_its_export_folder_is_complete(p
 
 @pytest.fixture
 def auth_stack(tmp_path: Path):
-    from pipeline import teamstack
+    from pipeline.io import teamstack
 
     if why := teamstack.auth_unavailable():
         pytest.skip(why)
@@ -120,7 +120,7 @@ def auth_stack(tmp_path: Path):
 
 
 def test_a_wrong_password_is_found_before_any_work(auth_stack, project: Path):
-    from pipeline import tracking
+    from pipeline.io import tracking
 
     good = auth_stack.env()
     tracking.check_credentials(good["MLFLOW_TRACKING_URI"], env=good)  # the stack's own user passes

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.teamstack import LOCAL_AWS as AWS
-from pipeline.teamstack import s3_client
+from pipeline.io.teamstack import LOCAL_AWS as AWS
+from pipeline.io.teamstack import s3_client
 from tests.integration.conftest import BIN, env, free_port, set_params, sh, stop_group, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -272,10 +272,10 @@ def test_a_pruned_checkpoint_is_given_back_from_the_newest_on_a_bucket_or_a_disk
     where: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """What a resumed sweep does for a trial whose snapshot names a checkpoint Tune has deleted since
-    (pipeline.sweep_state): the newest checkpoint by number (not by name) is copied under that name."""
+    (pipeline.ray.sweep_state): the newest checkpoint by number (not by name) is copied under that name."""
     import pyarrow.fs as pafs
 
-    from pipeline import distributed, sweep_state
+    from pipeline.ray import distributed, sweep_state
 
     if where == "s3":
         s3_client(s3_endpoint).create_bucket(Bucket="team")
@@ -302,14 +302,15 @@ def test_an_image_store_is_shipped_once_through_storage_root_and_fetched_once_pe
 ):
     """A node that does not share the driver's disk maps the prepared image store from its own copy,
     fetched from storage.root on S3 once and checked by SHA-256; the driver sends it once
-    (pipeline.store_shipping)."""
+    (pipeline.io.store_shipping)."""
     from dataclasses import replace
 
     import numpy as np
     import torch
 
-    from pipeline import runtime, store_shipping
-    from pipeline.datasets import DataError
+    from pipeline.core.datasets import DataError
+    from pipeline.io import store_shipping
+    from pipeline.ray import runtime
 
     s3 = s3_client(s3_endpoint)
     s3.create_bucket(Bucket="team")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import data
-from pipeline.teamstack import auth_unavailable, postgres_unavailable, start_postgres, start_stack
+from pipeline.core import data
+from pipeline.io.teamstack import auth_unavailable, postgres_unavailable, start_postgres, start_stack
 from tests.integration.conftest import set_params, sh
 
 pytestmark = pytest.mark.integration

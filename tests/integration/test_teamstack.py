@@ -1,4 +1,4 @@
-"""The local team stack (pipeline.teamstack): moto S3 + an MLflow server on loopback, optionally on
+"""The local team stack (pipeline.io.teamstack): moto S3 + an MLflow server on loopback, optionally on
 PostgreSQL and with basic auth (the pipeline as its own non-admin user). No password on a command
 line. Every test stops what it started."""
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import teamstack
-from pipeline.teamstack import (
+from pipeline.io import teamstack
+from pipeline.io.teamstack import (
     PG_BIN,
     PIPELINE_USERNAME,
     Stack,
@@ -238,7 +238,7 @@ def pipeline_mlflow_operations(uri: str, tmp_path: Path, experiment: str, model:
     """What the stages do in MLflow, through the pipeline's own functions: experiment (made or
     found), a run with params, tags, metrics and artifacts, a nested trial run, the ONNX generator
     registered with the alias `candidate`, and `promote` moving `champion`. Returns the run id."""
-    from pipeline import registry, tracking
+    from pipeline.io import registry, tracking
 
     run_id, _ = tracking.start_or_resume_run(uri, experiment, f"key-{experiment}", "train", tags={"ganpipe.x": "1"})
     exp_id = tracking.experiment_id(uri, experiment)

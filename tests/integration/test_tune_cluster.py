@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.teamstack import LOCAL_AWS as AWS
+from pipeline.io.teamstack import LOCAL_AWS as AWS
 from tests.integration.conftest import BIN, env, free_port, set_params, sh, spawn, stop_group, wait_for_port
 from tests.integration.test_s3_storage import moto
 from tests.integration.test_tune import mlflow_children, trials
@@ -74,8 +74,8 @@ def test_a_sweep_spreads_over_two_nodes_keeps_checkpoints_on_s3_and_outlives_a_d
         wait_for_port(port)
         nodes.append(ray_node(f"--address={address}"))
         wait_for_nodes(address, 2)
-        # what tells the stages to ship an image store through storage.root (pipeline.store_shipping)
-        probe = f"import ray; from pipeline import distributed; ray.init(address={address!r}); print(distributed.other_nodes())"
+        # what tells the stages to ship an image store through storage.root (pipeline.io.store_shipping)
+        probe = f"import ray; from pipeline.ray import distributed; ray.init(address={address!r}); print(distributed.other_nodes())"
         assert sh(project, sys.executable, "-c", probe).stdout.split()[-1:] == ["True"]
         sh(project, sys.executable, "stages/prepare.py")
         space = {"train.lr_g": {"loguniform": [5e-4, 2e-3]}}

@@ -1,4 +1,4 @@
-"""pipeline.augment: ADA's augmentations (probability, symmetry, gradients) and its p controller."""
+"""pipeline.core.augment: ADA's augmentations (probability, symmetry, gradients) and its p controller."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.augment import IMAGE_OPS, JITTER_STD, POINT_OPS, ada_adjust, augment, overfit_signal
+from pipeline.core.augment import IMAGE_OPS, JITTER_STD, POINT_OPS, ada_adjust, augment, overfit_signal
 
 
 def gen(seed: int = 0) -> torch.Generator:

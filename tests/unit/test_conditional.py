@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data, export, layers, models, training
-from pipeline.config import ConfigError, build_config
+from pipeline.core import data, layers, models, training
+from pipeline.core.config import ConfigError, build_config
+from pipeline.io import export
 
 CFG = {
     "data": {"name": "digits"},

@@ -1,4 +1,4 @@
-"""pipeline.config: validation messages name the dotted key, presets validate, helpers round trip."""
+"""pipeline.core.config: validation messages name the dotted key, presets validate, helpers round trip."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (
+from pipeline.core.config import (
     Config,
     ConfigError,
     build_config,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cyclegan, data, draws, training
-from pipeline.config import ConfigError, build_config
-from pipeline.export import PARITY_TOL, export_translators
-from pipeline.losses import LOSSES
+from pipeline.core import cyclegan, data, draws, training
+from pipeline.core.config import ConfigError, build_config
+from pipeline.core.losses import LOSSES
+from pipeline.io.export import PARITY_TOL, export_translators
 
 SHAPE = [1, 28, 28]
 
@@ -281,7 +281,7 @@ def test_gradient_sync_covers_all_four_nets_with_their_gradients():
 
 
 def test_tune_trials_report_the_cycle_error():
-    from pipeline import tune
+    from pipeline.ray import tune
 
     c = cfg(tune={"metric": "cycle_l1", "mode": "min"})
     tune.check_tunable(c)  # accepted as a tune metric

@@ -1,4 +1,4 @@
-"""pipeline.data: the mixtures, the packaged image sets, the split, the manifest and npz checks."""
+"""pipeline.core.data: the mixtures, the packaged image sets, the split, the manifest and npz checks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.config import DataConfig
-from pipeline.data import (
+from pipeline.core.config import DataConfig
+from pipeline.core.data import (
     DataError,
     check_fits_model,
     load_npz,
@@ -355,7 +355,7 @@ def test_the_data_kind_must_suit_the_architecture(kind, shape, arch, gist):
 
 
 def test_shapes_are_deterministic_labelled_and_cover_every_class():
-    from pipeline.datasets import shapes
+    from pipeline.core.datasets import shapes
 
     x, y = shapes.draw(600, 16, seed=3)
     x2, y2 = shapes.draw(600, 16, seed=3)
@@ -369,7 +369,7 @@ def test_shapes_are_deterministic_labelled_and_cover_every_class():
 def test_shapes_classes_are_what_they_claim():
     """Known answers: the pixels of the shape carry the class colour, and the shape's area
     relative to its circumradius r is pi r^2 (circle), 2 r^2 (square), (3 sqrt 3 / 4) r^2 (triangle)."""
-    from pipeline.datasets import shapes
+    from pipeline.core.datasets import shapes
 
     side, n = 128, 120
     x, y = shapes.draw(n, side, seed=0)
@@ -397,17 +397,17 @@ def test_shapes_prepare_at_a_resolution(resolution, channels):
 
 
 def test_resolution_must_be_a_power_of_two():
-    from pipeline.config import ConfigError, build_config
+    from pipeline.core.config import ConfigError, build_config
 
     with pytest.raises(ConfigError, match="data.resolution: must be a power of two in 8..256, got 48"):
         build_config({"data": {"name": "shapes", "resolution": 48}, "model": {"arch": "dcgan"}})
 
 
 def test_a_dataset_is_one_module_the_config_and_the_stages_then_know():
-    """pipeline/datasets/moons.py registers itself: the config accepts it, asks for a points model,
+    """pipeline/core/datasets/moons.py registers itself: the config accepts it, asks for a points model,
     and the evaluation scores it with W1 only (it declares no known-answer metrics)."""
-    from pipeline.config import ConfigError, build_config
-    from pipeline.datasets import point_metric_names, point_scores
+    from pipeline.core.config import ConfigError, build_config
+    from pipeline.core.datasets import point_metric_names, point_scores
 
     cfg = build_config({"data": {"name": "moons", "n_samples": 400}})
     p = prepare(cfg.data, seed=0)
@@ -426,7 +426,7 @@ def test_a_memmap_that_lost_its_file_ships_as_an_array(tmp_path):
     to the next worker as its values, not as a path to nowhere."""
     import pickle
 
-    from pipeline import data as data_module
+    from pipeline.core import data as data_module
 
     np.save(tmp_path / "a.npy", np.arange(12, dtype=np.uint8).reshape(3, 4))
     mapped = np.load(tmp_path / "a.npy", mmap_mode="r")

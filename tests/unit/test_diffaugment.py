@@ -1,4 +1,4 @@
-"""pipeline.augment.diffaugment (Zhao et al. 2020) and `train.augment` in the config and the loop."""
+"""pipeline.core.augment.diffaugment (Zhao et al. 2020) and `train.augment` in the config and the loop."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import diffaugment
-from pipeline.config import ConfigError, build_config
+from pipeline.core.augment import diffaugment
+from pipeline.core.config import ConfigError, build_config
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -73,8 +73,8 @@ def test_config_train_augment():
 
 
 def test_training_with_diffaugment_is_deterministic_and_differs_from_none():
-    from pipeline import training
-    from pipeline.data import prepare
+    from pipeline.core import training
+    from pipeline.core.data import prepare
 
     raw = {
         "data": {"name": "digits"},

@@ -1,16 +1,16 @@
-"""pipeline.draws: the named random streams of a step never share a generator, whatever n_critic."""
+"""pipeline.core.draws: the named random streams of a step never share a generator, whatever n_critic."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.config import ConfigError, build_config
-from pipeline.draws import EXTRA_PHASES, PHASES, Phase, step_generator
+from pipeline.core.config import ConfigError, build_config
+from pipeline.core.draws import EXTRA_PHASES, PHASES, Phase, step_generator
 
 
 def _phases(n_critic: int, cyclegan: bool) -> list[int]:
-    """Every phase a step draws from, as the loop asks for them (pipeline.training)."""
+    """Every phase a step draws from, as the loop asks for them (pipeline.core.training)."""
     per_step = (
         (Phase.REALS, Phase.REALS_B, Phase.POOL_X, Phase.POOL_Y, Phase.PENALTY_X, Phase.PENALTY_X + 1)
         if cyclegan

@@ -1,4 +1,4 @@
-"""pipeline.export: TorchScript and ONNX files match PyTorch and take any batch size."""
+"""pipeline.io.export: TorchScript and ONNX files match PyTorch and take any batch size."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.export import PARITY_TOL, export_all, parity
-from pipeline.models import build_generator, generator_spec
+from pipeline.core.config import ModelConfig
+from pipeline.core.models import build_generator, generator_spec
+from pipeline.io.export import PARITY_TOL, export_all, parity
 
 CASES = {
     "mlp": (ModelConfig(arch="mlp", z_dim=2, hidden=16, layers=2), [2]),

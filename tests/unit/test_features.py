@@ -1,4 +1,4 @@
-"""pipeline.features: the extractor's shapes, determinism, accuracy on digits, files, and the metrics
+"""pipeline.core.features: the extractor's shapes, determinism, accuracy on digits, files, and the metrics
 computed through it. (MNIST-5k accuracy and timing: benchmarks/bench_image_eval.py.)"""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from pipeline import features as F
-from pipeline import metrics_image as M
-from pipeline.config import DataConfig
-from pipeline.data import prepare
+from pipeline.core import features as F
+from pipeline.core import metrics_image as M
+from pipeline.core.config import DataConfig
+from pipeline.core.data import prepare
 
 
 @pytest.fixture(autouse=True)

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline import training
-from pipeline.collectives import Collectives
-from pipeline.config import ConfigError, build_config, check_on_gpu, deep_merge, read_yaml
-from pipeline.distributed import plan_gpu, tracking_placement_problem
-from pipeline.draws import StepDraws, step_generator
+from pipeline.core import training
+from pipeline.core.collectives import Collectives
+from pipeline.core.config import ConfigError, build_config, check_on_gpu, deep_merge, read_yaml
+from pipeline.core.draws import StepDraws, step_generator
+from pipeline.ray.distributed import plan_gpu, tracking_placement_problem
 
 META = torch.device("meta")  # a device that is not the CPU, available on every machine
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import identity
-from pipeline.config import build_config, deep_merge, read_yaml, unflatten
+from pipeline.core import identity
+from pipeline.core.config import build_config, deep_merge, read_yaml, unflatten
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = read_yaml(ROOT / "params.yaml")
@@ -138,7 +138,7 @@ def test_a_behaviour_edit_changes_the_fingerprint_a_comment_does_not(tmp_path: P
 def test_the_losses_edit_of_the_bug_report_changes_the_fingerprint(tmp_path: Path):
     root = copy_sources(tmp_path, identity.TRAIN_SOURCES)
     before = identity.source_fingerprint(root, identity.TRAIN_SOURCES)
-    losses = root / "pipeline/losses.py"
+    losses = root / "pipeline/core/losses.py"
     text = losses.read_text()
     assert "lambda f: F.softplus(-f).mean()" in text
     losses.write_text(text.replace("lambda f: F.softplus(-f).mean()", "lambda f: 0 * F.softplus(-f).mean()"))
@@ -146,8 +146,8 @@ def test_the_losses_edit_of_the_bug_report_changes_the_fingerprint(tmp_path: Pat
 
 
 def test_a_missing_source_is_named(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="pipeline/losses.py"):
-        identity.source_fingerprint(tmp_path, ("pipeline/losses.py",))
+    with pytest.raises(FileNotFoundError, match="pipeline/core/losses.py"):
+        identity.source_fingerprint(tmp_path, ("pipeline/core/losses.py",))
 
 
 def test_pick_takes_sections_and_leaves():
@@ -164,7 +164,7 @@ def _imported(rel: str) -> set[str]:
     for node in ast.walk(ast.parse((ROOT / rel).read_text())):
         names = []
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "stages"):
-            names = [node.module] if "." in node.module else [f"{node.module}.{a.name}" for a in node.names]
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]  # a package or its modules
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names if a.name.split(".")[0] in ("pipeline", "stages")]
         for n in names:

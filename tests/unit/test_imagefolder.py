@@ -1,4 +1,4 @@
-"""pipeline.datasets.imagefolder and the uint8 image store: decoding, resizing, labels from folders,
+"""pipeline.core.datasets.imagefolder and the uint8 image store: decoding, resizing, labels from folders,
 corrupt files, and a memory-mapped store that trains exactly like the same images in memory."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import data
-from pipeline.config import ConfigError, DataConfig, build_config
-from pipeline.datasets import DataError, imagefolder, shapes
+from pipeline.core import data
+from pipeline.core.config import ConfigError, DataConfig, build_config
+from pipeline.core.datasets import DataError, imagefolder, shapes
 
 
 def _write_shapes(root: Path, n: int = 60, side: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +146,7 @@ def test_the_store_on_disk_equals_the_arrays_in_memory(tmp_path: Path):
 
 
 def test_training_from_the_uint8_store_equals_training_from_floats(tmp_path: Path):
-    from pipeline import training
+    from pipeline.core import training
 
     raw = {
         "data": {"name": "shapes", "n_samples": 200, "resolution": 16},

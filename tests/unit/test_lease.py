@@ -1,4 +1,4 @@
-"""pipeline.lease: one process at a time per run under storage.root; a dead or silent owner's lease is free."""
+"""pipeline.io.lease: one process at a time per run under storage.root; a dead or silent owner's lease is free."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline.lease import Lease, LeaseHeld
+from pipeline.io.lease import Lease, LeaseHeld
 
 FS = pafs.LocalFileSystem()
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data as D
-from pipeline import features, live_eval, metrics2d
-from pipeline.config import build_config
-from pipeline.training import Batches, Hooks, build_gan, gan_state, load_gan_state, train
+from pipeline.core import data as D
+from pipeline.core import features, live_eval, metrics2d
+from pipeline.core.config import build_config
+from pipeline.core.training import Batches, Hooks, build_gan, gan_state, load_gan_state, train
 from tests.unit.test_training import tiny
 
 

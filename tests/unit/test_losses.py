@@ -1,4 +1,4 @@
-"""pipeline.losses: known values of the GAN losses and penalties."""
+"""pipeline.core.losses: known values of the GAN losses and penalties."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.losses import LOSSES, gradient_penalty, r1_penalty
+from pipeline.core.losses import LOSSES, gradient_penalty, r1_penalty
 
 BIG = 30.0
 

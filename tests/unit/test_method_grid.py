@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import data, training
-from pipeline.config import LOSSES, ConfigError, build_config, deep_merge, read_yaml
+from pipeline.core import data, training
+from pipeline.core.config import LOSSES, ConfigError, build_config, deep_merge, read_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 NORMS = ["none", "batch", "layer", "spectral"]  # instance norm is for images (refused for mlp)

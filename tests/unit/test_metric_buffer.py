@@ -7,7 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline.io import tracking
 
 
 def closed_port() -> int:
@@ -138,7 +138,7 @@ def test_a_spill_that_cannot_be_written_is_said_once_and_the_sender_goes_on(tmp_
 def test_an_output_folder_is_complete_or_absent_and_a_crash_leaves_nothing_git_sees(tmp_path: Path):
     import subprocess
 
-    from pipeline import outputs
+    from pipeline.io import outputs
 
     target = tmp_path / "export"
     stale = tmp_path / f"{outputs.TMP_PREFIX}export.abc123"  # what a killed stage left behind

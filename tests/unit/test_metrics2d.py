@@ -1,4 +1,4 @@
-"""pipeline.metrics2d: known answers for mode coverage, reverse KL and exact W1."""
+"""pipeline.core.metrics2d: known answers for mode coverage, reverse KL and exact W1."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
-from pipeline.data import mixture, sample_mixture
-from pipeline.metrics2d import mode_metrics, reverse_kl, w1
+from pipeline.core.data import mixture, sample_mixture
+from pipeline.core.metrics2d import mode_metrics, reverse_kl, w1
 
 
 @pytest.mark.parametrize("name, n_modes", [("grid", 25), ("ring", 8)])

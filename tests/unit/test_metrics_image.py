@@ -1,4 +1,4 @@
-"""pipeline.metrics_image: known answers on synthetic Gaussians and clusters."""
+"""pipeline.core.metrics_image: known answers on synthetic Gaussians and clusters."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import linalg
 from threadpoolctl import threadpool_limits
 
-from pipeline import metrics_image as M
+from pipeline.core import metrics_image as M
 
 
 @pytest.fixture(autouse=True)

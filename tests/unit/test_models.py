@@ -1,4 +1,4 @@
-"""pipeline.models: shapes, ranges, every discriminator variant, spectral normalisation."""
+"""pipeline.core.models: shapes, ranges, every discriminator variant, spectral normalisation."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.models import (
+from pipeline.core.config import ModelConfig
+from pipeline.core.models import (
     DCGANGenerator,
     MLPDiscriminator,
     build_discriminator,

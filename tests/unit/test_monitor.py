@@ -1,4 +1,4 @@
-"""The stability monitor (pipeline.monitor) and its actions in the loop (pipeline.training).
+"""The stability monitor (pipeline.core.monitor) and its actions in the loop (pipeline.core.training).
 
 Known answers from the theory, each through the real training loop (benchmarks/monitor_cases.py
 builds the runs; benchmarks/bench_monitor.py runs the whole labelled set):
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import monitor, training
-from pipeline.config import build_config, deep_merge
+from pipeline.core import monitor, training
+from pipeline.core.config import build_config, deep_merge
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "monitor_cases.py"
 _spec = importlib.util.spec_from_file_location("monitor_cases", _PATH)

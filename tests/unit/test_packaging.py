@@ -83,7 +83,7 @@ def test_a_package_only_an_extra_brings_is_imported_after_extras_need_names_the_
 
 
 def test_a_missing_extra_is_one_message_naming_the_setting_and_the_install_command():
-    from pipeline import extras
+    from pipeline.core import extras
 
     with pytest.raises(extras.MissingExtra) as e:
         extras.need("ganpipe_no_such_module", "optuna", "tune.search_alg: optuna")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import data, training
-from pipeline.config import ConfigError, build_config
+from pipeline.core import data, training
+from pipeline.core.config import ConfigError, build_config
 
 
 def tiny(**train):

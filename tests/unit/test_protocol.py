@@ -1,10 +1,10 @@
-"""pipeline.protocol: the settings an evaluation is measured under, and what makes two incomparable."""
+"""pipeline.core.protocol: the settings an evaluation is measured under, and what makes two incomparable."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import identity, protocol
+from pipeline.core import identity, protocol
 
 
 def test_differences_name_every_setting_that_differs():

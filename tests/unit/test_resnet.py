@@ -1,4 +1,4 @@
-"""pipeline.resnet: the residual GAN's shapes and ranges at every resolution it takes, conditioning,
+"""pipeline.core.resnet: the residual GAN's shapes and ranges at every resolution it takes, conditioning,
 packing, its self-attention starting as the identity, and spectral norm bounding every layer."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, build_config
-from pipeline.models import ARCHS, build_discriminator, build_generator, generator_spec
-from pipeline.resnet import ResNetDiscriminator, SelfAttention
+from pipeline.core.config import ConfigError, ModelConfig, build_config
+from pipeline.core.models import ARCHS, build_discriminator, build_generator, generator_spec
+from pipeline.core.resnet import ResNetDiscriminator, SelfAttention
 
 
 @pytest.fixture(autouse=True)

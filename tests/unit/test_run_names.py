@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline import tune
-from pipeline.config import build_config, deep_merge, load_config
-from pipeline.runtime import WorkerData
+from pipeline.core.config import build_config, deep_merge, load_config
+from pipeline.ray import tune
+from pipeline.ray.runtime import WorkerData
 from stages import common
 
 

@@ -1,4 +1,4 @@
-"""The one worker runtime (pipeline.runtime) without Ray: a Session is only where reports go, so a
+"""The one worker runtime (pipeline.ray.runtime) without Ray: a Session is only where reports go, so a
 local one shows the checkpoint format, the restore and the hand-back that Ray Train workers and Tune
 trials share."""
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data, runtime, training
-from pipeline.config import build_config, deep_merge, read_yaml
+from pipeline.core import data, training
+from pipeline.core.config import build_config, deep_merge, read_yaml
+from pipeline.ray import runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 

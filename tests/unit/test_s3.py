@@ -1,10 +1,10 @@
-"""pipeline.s3: the one endpoint setting, retries, URI handling (no network)."""
+"""pipeline.io.s3: the one endpoint setting, retries, URI handling (no network)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline import s3
+from pipeline.io import s3
 
 
 def test_endpoint_precedence_params_then_service_variable_then_global_variable():

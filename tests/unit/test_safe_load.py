@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import training
-from pipeline.config import build_config
-from pipeline.outputs import UnsafeFile, load_tensors
+from pipeline.core import training
+from pipeline.core.config import build_config
+from pipeline.io.outputs import UnsafeFile, load_tensors
 
 CONFIGS = {
     "mlp-ema-ada-pack": {

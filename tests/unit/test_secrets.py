@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.config import build_config, flatten
-from pipeline.secrets import redact, redact_tree
+from pipeline.core.config import build_config, flatten
+from pipeline.core.secrets import redact, redact_tree
 
 SECRET = "s3cr3t-P@ss:w/rd"
 

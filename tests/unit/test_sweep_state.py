@@ -1,4 +1,4 @@
-"""A resumed sweep's checkpoint repair (pipeline.sweep_state) with and without Tune's private helpers."""
+"""A resumed sweep's checkpoint repair (pipeline.ray.sweep_state) with and without Tune's private helpers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import sweep_state
+from pipeline.ray import sweep_state
 
 
 def test_a_sweep_with_no_snapshot_needs_no_repair(tmp_path: Path, capsys: pytest.CaptureFixture):

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import build_config
-from pipeline.losses import LOSSES, gradient_penalty
-from pipeline.models import DCGANDiscriminator, MLPDiscriminator
-from pipeline.training import GAN, Batches, Hooks, d_step, no_sync, train
+from pipeline.core.config import build_config
+from pipeline.core.losses import LOSSES, gradient_penalty
+from pipeline.core.models import DCGANDiscriminator, MLPDiscriminator
+from pipeline.core.training import GAN, Batches, Hooks, d_step, no_sync, train
 
 
 def normal_pdf(x: torch.Tensor, mean: float | torch.Tensor = 0.0, std: float | torch.Tensor = 1.0) -> torch.Tensor:

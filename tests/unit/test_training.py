@@ -1,4 +1,4 @@
-"""pipeline.training, the bare loop (no Ray): determinism, exact resume, sharding, NaN/inf stops."""
+"""pipeline.core.training, the bare loop (no Ray): determinism, exact resume, sharding, NaN/inf stops."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import build_config, deep_merge
-from pipeline.data import prepare
-from pipeline.training import (
+from pipeline.core.config import build_config, deep_merge
+from pipeline.core.data import prepare
+from pipeline.core.training import (
     Batches,
     Hooks,
     NonFiniteLoss,
@@ -276,7 +276,7 @@ def test_sample_deterministic_and_restores_mode(data):
 
 
 def test_ada_p_rises_while_d_overfits_and_is_kept_in_checkpoints():
-    from pipeline import training
+    from pipeline.core import training
 
     cfg = build_config(
         {

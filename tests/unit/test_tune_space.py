@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tune
-from pipeline.config import ConfigError, build_config, read_yaml
-from pipeline.tune import best_row, parse_space
+from pipeline.core.config import ConfigError, build_config, read_yaml
+from pipeline.ray import tune
+from pipeline.ray.tune import best_row, parse_space
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,7 @@ def test_best_row_prefers_finished_trials_and_skips_failed():
 
 
 def test_best_row_never_picks_a_collapsed_or_diverged_trial_and_the_stopper_ends_them():
-    from pipeline.tune import stops_trial
+    from pipeline.ray.tune import stops_trial
 
     rows = [
         {"trial_id": "a", "status": "finished", "w1": 0.01, "diagnosis": "mode_collapse", "severe": "mode_collapse"},
@@ -80,7 +80,7 @@ def test_best_row_never_picks_a_collapsed_or_diverged_trial_and_the_stopper_ends
 
 
 def test_severe_problems_are_the_standing_ones():
-    from pipeline import monitor
+    from pipeline.core import monitor
 
     m = monitor.Monitor()
     m.record("oscillating", 100, {})
@@ -94,8 +94,8 @@ def test_severe_problems_are_the_standing_ones():
 
 @pytest.mark.parametrize("steps, every", [(400, 1000), (10_000, 1000), (300, 100), (50, 50)])
 def test_asha_rungs_fit_inside_the_run(steps: int, every: int):
-    from pipeline.config import build_config
-    from pipeline.tune import scheduler
+    from pipeline.core.config import build_config
+    from pipeline.ray.tune import scheduler
 
     cfg = build_config({"train": {"steps": steps, "checkpoint_every": every}})
     # Ray refuses a grace period past max_t ("grace_period must be <= max_t!")
@@ -110,8 +110,8 @@ def test_the_committed_params_have_a_search_space_that_parses():
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "presets").glob("*.yaml")))
 def test_every_preset_tunes_on_a_metric_its_trials_report(preset):
-    from pipeline.config import deep_merge
-    from pipeline.tune import check_tunable
+    from pipeline.core.config import deep_merge
+    from pipeline.ray.tune import check_tunable
 
     check_tunable(build_config(deep_merge(read_yaml(ROOT / "params.yaml"), read_yaml(ROOT / f"presets/{preset}.yaml"))))
 
@@ -132,8 +132,8 @@ def test_every_preset_tunes_on_a_metric_its_trials_report(preset):
     ],
 )
 def test_a_tune_metric_the_trials_never_report_is_refused_before_any_trial(over, gist):
-    from pipeline.config import deep_merge
-    from pipeline.tune import check_tunable
+    from pipeline.core.config import deep_merge
+    from pipeline.ray.tune import check_tunable
 
     with pytest.raises(ConfigError) as e:
         check_tunable(build_config(deep_merge(read_yaml(ROOT / "params.yaml"), over)))
@@ -141,8 +141,8 @@ def test_a_tune_metric_the_trials_never_report_is_refused_before_any_trial(over,
 
 
 def test_an_npz_sweep_checks_its_metric_once_the_data_kind_is_known():
-    from pipeline.config import deep_merge
-    from pipeline.tune import check_metric, check_tunable
+    from pipeline.core.config import deep_merge
+    from pipeline.ray.tune import check_metric, check_tunable
 
     cfg = build_config(
         deep_merge(
@@ -224,7 +224,7 @@ def test_a_trial_lost_before_its_first_report_is_a_failed_row_not_a_crash():
 def test_a_trial_knows_its_own_checkpoint_from_a_pbt_donors():
     from types import SimpleNamespace
 
-    from pipeline.tune import own_checkpoint
+    from pipeline.ray.tune import own_checkpoint
 
     def at(path: str):
         return SimpleNamespace(path=path)
@@ -243,8 +243,8 @@ def test_a_trial_refused_by_the_tracking_server_says_where_its_credentials_come_
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from pipeline import distributed
-    from pipeline.teamstack import free_port
+    from pipeline.io.teamstack import free_port
+    from pipeline.ray import distributed
 
     class Refuse(BaseHTTPRequestHandler):  # an MLflow server with basic auth, to a client without credentials
         def do_GET(self):
