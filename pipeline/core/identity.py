@@ -160,7 +160,7 @@ def expand(root: str | Path, sources: tuple[str, ...]) -> list[str]:
     return out
 
 
-CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose code is running
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the checkout whose code is running (pipeline/core/..)
 
 
 def code_fingerprint(sources: tuple[str, ...]) -> str:

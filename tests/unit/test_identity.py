@@ -188,3 +188,9 @@ def test_every_module_a_stage_runs_is_in_its_identity_or_declared_not_to_shape_r
             todo += sorted(_imported(rel))
     missing = seen - set(identity.expand(ROOT, sources)) - set(identity.NOT_RESULT_SHAPING)
     assert not missing, f"{stage_file} runs {sorted(missing)}: add them to the identity's sources (and dvc.yaml)"
+
+
+@pytest.mark.parametrize("sources", [identity.TRAIN_SOURCES, identity.TUNE_SOURCES])
+def test_the_running_checkouts_fingerprint_reads_the_stages_own_sources(sources):
+    assert identity.CODE_ROOT == ROOT
+    assert identity.code_fingerprint(sources) == identity.source_fingerprint(ROOT, sources)
