@@ -62,6 +62,7 @@ NOT_RESULT_SHAPING = {
     "pipeline/io/plots.py": "draws plots",
     "pipeline/core/protocol.py": "names how figures are measured; the extractor's hash enters the identity as a value",
     "pipeline/io/s3.py": "storage I/O",
+    "pipeline/io/unchanged_uploads.py": "storage I/O: skips re-sending bytes the store has",
     "pipeline/core/secrets.py": "redaction",
     "pipeline/io/store_shipping.py": "moves the prepared store to the nodes, verified by hash (not what it holds)",
     "pipeline/ray/sweep_state.py": "makes a killed sweep's state restorable (which checkpoint, not what it holds)",
