@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.core import environment, secrets
 
@@ -312,6 +312,15 @@ def log_summary_metrics(uri: str, run_id: str, metrics: dict[str, float], step: 
         _client(uri).log_batch(run_id, metrics=batch)
 
 
+class _Point(NamedTuple):
+    """One metric value as MLflow's `Metric` takes it (made without importing MLflow)."""
+
+    key: str
+    value: float
+    timestamp: int
+    step: int
+
+
 class MetricBuffer:
     """Per-step metrics, delivered in order by one background thread: training never waits on the server.
 
@@ -324,6 +333,9 @@ class MetricBuffer:
     is appended to `spill` as JSON lines (one metric a line) and a warning names the file; without a
     `spill` path it is dropped with a warning. Re-sending a batch the server did store is harmless:
     MLflow ignores an identical (key, step, timestamp, value) row.
+
+    The sender thread starts with the buffer and makes MLflow's client itself (importing MLflow and
+    opening a SQLite store take seconds): training starts without waiting for it.
     """
 
     BACKOFF = (0.5, 15.0)
@@ -341,13 +353,14 @@ class MetricBuffer:
         self.delivered = 0  # metric values the server accepted
         self.spilled = 0  # metric values written to `spill` (or dropped) instead
         self.spill_failed = False  # writing the spill file failed (said once in a warning)
-        self._send = self._send_with()
+        self._send = None  # made by the sender thread (a failure there is a server that is away)
+        # a daemon: it lives as long as the training process, which drains it with flush(wait=True)
+        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+        self._thread.start()
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self.pending += [_Point(k, float(v), ts, step) for k, v in metrics.items()]
 
     def flush(self, wait: bool = False) -> None:
         """Queue the collected metrics (never blocks); with `wait`, deliver everything or spill it."""
@@ -356,10 +369,6 @@ class MetricBuffer:
                 batch, self.pending = self.pending, []
                 self._queue += [batch[i : i + 1000] for i in range(0, len(batch), 1000)]
                 self._cond.notify_all()
-            if self._thread is None and self._queue:
-                # a daemon: it lives as long as the training process, which drains it with flush(wait=True)
-                self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
-                self._thread.start()
             if not wait:
                 return
             deadline = time.monotonic() + self.timeout
@@ -388,13 +397,16 @@ class MetricBuffer:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._thread.join(timeout=5)
 
     # ---- the sender thread --------------------------------------------------------------------
 
     def _run(self) -> None:
         delay = self.BACKOFF[0]
+        try:
+            self._send = self._send_with()
+        except Exception:  # noqa: BLE001 - tried again with the first batch, which says why
+            pass
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -403,6 +415,8 @@ class MetricBuffer:
                     return
                 batch = self._queue[0]
             try:
+                if self._send is None:
+                    self._send = self._send_with()
                 ok = self._send(batch)
             except Exception as e:  # noqa: BLE001 - any failure to deliver is "try again later"
                 ok = None
@@ -440,12 +454,14 @@ class MetricBuffer:
         """The sender: MLflow's public client, one attempt per batch (the buffer does its own
         retrying): True, or the reason the server refused the batch for good (a 4xx other than
         429); a server that is away (no answer, HTTP 429 or 5xx) raises ConnectionError."""
+        from mlflow.entities import Metric
         from mlflow.exceptions import MlflowException
 
         client = _client(self.uri)
         remote = self.uri.startswith(("http://", "https://"))
 
-        def send(batch: list) -> bool | str:
+        def send(points: list) -> bool | str:
+            batch = [Metric(*p) for p in points]
             if not remote:
                 client.log_batch(self.run_id, metrics=batch)
                 return True

@@ -7,6 +7,10 @@ import socket
 import time
 from pathlib import Path
 
+# imported up front: the buffer's sender thread makes MLflow's client itself, and these tests' short
+# timeouts time the server, not that first import
+import mlflow
+
 from pipeline.io import tracking
 
 
@@ -228,7 +232,6 @@ def test_busy_server_gets_every_batch_in_order_once_it_answers_and_a_refusal_is_
 
 
 def test_a_training_run_gets_system_metrics_and_keeps_the_status_the_block_earned(tmp_path: Path):
-    import mlflow
     import pytest
     from mlflow.tracking import MlflowClient
 
