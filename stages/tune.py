@@ -51,7 +51,10 @@ def run(args) -> None:
         cfg.to_dict(), identity.TUNE_PARAMS, data_hash, identity.code_fingerprint(identity.TUNE_SOURCES), extractor
     )
     name = tune.sweep_name(cfg, identity.key(ident))
-    storage_path, fs = distributed.storage_filesystem(cfg.storage.root, cfg.storage.s3_endpoint_url)
+    # every snapshot of the sweep copies its whole folder: on S3, files already there are not sent again
+    storage_path, fs = distributed.storage_filesystem(
+        cfg.storage.root, cfg.storage.s3_endpoint_url, skip_unchanged=True
+    )
     sweep_key = hashlib.sha256(distributed.run_address(cfg.storage.root, name).encode()).hexdigest()[:16]
     tags = {"ganpipe.kind": "sweep", "ganpipe.identity": identity.key(ident), **common.dvc_experiment()}
     # one process at a time per sweep: a second one would restore and overwrite its trials

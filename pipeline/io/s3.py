@@ -128,12 +128,19 @@ def read_bytes(uri: str, endpoint: str | None, what: str = "data.path") -> bytes
         raise _explain(e, what, uri, endpoint) from None
 
 
-def arrow_filesystem(endpoint: str | None, region: str | None = None, max_attempts: int = MAX_ATTEMPTS):
+def arrow_filesystem(
+    endpoint: str | None, region: str | None = None, max_attempts: int = MAX_ATTEMPTS, background_writes: bool = True
+):
     """pyarrow's S3FileSystem (what Ray writes checkpoints through), with the endpoint given
-    explicitly and AWS's standard retry strategy (exponential backoff on transient errors)."""
+    explicitly and AWS's standard retry strategy (exponential backoff on transient errors).
+    `background_writes=False`: each write is sent by the thread that closes it, not by pyarrow's I/O
+    thread pool (a filesystem written from that pool's own threads would otherwise wait on itself)."""
     import pyarrow.fs
 
-    kwargs: dict = {"retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)}
+    kwargs: dict = {
+        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+        "background_writes": background_writes,
+    }
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"

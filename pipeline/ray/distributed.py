@@ -186,17 +186,25 @@ def check_tracking_here(uri: str, who: str) -> None:
         pass
 
 
-def storage_filesystem(root: str, endpoint_url: str | None):
+def storage_filesystem(root: str, endpoint_url: str | None, skip_unchanged: bool = False):
     """(storage_path, pyarrow filesystem or None) for Ray's RunConfig.
 
     Local roots become absolute paths. For s3:// roots the endpoint is given to pyarrow
     explicitly (it does not read AWS_ENDPOINT_URL), with retries on transient errors.
+    `skip_unchanged` (a sweep: Tune snapshots its whole folder again and again): writes of bytes
+    already sent to a path are not sent again (pipeline.io.unchanged_uploads). Ray writes that
+    filesystem from pyarrow's I/O threads, so its S3 writes are sent by the writing thread.
     """
     if not root.startswith("s3://"):
         return str(Path(root).expanduser().resolve()), None
     from pipeline.io import s3
+    from pipeline.io.unchanged_uploads import skipping_unchanged
 
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if skip_unchanged:
+        return root[len("s3://") :].rstrip("/"), skipping_unchanged(
+            s3.arrow_filesystem(endpoint_url, region, background_writes=False)
+        )
     return root[len("s3://") :].rstrip("/"), s3.arrow_filesystem(endpoint_url, region)
 
 

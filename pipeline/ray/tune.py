@@ -34,7 +34,6 @@ import torch
 from pipeline.core import data, datasets, environment, extras, metrics_image, monitor
 from pipeline.core.config import Config, ConfigError, build_config, deep_merge, flatten, unflatten
 from pipeline.core.objectives import objective
-from pipeline.io.unchanged_uploads import skipping_unchanged
 from pipeline.ray import distributed, runtime, sweep_state
 from pipeline.ray.runtime import WorkerData
 
@@ -495,9 +494,6 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
     `callbacks`: extra Tune callbacks (the benchmark times trials with one)."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
-
-    # every snapshot of the sweep copies its whole folder: on S3, files already there are not sent again
-    fs = skipping_unchanged(fs) if fs is not None else None
 
     # a single-worker trial trains in the trial itself (its CPUs); a multi-worker trial only drives a
     # Ray Train run, whose workers ask for their own CPUs

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.io.teamstack import LOCAL_AWS as AWS
 from pipeline.io.teamstack import s3_client
-from tests.integration.conftest import BIN, env, free_port, set_params, sh, stop_group, wait_for_port
+from tests.integration.conftest import BIN, ROOT, env, free_port, set_params, sh, stop_group, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -358,3 +358,58 @@ def test_an_image_store_is_shipped_once_through_storage_root_and_fetched_once_pe
     with pytest.raises(DataError, match=r"has SHA-256 .* not .* as shipped"):
         runtime.as_tensor(elsewhere)
     assert sorted(p.name for p in cache.iterdir()) == [f"{sha}.lock"]
+
+
+_SNAPSHOTS = """
+import json, sys
+from pathlib import Path
+import pyarrow.fs as pafs
+from pipeline.io.teamstack import s3_client
+from pipeline.ray import distributed
+
+endpoint, src = sys.argv[1], Path(sys.argv[2])
+root, fs = distributed.storage_filesystem("s3://team/ray", endpoint, skip_unchanged=True)
+
+def snapshot():  # what Ray does for a sweep snapshot: the folder, then the tree from pyarrow's threads
+    fs.create_dir(f"{root}/sweep", recursive=True)
+    pafs.copy_files(str(src), f"{root}/sweep", destination_filesystem=fs, use_threads=True)
+
+snapshot()
+client = s3_client(endpoint)
+listed = client.list_objects_v2(Bucket="team", Prefix="ray/sweep/")["Contents"]
+keys = [o["Key"] for o in listed if not o["Key"].endswith("/")]  # (pyarrow marks folders with empty objects)
+first = {k: client.get_object(Bucket="team", Key=k)["Body"].read().decode() for k in keys}
+for k in keys:  # behind the filesystem's back: whatever the next snapshot sends shows
+    client.put_object(Bucket="team", Key=k, Body=b"tampered")
+(src / "trial_007" / "result.json").write_text("step 100")
+snapshot()
+resent = sorted(k for k in keys if client.get_object(Bucket="team", Key=k)["Body"].read() != b"tampered")
+print(json.dumps({"first": first, "resent": resent}))
+"""
+
+
+def test_sweep_snapshots_from_pyarrows_threads_send_only_what_changed(s3_endpoint: str, tmp_path: Path):
+    """Tune's snapshot of a sweep folder, as Ray sends it (pyarrow's copy_files on its I/O threads),
+    through the sweep's filesystem on S3: the second sends only the file that changed. With more
+    files than pyarrow has I/O threads, S3 writes queued on that same pool would wait on each other for
+    ever: the run is bounded, and a hang fails the test."""
+    s3_client(s3_endpoint).create_bucket(Bucket="team")
+    src = tmp_path / "sweep"
+    for i in range(40):
+        (src / f"trial_{i:03d}").mkdir(parents=True)
+        for name in ("params.json", "params.pkl", "result.json"):
+            (src / f"trial_{i:03d}" / name).write_text(f"{name} of trial {i}")
+    try:
+        p = subprocess.run(
+            [sys.executable, "-c", _SNAPSHOTS, s3_endpoint, str(src)],
+            env=env(AWS, ROOT),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("a snapshot of 120 files through the sweep's S3 filesystem did not finish in 120 s")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(out["first"]) == 120 and out["first"]["ray/sweep/trial_003/params.pkl"] == "params.pkl of trial 3"
+    assert out["resent"] == ["ray/sweep/trial_007/result.json"]
