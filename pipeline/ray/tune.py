@@ -624,11 +624,18 @@ def progress_line(
 
 
 def trial_position(trials: list, trial) -> int:
-    """A trial's number in the sweep, from 1, as in tune/trials.csv: its experiment tag's counter (the
-    `<n>` of its folder; the order the search created trials in, whatever their ids), else its place
-    in Tune's list."""
-    head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
-    return int(head) + 1 if head.isdigit() else trials.index(trial) + 1
+    """A trial's number in the sweep, from 1, as in tune/trials.csv: its place in the order the search
+    created trials in (the `<n>` counter of their experiment tags, whatever their ids: a counter that
+    skipped a value, as Optuna's can, leaves no gap), else its place in Tune's list."""
+
+    def counter(t) -> int | None:
+        head = str(getattr(t, "experiment_tag", "")).split("_", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    mine = counter(trial)
+    if mine is None:
+        return trials.index(trial) + 1
+    return 1 + sum(1 for t in trials if t is not trial and (c := counter(t)) is not None and c < mine)
 
 
 def progress_callback(cfg: Config):

@@ -295,5 +295,7 @@ def test_a_trial_is_numbered_by_its_creation_not_its_id():
     # Optuna's ids are random hex: sorting them would number the trials anyhow
     trials = [SimpleNamespace(trial_id=i, experiment_tag=f"{n}_train_lr_g=0.001") for n, i in enumerate(["f0", "0a"])]
     assert [tune.trial_position(trials, t) for t in trials] == [1, 2]
+    skipped = SimpleNamespace(trial_id="b1", experiment_tag="3_train_lr_g=0.002")  # the counter skipped 2
+    assert tune.trial_position([*trials, skipped], skipped) == 3
     untagged = SimpleNamespace(trial_id="x", experiment_tag="")
     assert tune.trial_position([*trials, untagged], untagged) == 3
