@@ -10,7 +10,12 @@ process's last write there is not sent again (SHA-256 of the content), nor a dir
 What it does not know is sent as before: the memory is per process (a resumed sweep, each trial
 process and each node start empty), and deleting, moving or appending under a path forgets it. Writes
 are spooled (to memory, to a temporary file past 8 MiB: checkpoints) and sent in one piece when
-closed, one upload at a time (as Ray itself copies to S3: its multi-threaded uploads are unsafe).
+closed, one upload at a time.
+
+Ray copies folders into any filesystem that is not pyarrow's own S3 class from pyarrow's I/O threads,
+so these writes run on that pool: the S3 filesystem wrapped must send each write from the calling
+thread (`s3.arrow_filesystem(..., background_writes=False)`, as `distributed.storage_filesystem`
+builds it), or its writes wait for pool threads that are all waiting for them.
 """
 
 from __future__ import annotations
