@@ -97,7 +97,8 @@ class ResNetGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         assert y is not None or not self.needs_label, "a conditional generator needs labels y"
-        h = self.fc(z).view(-1, self.c0, 4, 4)
+        # the batch size from z, not -1: ONNX then knows the channels of the first (conditional) batch norm
+        h = self.fc(z).view(z.shape[0], self.c0, 4, 4)
         for i, block in enumerate(self.blocks):
             h = block(h, y)
             if str(i) in self.attn:

@@ -201,11 +201,10 @@ def storage_filesystem(root: str, endpoint_url: str | None, skip_unchanged: bool
     from pipeline.io.unchanged_uploads import skipping_unchanged
 
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    path = root[len("s3://") :].rstrip("/")
     if skip_unchanged:
-        return root[len("s3://") :].rstrip("/"), skipping_unchanged(
-            s3.arrow_filesystem(endpoint_url, region, background_writes=False)
-        )
-    return root[len("s3://") :].rstrip("/"), s3.arrow_filesystem(endpoint_url, region)
+        return path, skipping_unchanged(s3.arrow_filesystem(endpoint_url, region, background_writes=False))
+    return path, s3.arrow_filesystem(endpoint_url, region)
 
 
 def run_lease(root: str, endpoint_url: str | None, name: str, what: str):

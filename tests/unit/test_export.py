@@ -99,3 +99,24 @@ def test_export_only_requested_format(tmp_path):
     files, diffs = export_all(G, z_dim, ["onnx"], tmp_path)
     assert set(files) == set(diffs) == {"onnx"}
     assert not (tmp_path / "generator.pt").exists()
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+def test_conditional_image_generators_export_with_labels_at_any_batch(arch, tmp_path):
+    """Conditional batch norm has no affine weight of its own, so the ONNX exporter must know its
+    channels: the ResNet generator's first block sits right after the reshape of z (it failed there)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m = ModelConfig(arch=arch, z_dim=8, hidden=8, conditional=True)
+    G = build_generator(generator_spec(m, [3, 32, 32], num_classes=5))
+    files, diffs = export_all(G, 8, ["torchscript", "onnx"], tmp_path, num_classes=5)
+    assert all(0.0 <= d < PARITY_TOL for d in diffs.values())
+    sess = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["z", "y"]
+    z = np.random.default_rng(1).standard_normal((11, 8)).astype(np.float32)
+    y = np.arange(11, dtype=np.int64) % 5
+    got = sess.run(None, {"z": z, "y": y})[0]
+    with torch.no_grad():
+        ref = G.eval()(torch.from_numpy(z), torch.from_numpy(y)).numpy()
+    assert got.shape == (11, 3, 32, 32) and np.abs(got - ref).max() < PARITY_TOL
