@@ -46,8 +46,8 @@ def main() -> None:
         batches = training.Batches(
             x, cfg.train.batch_size, cfg.model.z_dim, cfg.seed, y=y, num_classes=k or 0, channels_last=cl
         )
-        runs[cl] = {"raw": deep_merge(raw, {"train": {"channels_last": cl, "log_every": 10**9}}), "gan": gan}
-        runs[cl]["batches"], runs[cl]["seconds"] = batches, 0.0
+        timed = deep_merge(raw, {"train": {"channels_last": cl, "log_every": 10**9}})
+        runs[cl] = {"raw": timed, "gan": gan, "batches": batches, "seconds": 0.0}
     done = 0
     for r in range(args.rounds + 1):  # round 0 warms both up and is not timed
         done += args.steps
