@@ -262,11 +262,13 @@ def run_trial(config: dict[str, Any], job: SweepJob) -> None:
     # nothing, and what it never takes is kept in `job.spill_path` (see tracking.MetricBuffer)
     sent = tracking.MetricBuffer(job.tracking_uri, run_id, job.spill_path, cfg.tracking.flush_timeout_s)
     tagged = [-1]  # the events the trial's MLflow run was last tagged with (-1: not yet: `healthy` is a verdict too)
-    # restored from its own checkpoint (a retry, a sweep resumed after its driver died), the trial trains
-    # again the steps after it: those its run already has go to MLflow once. Restored at the last step (also
-    # a PBT exploit of a finished donor), its final report goes only if the run lacks it. The steps after
-    # a donor's checkpoint (PBT) are new training: all of them are sent.
-    own = own_checkpoint(worker.session.checkpoint, ctx.get_trial_id())
+    # restored from its own checkpoint (a retry, a sweep resumed after its driver died) or started again
+    # from none (its driver died before the sweep's snapshot named its first checkpoint), the trial trains
+    # again steps its run may have: those go to MLflow once. Restored at the last step (also a PBT exploit
+    # of a finished donor), its final report goes only if the run lacks it. The steps after a donor's
+    # checkpoint (PBT) are new training: all of them are sent.
+    checkpoint = worker.session.checkpoint
+    own = checkpoint is None or own_checkpoint(checkpoint, ctx.get_trial_id())
     start = worker.gan.step  # the step it restored (0: a fresh trial)
     logged = tracking.last_step(job.tracking_uri, run_id, "opt/lr_g") if worker.finished or own else None
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,34 +121,44 @@ def test_a_killed_driver_resumes_the_sweep_with_no_trial_lost_or_repeated(projec
         project,
         {
             "tune": {"num_samples": 6, "scheduler": "none", "max_concurrent": 2, "search_space": space},
-            "train": {"steps": 400, "checkpoint_every": 100, "log_every": 50, "ema": 0.0},
+            "train": {"steps": 2000, "checkpoint_every": 500, "log_every": 100, "ema": 0.0},
         },
     )
     driver = spawn(project, sys.executable, "stages/tune.py")
-    seen, ended = [], []
+    seen: list[str] = []  # every line the driver prints, read as it comes so that none is lost to the kill
+    reader = threading.Thread(target=lambda: seen.extend(driver.stdout), daemon=True)
+    reader.start()
+
+    def ended() -> list[str]:
+        return [line.split()[3] for line in list(seen) if line.startswith("[tune] trial ")]
+
+    def ended_in(checkpoint: Path) -> bool:
+        return any(t in checkpoint.parent.name for t in ended())
+
     try:
-        for line in driver.stdout:
-            seen.append(line)
-            if line.startswith("[tune] trial "):
-                ended.append(line.split()[3])
-            if len(ended) == 2:
-                break
-        assert len(ended) == 2, "".join(seen)
-        # and once a trial still running has a checkpoint (Tune snapshots the sweep right after one)
+        deadline = time.monotonic() + 300
+        while len(ended()) < 2:
+            assert time.monotonic() < deadline and driver.poll() is None, "".join(seen)
+            time.sleep(0.1)
+        # and once a trial still training has a checkpoint before its last (Tune snapshots the sweep right
+        # after one): a trial's 4th checkpoint (checkpoint_000003, step 2000) is its last
         deadline = time.monotonic() + 120
-        while not [c for c in checkpoints(project) if not any(t in c.parent.name for t in ended)]:
+        while not [c for c in checkpoints(project) if int(c.name.split("_")[1]) < 3 and not ended_in(c)]:
             assert time.monotonic() < deadline and driver.poll() is None, "no running trial checkpointed"
-            time.sleep(0.2)
-        time.sleep(1)
+            time.sleep(0.05)
+        time.sleep(0.5)  # for that snapshot (500 steps take a few seconds)
         os.kill(driver.pid, signal.SIGKILL)  # the driver, then what it left of its local Ray
         driver.wait()
     finally:
         stop_group(driver)
+    # a third trial may have ended (and been printed) between the second and the kill
+    reader.join(timeout=5)
+    ended_first = ended()
     # as if every trial still training had registered one more checkpoint just before the kill: Tune
     # deletes the older one at once, yet the sweep's last snapshot still names it (what made CI fail once,
-    # by chance). A trial's 4th checkpoint (checkpoint_000003, step 400) is its last.
+    # by chance).
     pruned = [c for c in checkpoints(project) if int(c.name.split("_")[1]) < 3]
-    assert pruned, "no trial was still training"
+    assert pruned, "no trial was still training:\n" + "".join(seen)
     for c in pruned:
         c.rename(c.with_name(f"checkpoint_{int(c.name.split('_')[1]) + 1:06d}"))
 
@@ -155,9 +166,9 @@ def test_a_killed_driver_resumes_the_sweep_with_no_trial_lost_or_repeated(projec
     assert "resuming the sweep" in second.stdout, second.stdout
     assert "they resume from their newest checkpoint" in second.stdout, second.stdout
     again = [line.split()[3] for line in second.stdout.splitlines() if line.startswith("[tune] trial ")]
-    # the 4 trials left end in the resumed sweep; a trial that finished after Tune's last snapshot of the
+    # the trials left end in the resumed sweep; a trial that finished after Tune's last snapshot of the
     # sweep (taken at least every 10 s) is restored at its final checkpoint there and trains no step
-    assert set(again) | set(ended) == {r["trial_id"] for r in trials(project)} and len(again) <= 6, second.stdout
+    assert set(again) | set(ended_first) == {r["trial_id"] for r in trials(project)} and len(again) <= 6, second.stdout
     rows = trials(project)
     assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
     assert all(r["status"] == "finished" for r in rows), rows
@@ -169,7 +180,7 @@ def test_a_killed_driver_resumes_the_sweep_with_no_trial_lost_or_repeated(projec
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "w1")]
         # once each: a trial that trains again steps it had reported (it resumed from an older checkpoint,
         # renamed above) sends them to MLflow no second time
-        assert sorted(steps) == [100, 200, 300, 400], (c.data.tags["ganpipe.trial_id"], steps)
+        assert sorted(steps) == [500, 1000, 1500, 2000], (c.data.tags["ganpipe.trial_id"], steps)
 
 
 def test_a_nan_trial_is_recorded_as_failed_and_the_sweep_goes_on(project: Path):
