@@ -10,7 +10,7 @@ imports and the local Ray), the MLflow run (a fresh SQLite store), the Ray Train
 worker start, the steps (with the live evaluations, checkpoints and metric logging between them) and
 the end (final outputs, samples, artifacts, shutdown). Then, in this process, the bare loop: the same
 model, data and steps through `training.train` with no hooks, on one torch thread (what a Ray Train CPU
-worker runs on). Target (#17): the stage within 1.25x of the bare loop for the default run.
+worker runs on), and Ray Train's own floor: a one-worker TorchTrainer fit() of a loop that does nothing. Target (#17): the stage within 1.25x of the bare loop for the default run.
 Figures come from one run on this machine; the ratio is what compares.
 """
 
@@ -94,6 +94,38 @@ def bare_loop(proj: Path, steps: int) -> float:
     return time.perf_counter() - t
 
 
+def ray_train_floor(storage: Path) -> tuple[float, float]:
+    """Ray Train's own fixed cost on this machine: (seconds from fit() to a no-op loop's first line,
+    seconds for the whole fit()) of one CPU worker, on a local Ray started as the stage starts it."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.ray import distributed
+
+    def noop_loop(config: dict) -> None:  # (defined here: Ray sends it by value to a worker without this module)
+        import time
+        from pathlib import Path
+
+        Path(config["stamp"]).write_text(str(time.time()))  # (Ray Train V2 keeps no metrics without a checkpoint)
+
+    stamp = storage / "entered"
+    storage.mkdir(parents=True, exist_ok=True)
+    distributed.ensure_ray(None, 2)
+    try:
+        trainer = TorchTrainer(
+            noop_loop,
+            train_loop_config={"stamp": str(stamp)},
+            scaling_config=ScalingConfig(num_workers=1),
+            run_config=RunConfig(name="noop", storage_path=str(storage)),
+        )
+        t = time.time()
+        trainer.fit()
+        return float(stamp.read_text()) - t, time.time() - t
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     from bench_pipeline_seeds import fresh_repo, sh
 
@@ -128,7 +160,13 @@ def main() -> None:
     )
     ratio = split["total"] / bare
     print(f"stage / bare loop: {ratio:.2f}x (target <= 1.25x)")
-    print(json.dumps({"steps": steps, "bare_s": bare, "ratio": ratio, **split}))
+    entered, whole = ray_train_floor(proj / ".ganpipe/noop")
+    print(
+        f"Ray Train's own floor (one worker, a no-op loop): {entered:.1f} s from fit() to the loop, "
+        f"{whole:.1f} s the whole fit()"
+    )
+    floor = {"noop_fit_to_loop_s": entered, "noop_fit_s": whole}
+    print(json.dumps({"steps": steps, "bare_s": bare, "ratio": ratio, **split, **floor}))
 
 
 if __name__ == "__main__":
