@@ -18,7 +18,6 @@ and thread count; the caller's global RNG state is left untouched.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -125,20 +124,20 @@ def train_extractor(
     eighth of the digit). `epochs` defaults to `default_epochs`. Seeded and deterministic on CPU:
     the same seed, data and thread count give identical weights. Uses the caller's torch thread
     setting. Returns the model in eval mode and `info` (plain types, so it survives a weights-only
-    load) with `val_accuracy` (None without validation data), `train_accuracy`, `seconds`, ...
+    load) with `val_accuracy` (None without validation data), `train_accuracy`, ... and nothing that
+    differs between two runs (no wall time): the saved extractor, its hash in every evaluation's
+    protocol, and the runs scored in it are the same for the same seed and data.
     """
     x = torch.as_tensor(np.asarray(to_unit(np.asarray(x_train)), dtype=np.float32))
     y = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
     assert x.ndim == 4 and len(x) == len(y), "train_extractor needs images (N, C, H, W) and labels (N,)"
     epochs = default_epochs(len(x), batch_size) if epochs is None else epochs
     max_shift = min(x.shape[2], x.shape[3]) // 14 if max_shift is None else max_shift
-    t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = FeatureNet(tuple(x.shape[1:]), num_classes)
         g = torch.Generator().manual_seed(seed)
         _fit(model, x, y, epochs, batch_size, lr, max_shift, g)
-    seconds = time.perf_counter() - t0
     model.eval()
     info = {
         "extractor": "classifier",
@@ -147,7 +146,6 @@ def train_extractor(
         "batch_size": batch_size,
         "max_shift": max_shift,
         "n_train": len(x),
-        "seconds": seconds,
         "train_accuracy": accuracy(model, x_train, y_train),
         "val_accuracy": None if x_val is None or len(x_val) == 0 else accuracy(model, x_val, y_val),
         "n_val": 0 if x_val is None else len(x_val),

@@ -10,6 +10,7 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.core import features as F
 from pipeline.core import metrics_image as M
+from pipeline.core import protocol
 from pipeline.core.config import DataConfig
 from pipeline.core.data import prepare
 
@@ -57,16 +58,25 @@ def test_extractor_reaches_97_percent_on_digits(trained):
     assert info["epochs"] == F.default_epochs(1617, 128)
 
 
-def test_training_is_reproducible_and_depends_on_the_seed(digits):
+def test_training_is_reproducible_and_depends_on_the_seed(digits, tmp_path):
     x, y = digits.x_train[:600], digits.y_train[:600]
     before = torch.get_rng_state()
-    a, _ = F.train_extractor(x, y, 10, seed=5, epochs=2)
+    a, info_a = F.train_extractor(x, y, 10, seed=5, epochs=2)
     torch.rand(3)  # disturbing the global generator must not matter
-    b, _ = F.train_extractor(x, y, 10, seed=5, epochs=2)
+    b, info_b = F.train_extractor(x, y, 10, seed=5, epochs=2)
     c, _ = F.train_extractor(x, y, 10, seed=6, epochs=2)
     sa, sb, sc = state(a), state(b), state(c)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    # the saved file too (no wall time in it): its hash, in every evaluation's protocol and in the run
+    # identity of the trainings scored in it, is the same for two runs of the features stage
+    # (torch.save names its archive after the file: the same name, as the stage writes)
+    F.save_extractor(a, info_a, tmp_path / "a" / "extractor.pt")
+    F.save_extractor(b, info_b, tmp_path / "b" / "extractor.pt")
+    assert (tmp_path / "a" / "extractor.pt").read_bytes() == (tmp_path / "b" / "extractor.pt").read_bytes()
+    assert protocol.extractor_hash(tmp_path / "a" / "extractor.pt") == protocol.extractor_hash(
+        tmp_path / "b" / "extractor.pt"
+    )
     torch.set_rng_state(before)
     F.train_extractor(x[:50], y[:50], 10, seed=5, epochs=1)
     assert torch.equal(torch.get_rng_state(), before), "training must leave the caller's RNG alone"
