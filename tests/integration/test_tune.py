@@ -42,6 +42,11 @@ def checkpoints(project: Path) -> list[Path]:
     return newest
 
 
+def index(checkpoint: Path) -> int:
+    """A Tune checkpoint folder's number (checkpoint_000003: 3)."""
+    return int(checkpoint.name.split("_")[1])
+
+
 def mlflow_children(project: Path):
     from mlflow.tracking import MlflowClient
 
@@ -143,7 +148,7 @@ def test_a_killed_driver_resumes_the_sweep_with_no_trial_lost_or_repeated(projec
         # and once a trial still training has a checkpoint before its last (Tune snapshots the sweep right
         # after one): a trial's 4th checkpoint (checkpoint_000003, step 2000) is its last
         deadline = time.monotonic() + 120
-        while not [c for c in checkpoints(project) if int(c.name.split("_")[1]) < 3 and not ended_in(c)]:
+        while not [c for c in checkpoints(project) if index(c) < 3 and not ended_in(c)]:
             assert time.monotonic() < deadline and driver.poll() is None, "no running trial checkpointed"
             time.sleep(0.05)
         time.sleep(0.5)  # for that snapshot (500 steps take a few seconds)
@@ -157,10 +162,10 @@ def test_a_killed_driver_resumes_the_sweep_with_no_trial_lost_or_repeated(projec
     # as if every trial still training had registered one more checkpoint just before the kill: Tune
     # deletes the older one at once, yet the sweep's last snapshot still names it (what made CI fail once,
     # by chance).
-    pruned = [c for c in checkpoints(project) if int(c.name.split("_")[1]) < 3]
+    pruned = [c for c in checkpoints(project) if index(c) < 3]
     assert pruned, "no trial was still training:\n" + "".join(seen)
     for c in pruned:
-        c.rename(c.with_name(f"checkpoint_{int(c.name.split('_')[1]) + 1:06d}"))
+        c.rename(c.with_name(f"checkpoint_{index(c) + 1:06d}"))
 
     second = sh(project, sys.executable, "stages/tune.py")
     assert "resuming the sweep" in second.stdout, second.stdout
