@@ -76,12 +76,18 @@ class ModelConfig(_Section):
     arch: Literal[tuple(ARCHS)] = "mlp"  # type: ignore[valid-type]
     z_dim: int = Field(2, gt=0)
     hidden: int = Field(128, gt=0, description="MLP width / DCGAN and ResNet base channels")
+    d_hidden: int | None = Field(None, gt=0, description="the discriminator's own width, null = model.hidden")
     layers: int = Field(3, gt=0, description="MLP hidden layers")
     d_norm: Literal[tuple(NORMS)] = "none"  # type: ignore[valid-type]
     d_activation: Literal["relu", "leaky_relu", "tanh"] = "leaky_relu"
     conditional: bool = False
     pack: int = Field(1, ge=1)
     attention: int | None = Field(None, description="resnet: a self-attention block at this resolution, null = none")
+
+    @property
+    def d_width(self) -> int:
+        """The discriminator's width: `d_hidden`, or `hidden` when that is null."""
+        return self.hidden if self.d_hidden is None else self.d_hidden
 
     @model_validator(mode="after")
     def _attention_side(self) -> "ModelConfig":

@@ -108,8 +108,8 @@ class CycleDiscriminators(nn.Module):
 
     def __init__(self, model: ModelConfig, shape: tuple[int, int, int]):
         super().__init__()
-        self.x = DCGANDiscriminator(shape, model.hidden, model.d_norm, model.d_activation)
-        self.y = DCGANDiscriminator(shape, model.hidden, model.d_norm, model.d_activation)
+        self.x = DCGANDiscriminator(shape, model.d_width, model.d_norm, model.d_activation)
+        self.y = DCGANDiscriminator(shape, model.d_width, model.d_norm, model.d_activation)
 
 
 def generator_spec(model: ModelConfig, sample_shape: list[int] | tuple[int, ...]) -> dict[str, Any]:

@@ -205,7 +205,7 @@ ARCHS: dict[str, Arch] = {
     "mlp": Arch(
         "points",
         lambda s: MLPGenerator(s["z_dim"], s["hidden"], s["layers"], s["sample_shape"][0], s.get("num_classes")),
-        lambda m, shape, k: MLPDiscriminator(shape[0], m.hidden, m.layers, m.d_norm, m.d_activation, m.pack, k),
+        lambda m, shape, k: MLPDiscriminator(shape[0], m.d_width, m.layers, m.d_norm, m.d_activation, m.pack, k),
     ),
     "dcgan": Arch(
         "images",
@@ -216,7 +216,7 @@ ARCHS: dict[str, Arch] = {
             s.get("num_classes"),
             s.get("conditioning") or "embedding",
         ),
-        lambda m, shape, k: DCGANDiscriminator(shape, m.hidden, m.d_norm, m.d_activation, m.pack, k),
+        lambda m, shape, k: DCGANDiscriminator(shape, m.d_width, m.d_norm, m.d_activation, m.pack, k),
         image_sides(8, 128),
     ),
     "resnet": resnet.ARCH,

@@ -10,7 +10,8 @@ for conditional models (Miyato & Koyama 2018). `model.d_norm: spectral` puts spe
 layer, as in SN-GAN; other norms follow each block's first convolution.
 
 `model.attention` puts a self-attention block (SAGAN, Zhang et al. 2019) at that resolution in both
-networks. `model.hidden` is the base width: a block at level i has hidden * 2**min(i, 3) channels.
+networks. `model.hidden` is the base width: a block at level i has hidden * 2**min(i, 3) channels
+(the discriminator's base is `model.d_hidden` when set).
 Images whose side is not a power of two are drawn at the next one and centre-cropped (G), padded (D).
 """
 
@@ -175,7 +176,7 @@ def _generator(spec: dict[str, Any]) -> nn.Module:
 
 def _discriminator(model, shape, num_classes):
     return ResNetDiscriminator(
-        shape, model.hidden, model.d_norm, model.d_activation, model.pack, num_classes, model.attention
+        shape, model.d_width, model.d_norm, model.d_activation, model.pack, num_classes, model.attention
     )
 
 

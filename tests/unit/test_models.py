@@ -174,3 +174,23 @@ def test_dcgan_spectral_head_bounded():
     for _ in range(20):
         D(x)
     assert _sigma(D.head.weight) <= 1.02
+
+
+@pytest.mark.parametrize(
+    "arch, shape", [("mlp", (2,)), ("dcgan", (3, 16, 16)), ("resnet", (3, 32, 32))], ids=["mlp", "dcgan", "resnet"]
+)
+def test_d_hidden_widens_the_discriminator_only(arch, shape):
+    """model.d_hidden sets the discriminator's width; the generator keeps model.hidden; null = hidden."""
+
+    def count(net: nn.Module) -> int:
+        return sum(p.numel() for p in net.parameters())
+
+    same = ModelConfig(arch=arch, hidden=16)
+    wide = ModelConfig(arch=arch, hidden=16, d_hidden=32)
+    assert same.d_width == 16 and wide.d_width == 32
+    assert count(build_discriminator(wide, shape)) > 2 * count(build_discriminator(same, shape))
+    spec_same, spec_wide = generator_spec(same, shape), generator_spec(wide, shape)
+    assert spec_same == spec_wide  # the generator (and the exported file's spec) does not change
+    assert count(build_generator(spec_wide)) == count(build_generator(spec_same))
+    x = torch.randn(4, *shape)
+    assert build_discriminator(wide, shape)(x).shape == (4,)
