@@ -152,7 +152,10 @@ def _sample(args) -> None:
     uri = None
     if args.model.startswith("models:/"):
         uri = tracking.resolve_uri(load_config(args.params).tracking.uri)
-    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    try:
+        labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    except ValueError:
+        raise ValueError(f"--labels: comma-separated class numbers, e.g. 0,1,2, got {args.labels!r}") from None
     x = registry.sample(registry.resolve_onnx(args.model, uri), args.n, args.seed, labels)
     out = Path(args.out)
     if out.suffix == ".npy":

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 PARITY_TOL = 1e-4
+NUM_CLASSES_KEY = "num_classes"  # a conditional generator's ONNX metadata: y takes 0 .. num_classes - 1
 
 
 def example_inputs(z_dim: int, num_classes: int | None, n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -40,6 +41,12 @@ def export_torchscript(G: torch.nn.Module, z_dim: int, path: Path, num_classes: 
 
 def export_onnx(G: torch.nn.Module, z_dim: int, path: Path, num_classes: int | None = None) -> None:
     _onnx(G, example_inputs(z_dim, num_classes), path, "x")
+    if num_classes:  # the file says which labels `y` takes (ganpipe sample cycles through them)
+        import onnx
+
+        m = onnx.load(str(path))
+        onnx.helper.set_model_props(m, {NUM_CLASSES_KEY: str(num_classes)})
+        onnx.save(m, str(path))
 
 
 def _torchscript(G: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:

@@ -8,6 +8,7 @@ two evaluations measured under different protocols (pipeline.core.protocol) are 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -98,6 +99,26 @@ def sample(onnx_path: Path, n: int, seed: int, labels: list[int] | None = None) 
     z_dim = inputs["z"].shape[1]
     feed = {"z": np.random.default_rng(seed).standard_normal((n, z_dim)).astype(np.float32)}
     if "y" in inputs:
-        cycle = labels or list(range(10))
+        cycle = class_labels(sess.get_modelmeta().custom_metadata_map, labels, onnx_path)
         feed["y"] = np.array([cycle[i % len(cycle)] for i in range(n)], dtype=np.int64)
     return sess.run(None, feed)[0]
+
+
+def class_labels(meta: dict[str, str], labels: list[int] | None, where: Path) -> list[int]:
+    """The labels a conditional generator's samples cycle through: `labels` (each checked against the
+    generator's classes) or every class, 0 .. num_classes - 1, as the ONNX file records them."""
+    from pipeline.io.export import NUM_CLASSES_KEY
+
+    k = int(meta[NUM_CLASSES_KEY]) if NUM_CLASSES_KEY in meta else None
+    card = where.parent / "model_card.json"  # an export written before the ONNX file carried its classes
+    if k is None and card.is_file():
+        k = (json.loads(card.read_text()).get("architecture") or {}).get("num_classes")
+    if labels is None:
+        if k is None:
+            raise ValueError(f"{where}: this conditional generator does not record its classes; give --labels")
+        return list(range(k))
+    bad = [v for v in labels if v < 0 or (k is not None and v >= k)]
+    if bad or not labels:
+        classes = f"0..{k - 1}" if k is not None else "non-negative"
+        raise ValueError(f"--labels: this generator's classes are {classes}, got {bad or 'none'}")
+    return labels

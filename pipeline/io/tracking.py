@@ -587,6 +587,7 @@ def log_onnx_model(
     from mlflow.models import infer_signature
 
     _client(uri)
+    graph = onnx.load(str(onnx_path))
     signature, inputs, output = None, None, None
     if example is not None and torch_model is not None:
         import torch
@@ -595,10 +596,11 @@ def log_onnx_model(
         torch_model.eval()
         with torch.no_grad():
             output = torch_model(*example.values()).numpy()
-        signature = infer_signature(inputs, output)
+        # the output named as the ONNX graph names it (x): the model's predict returns {name: array}
+        signature = infer_signature(inputs, {graph.graph.output[0].name: output})
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)),
+            graph,
             name=name,
             registered_model_name=registered_name,
             signature=signature,

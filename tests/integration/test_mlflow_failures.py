@@ -105,6 +105,7 @@ def test_the_registry_hears_of_a_model_only_once_its_export_folder_is_complete(p
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     info = get_model_info("models:/ganpipe-generator/1")
     assert info.signature.inputs.input_names() == ["z"] and info.saved_input_example_info is not None
+    assert info.signature.outputs.input_names() == ["x"]  # what the ONNX model's predict returns: {"x": ...}
     experiment = client.get_experiment_by_name("ganpipe").experiment_id
     assert "generator_pytorch" in {m.name for m in client.search_logged_models(experiment_ids=[experiment])}
 

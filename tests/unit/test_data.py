@@ -394,6 +394,11 @@ def test_shapes_prepare_at_a_resolution(resolution, channels):
     assert p.manifest["classes"] == 12 and p.manifest["kind"] == "images"
     assert p.manifest["store"] == "npy-uint8"
     assert -1.0 <= p.manifest["range"][0] < p.manifest["range"][1] <= 1.0
+    # what each class id means, for the model card of a conditional model: colour-major within a shape
+    names = p.manifest["class_names"]
+    assert (
+        len(names) == 12 and names[0] == "red circle" and names[5] == "green square" and names[11] == "yellow triangle"
+    )
 
 
 def test_resolution_must_be_a_power_of_two():

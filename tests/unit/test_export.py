@@ -120,3 +120,38 @@ def test_conditional_image_generators_export_with_labels_at_any_batch(arch, tmp_
     with torch.no_grad():
         ref = G.eval()(torch.from_numpy(z), torch.from_numpy(y)).numpy()
     assert got.shape == (11, 3, 32, 32) and np.abs(got - ref).max() < PARITY_TOL
+
+
+@pytest.mark.parametrize("num_classes", [3, 12])
+def test_sampling_a_conditional_export_cycles_through_its_own_classes(num_classes, tmp_path):
+    """The ONNX file records its classes: `ganpipe sample` draws each of them (not a fixed 0..9, which
+    crashed a 3-class model and never drew classes 10 and 11 of a 12-class one), and refuses labels
+    outside them in one line. An older export without that record falls back on its model card."""
+    from pipeline.io.registry import sample
+
+    torch.manual_seed(0)
+    m = ModelConfig(arch="dcgan", z_dim=8, hidden=8, conditional=True)
+    G = build_generator(generator_spec(m, [1, 8, 8], num_classes=num_classes)).eval()
+    files, _ = export_all(G, 8, ["onnx"], tmp_path, num_classes=num_classes)
+    n = 2 * num_classes
+    got = sample(files["onnx"], n, seed=3)
+    z = torch.from_numpy(np.random.default_rng(3).standard_normal((n, 8)).astype(np.float32))
+    with torch.no_grad():
+        ref = G(z, torch.arange(n) % num_classes).numpy()
+    assert np.abs(got - ref).max() < PARITY_TOL
+    with torch.no_grad():
+        two = G(z, torch.tensor([1, 2] * num_classes)).numpy()
+    assert np.abs(sample(files["onnx"], n, seed=3, labels=[1, 2]) - two).max() < PARITY_TOL
+    for bad in ([num_classes], [-1]):
+        with pytest.raises(ValueError, match=rf"--labels: this generator's classes are 0\.\.{num_classes - 1}"):
+            sample(files["onnx"], 4, seed=0, labels=bad)
+
+    import onnx
+
+    old = onnx.load(str(files["onnx"]))
+    del old.metadata_props[:]
+    onnx.save(old, str(files["onnx"]))
+    with pytest.raises(ValueError, match="does not record its classes; give --labels"):
+        sample(files["onnx"], 4, seed=0)
+    (tmp_path / "model_card.json").write_text('{"architecture": {"num_classes": %d}}' % num_classes)
+    assert np.abs(sample(files["onnx"], n, seed=3) - ref).max() < PARITY_TOL

@@ -76,13 +76,15 @@ def _signed_distance(kind: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarr
 
 
 def load(cfg, seed: int, fetch=None, scratch=None):
-    """uint8 images (0..255: the prepared store keeps them so) and their classes."""
+    """uint8 images (0..255: the prepared store keeps them so), their classes and the classes' names."""
     side, channels = cfg.resolution or DEFAULT_RESOLUTION, cfg.channels or 3
     out = None
     if scratch is not None:  # drawn straight to disk: memory does not grow with data.n_samples
         shape = (cfg.n_samples, channels, side, side)
         out = np.lib.format.open_memmap(Path(scratch) / "decoded.npy", "w+", np.uint8, shape)
-    return draw(cfg.n_samples, side, seed, channels, out)
+    x, y = draw(cfg.n_samples, side, seed, channels, out)
+    # the manifest (and the model card of a conditional model) says what each class id means
+    return x, y, {"class_names": [class_name(k) for k in range(NUM_CLASSES)]}
 
 
 register(Dataset("shapes", kind="images", labels="classes", load=load))
