@@ -26,6 +26,7 @@ STAGES = {
     "tune": "hyperparameter search on Ray Tune, write tune/best_params.yaml and tune/trials.csv",
 }
 PRESETS_DIR = "presets"
+SAMPLE_FORMATS = (".npy", ".png", ".jpg", ".jpeg", ".pdf", ".svg")  # an array, or a plot matplotlib writes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid params:\n{e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from pipeline.io import tracking
+
+        print(f"error: {tracking.redact_text(str(e))}", file=sys.stderr)  # no credentials of a tracking URI
         return 1
     return 0
 
@@ -149,15 +152,22 @@ def _sample(args) -> None:
 
     from pipeline.io import plots, registry, tracking
 
-    uri = None
-    if args.model.startswith("models:/"):
-        uri = tracking.resolve_uri(load_config(args.params).tracking.uri)
+    out = Path(args.out)
+    if args.n < 1:
+        raise ValueError(f"--n: the number of samples must be at least 1, got {args.n}")
+    if args.seed < 0:
+        raise ValueError(f"--seed: must be a non-negative integer, got {args.seed}")
+    if out.suffix.lower() not in SAMPLE_FORMATS:
+        raise ValueError(f"--out: must end in {' | '.join(SAMPLE_FORMATS)}, got {args.out!r}")
     try:
         labels = [int(v) for v in args.labels.split(",")] if args.labels else None
     except ValueError:
         raise ValueError(f"--labels: comma-separated class numbers, e.g. 0,1,2, got {args.labels!r}") from None
+    uri = None
+    if args.model.startswith("models:/"):
+        uri = tracking.resolve_uri(load_config(args.params).tracking.uri)
+        tracking.check_reachable(uri)  # one line naming the server (its credentials hidden), as every stage
     x = registry.sample(registry.resolve_onnx(args.model, uri), args.n, args.seed, labels)
-    out = Path(args.out)
     if out.suffix == ".npy":
         np.save(out, x)
     elif x.ndim == 4:
@@ -182,6 +192,10 @@ def apply_best(best_path: str, params_path: str) -> None:
     best = read_yaml(best_path)
     keys = list((best.get("tune") or {}).get("search_space") or {})
     values = {k: v for k, v in flatten(best).items() if k in keys}
+    if not values:  # nothing to apply: params.yaml is left as it is
+        raise ValueError(
+            f"{best_path}: holds no searched key's value (its tune.search_space names none); nothing applied"
+        )
     merge_into_params(params_path, unflatten(values))
     shown = ", ".join(f"{k}={v}" for k, v in values.items())
     print(f"applied {shown} to {params_path}; `dvc repro` trains with them")

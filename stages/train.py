@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args) -> None:
     cfg = common.config(args)
+    outputs.check_replaceable(args.models)  # now, not after the training
     common.check_locations(cfg, "storage.root")
     prepared = data.load_prepared(args.data)
     data_hash = prepared.manifest["content_hash"]
@@ -55,15 +56,15 @@ def train(args) -> None:
     )
     # one process at a time per run: a second one would resume, prune and overwrite its checkpoints
     with distributed.run_lease(cfg.storage.root, cfg.storage.s3_endpoint_url, name, f"the run {name}"):
+        run_key = hashlib.sha256(ray_run.encode()).hexdigest()[:16]
+        before = tracking.find_run(uri, cfg.tracking.experiment, run_key)
         run_id, resumed = tracking.start_or_resume_run(
-            uri,
-            cfg.tracking.experiment,
-            hashlib.sha256(ray_run.encode()).hexdigest()[:16],
-            common.run_label(cfg, identity.key(ident)),
-            tags,
+            uri, cfg.tracking.experiment, run_key, common.run_label(cfg, identity.key(ident)), tags
         )
-        # from here on the MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops
-        with tracking.closing_run(uri, run_id), tracking.system_metrics(uri, run_id):
+        # from here on the MLflow run is ended (FAILED, or KILLED on Ctrl-C) if the stage stops; a
+        # finished run whose hand-back fails (its checkpoint unreadable, say) stays FINISHED
+        finished = before is not None and before.info.status == "FINISHED"
+        with tracking.closing_run(uri, run_id, finished), tracking.system_metrics(uri, run_id):
             _train_in_run(
                 args,
                 cfg,

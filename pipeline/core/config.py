@@ -238,6 +238,8 @@ class StorageConfig(_Section):
     @field_validator("root")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
+        if not v.strip():  # Ray would write its run folders into the working folder
+            raise ValueError("must be s3://bucket/prefix or a local path, got an empty string")
         # `s3:/b`, `S3://b` or `gs://b` would otherwise become a local folder of that name
         if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]+:/", v) and not v.startswith("s3://"):
             raise ValueError(f"must be s3://bucket/prefix or a local path, got {v!r}")
@@ -440,6 +442,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # a list or a mapping as a key: not hashable
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: a key must be a name, got a {key_node.id}")
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise ConfigError(f"{key}: given twice (line {key_node.start_mark.line + 1})")
@@ -468,11 +472,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold keys and values (a mapping), got a {type(data).__name__}")
     return data or {}
 
 

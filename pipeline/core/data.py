@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,17 +300,28 @@ def load_prepared(in_dir: str | Path) -> Prepared:
     mpath = d / "manifest.json"
     if not mpath.is_file():
         raise DataError(f"{mpath}: not found; run the prepare stage first (dvc repro prepare)")
-    manifest = json.loads(mpath.read_text())
+    rerun = "rerun the prepare stage (dvc repro --force prepare)"
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError as e:
+        raise DataError(f"{mpath}: not readable JSON ({e}); {rerun}") from None
+    if not isinstance(manifest, dict) or "content_hash" not in manifest:
+        raise DataError(f"{mpath}: not a manifest the prepare stage wrote (no content_hash); {rerun}")
     store = manifest.get("store") == "npy-uint8"
     splits = []
     for split in SPLITS[: 4 if "target" in manifest else 2]:
-        if store:
-            y_path = d / f"{split}.y.npy"
-            splits += [np.load(d / f"{split}.x.npy", mmap_mode="c"), np.load(y_path) if y_path.is_file() else None]
-            continue
-        with np.load(d / f"{split}.npz") as f:
-            splits += [f["x"], f["y"] if "y" in f.files else None]
+        where = d / (f"{split}.x.npy" if store else f"{split}.npz")
+        try:  # a missing, truncated or foreign file: numpy's and zipfile's words name no file
+            if store:
+                y_path = d / f"{split}.y.npy"
+                splits += [np.load(where, mmap_mode="c"), np.load(y_path) if y_path.is_file() else None]
+                continue
+            with np.load(where) as f:
+                splits += [f["x"], f["y"] if "y" in f.files else None]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            gist = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DataError(f"{where}: cannot be read ({gist}); {rerun}") from None
     if content_hash(*splits) != manifest["content_hash"]:
-        raise DataError(f"{d}: arrays do not match the manifest's content hash; rerun prepare")
+        raise DataError(f"{d}: arrays do not match the manifest's content hash; {rerun}")
     b = None if "target" not in manifest else Prepared(*splits[4:], manifest=manifest["target"])
     return Prepared(*splits[:4], manifest=manifest, b=b)

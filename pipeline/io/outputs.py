@@ -48,6 +48,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     to disk before the rename that publishes them, so a crash leaves the old folder or the new one,
     never a half-written one; a temporary folder left by an earlier crash is removed."""
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f"{TMP_PREFIX}{path.name}.*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -61,6 +62,26 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(path: str | Path) -> None:
+    """A stage replaces its output folder whole, and an output folder holds files only: refuse (before
+    any work) a path that is a file, the working folder or one above it, or a folder holding a folder
+    (`--out data` would have deleted data/inputs, the user's own data)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise ValueError(f"{path}: exists and is not a folder; give the stage an output folder")
+    here, target = Path.cwd().resolve(), path.resolve()
+    if target == here or target in here.parents:
+        raise ValueError(f"{path}: is the working folder or holds it; give the stage an output folder of its own")
+    sub = next((c.name for c in sorted(path.iterdir()) if c.is_dir()), None)
+    if sub is not None:
+        raise ValueError(
+            f"{path}: holds the folder {sub}/, so it is not a stage's output (those hold files only) and "
+            "replacing it would delete it; give the stage an output folder of its own"
+        )
 
 
 def _fsync_tree(root: Path) -> None:
@@ -110,7 +131,13 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found ({what})")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{path}: not readable JSON ({_gist(e)}); {what}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not an object; {what}")
+    return data
 
 
 def write_csv(path: Path, rows: list[dict[str, float]]) -> None:
@@ -151,8 +178,18 @@ def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UnsafeFile(f"{path}: refused to load: it holds more than tensors and plain data ({reason})") from None
+        raise UnsafeFile(f"{path}: refused to load: it holds more than tensors and plain data ({_gist(e)})") from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch's words for a truncated or foreign file (RuntimeError, KeyError...) name no file
+        raise ValueError(
+            f"{path}: cannot be read ({_gist(e)}): it is truncated or not a file this project wrote"
+        ) from None
+
+
+def _gist(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def save_generator(G: torch.nn.Module, spec: dict[str, Any], path: Path, ema: bool) -> None:
@@ -165,6 +202,9 @@ def load_generator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; run the train stage first (dvc repro train)")
     blob = load_tensors(path)
-    G = build_generator(blob["spec"])
-    G.load_state_dict(blob["state_dict"])
+    try:
+        G = build_generator(blob["spec"])
+        G.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a generator saved by the train stage ({_gist(e)}); rerun train") from None
     return G.eval(), blob["spec"]

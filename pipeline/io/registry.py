@@ -75,7 +75,8 @@ def resolve_onnx(model: str, uri: str | None = None) -> Path:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
         except MlflowException as e:
-            raise FileNotFoundError(f"{model}: {e.message}") from None
+            first = (e.message.strip().splitlines() or [""])[0][:300]  # not a page of a proxy's HTML
+            raise FileNotFoundError(f"{model}: {first}") from None
         found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
         if not found:
             raise FileNotFoundError(f"{model}: no ONNX file in the logged model")
@@ -94,13 +95,21 @@ def sample(onnx_path: Path, n: int, seed: int, labels: list[int] | None = None) 
     """n samples from an exported generator (z ~ N(0, I) under `seed`; labels cycle for conditional ones)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own errors (a corrupt or truncated file) are not ValueErrors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{onnx_path}: not a readable ONNX model ({reason})") from None
     inputs = {i.name: i for i in sess.get_inputs()}
+    if "z" not in inputs:
+        raise ValueError(f"{onnx_path}: not a generator export (its inputs are {sorted(inputs)}, not z)")
     z_dim = inputs["z"].shape[1]
     feed = {"z": np.random.default_rng(seed).standard_normal((n, z_dim)).astype(np.float32)}
     if "y" in inputs:
         cycle = class_labels(sess.get_modelmeta().custom_metadata_map, labels, onnx_path)
         feed["y"] = np.array([cycle[i % len(cycle)] for i in range(n)], dtype=np.int64)
+    elif labels is not None:
+        raise ValueError("--labels: this generator is unconditional (it takes z only)")
     return sess.run(None, feed)[0]
 
 

@@ -165,18 +165,24 @@ def start_or_resume_run(
     """The id of the latest run tagged with run_key (interrupted or finished), or of a new one;
     and whether it was found. The training it records continues in the same run."""
     client = _client(uri)
+    found = find_run(uri, experiment, run_key)
+    if found is not None:
+        client.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id, True
     exp_id = experiment_id(uri, experiment)
-    found = client.search_runs(
-        [exp_id],
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **(tags or {})})
+    return run.info.run_id, False
+
+
+def find_run(uri: str, experiment: str, run_key: str):
+    """The latest MLflow run tagged with run_key (an mlflow Run: its status too), or None."""
+    found = _client(uri).search_runs(
+        [experiment_id(uri, experiment)],
         filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id, True
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **(tags or {})})
-    return run.info.run_id, False
+    return found[0] if found else None
 
 
 def lineage_tags(git: dict, data_hash: str, params_hash: str, stage: str, ray_run: str) -> dict[str, str]:
@@ -247,14 +253,17 @@ class Interrupted(RuntimeError):
 
 
 @contextlib.contextmanager
-def closing_run(uri: str, run_id: str):
+def closing_run(uri: str, run_id: str, finished_before: bool = False):
     """The stage's work on an MLflow run: when it raises, the run is ended FAILED (KILLED when the
-    user interrupted), so it never stays RUNNING after the stage exits. One quick attempt: the
-    server may be what failed; then a rerun of the stage finds the run and ends it."""
+    user interrupted), so it never stays RUNNING after the stage exits; a run that was FINISHED
+    before (a rerun that hands its training back) stays FINISHED: what it records is still whole.
+    One quick attempt: the server may be what failed; then a rerun of the stage finds the run and
+    ends it."""
     try:
         yield
     except BaseException as e:
         status = "KILLED" if isinstance(e, (KeyboardInterrupt, Interrupted)) else "FAILED"
+        status = "FINISHED" if finished_before else status
         try:
             with single_attempt():
                 end_run(uri, run_id, status)

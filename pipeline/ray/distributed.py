@@ -108,7 +108,14 @@ def _start_own_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
         port = s.getsockname()[1]
     own = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
     with environment.temporarily(own):  # inherited by the Ray processes started now, not kept by this process
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        except Exception as e:  # Ray's own start-up failures are bare Exceptions ("timed out during startup")
+            gist = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise RuntimeError(
+                f"ray: the local Ray did not start ({gist}); on a loaded machine retry, or join a running "
+                "cluster with ray.address"
+            ) from None
 
 
 def plan_gpu(setting: str | bool, num_workers: int, gpus: float) -> tuple[bool, str | None]:

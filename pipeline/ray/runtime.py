@@ -175,4 +175,7 @@ class Worker:
 def load_state(checkpoint, map_location=None) -> dict[str, Any]:
     """The state a Worker saved into a Ray checkpoint (the driver's side of `Worker.report`)."""
     with checkpoint.as_directory() as d:
-        return load_tensors(Path(d) / STATE_FILE, map_location=map_location)
+        try:
+            return load_tensors(Path(d) / STATE_FILE, map_location=map_location)
+        except ValueError as e:  # named where it lives (d may be a temporary copy of a checkpoint in a bucket)
+            raise type(e)(f"the checkpoint {checkpoint.path}: {e}") from None

@@ -192,6 +192,21 @@ def test_a_key_given_twice_is_refused(tmp_path):
         load_config(path)
 
 
+def test_odd_params_files_are_named_in_one_line(tmp_path):
+    """Non-UTF-8 bytes and a list used as a key were a bare codec error and a TypeError traceback;
+    YAML's own errors ran over several lines."""
+    path = tmp_path / "params.yaml"
+    for content, message in [
+        (b"train:\n  steps: \xff\n", r"params.yaml: not UTF-8 text \(byte 16"),
+        (b"? [a]\n: 2\n", "params.yaml: line 1: a key must be a name, got a sequence"),
+        (b"train:\n  steps: 10\n   lr: : 2\n", r"params.yaml: not valid YAML \(.*line 3"),
+    ]:
+        path.write_bytes(content)
+        with pytest.raises(ConfigError, match=message) as e:
+            load_config(path)
+        assert "\n" not in str(e.value)
+
+
 def test_an_empty_params_file_is_refused(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("# nothing here\n")
@@ -199,7 +214,7 @@ def test_an_empty_params_file_is_refused(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("root", ["s3:/bucket/x", "S3://bucket/x", "gs://bucket/x", "s3://", "http://host/x"])
+@pytest.mark.parametrize("root", ["s3:/bucket/x", "S3://bucket/x", "gs://bucket/x", "s3://", "http://host/x", "", "  "])
 def test_storage_root_with_an_unknown_scheme_is_refused(root):
     assert _error({"storage": {"root": root}}).startswith("storage.root: ")
 

@@ -184,6 +184,32 @@ def test_load_prepared_without_manifest(tmp_path):
         load_prepared(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["grid", "shapes"])
+def test_corrupt_prepared_data_is_named_in_one_line(tmp_path, name):
+    """A truncated or foreign file under data/prepared: the message names the file and what to do
+    (it was zipfile's "File is not a zip file" or a KeyError, naming nothing)."""
+    p = prepare(DataConfig(name=name, n_samples=240, resolution=8), seed=0)
+    x_file = "train.x.npy" if name == "shapes" else "train.npz"
+    cases = {
+        x_file: lambda f: f.write_bytes(f.read_bytes()[:100]),  # truncated
+        "manifest.json": lambda f: f.write_text("{bad"),
+    }
+    if name == "grid":
+        cases["val.npz"] = lambda f: np.savez(f, z=np.zeros(3))  # no x in it
+    for broken, spoil in cases.items():
+        d = tmp_path / broken
+        save_prepared(p, d)
+        spoil(d / broken)
+        with pytest.raises(DataError, match=rf"{d / broken}: .*rerun the prepare stage") as e:
+            load_prepared(d)
+        assert "\n" not in str(e.value)
+    d = tmp_path / "no-hash"
+    save_prepared(p, d)
+    (d / "manifest.json").write_text('{"n_train": 1}')
+    with pytest.raises(DataError, match="not a manifest the prepare stage wrote"):
+        load_prepared(d)
+
+
 # ---- npz loader ------------------------------------------------------------------------------
 
 

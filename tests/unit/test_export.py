@@ -155,3 +155,35 @@ def test_sampling_a_conditional_export_cycles_through_its_own_classes(num_classe
         sample(files["onnx"], 4, seed=0)
     (tmp_path / "model_card.json").write_text('{"architecture": {"num_classes": %d}}' % num_classes)
     assert np.abs(sample(files["onnx"], n, seed=3) - ref).max() < PARITY_TOL
+
+
+def test_ganpipe_sample_refuses_bad_arguments_in_one_line_and_hides_credentials(tmp_path, capsys):
+    """Each bad argument is named (it used to be numpy's or matplotlib's words, a traceback for a
+    corrupt file, an empty plot for --n 0, /tmp/s.png written for --out /tmp/s); a tracking URI's
+    password never reaches the terminal."""
+    from pipeline import cli
+
+    G, z_dim, _ = _generator("mlp")
+    export_all(G, z_dim, ["onnx"], tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "generator.onnx").write_text("hello")
+    params = tmp_path / "params.yaml"
+    params.write_text("tracking:\n  uri: http://user:s3cret@127.0.0.1:9\n")
+    cases = [
+        (["--n", "0"], "--n: the number of samples must be at least 1, got 0"),
+        (["--seed", "-1"], "--seed: must be a non-negative integer"),
+        (["--out", str(tmp_path / "s")], "--out: must end in .npy"),
+        (["--labels", "a,b"], "--labels: comma-separated class numbers"),
+        (["--labels", "1"], "--labels: this generator is unconditional"),
+        (["--model", str(tmp_path / "bad")], "generator.onnx: not a readable ONNX model"),
+        (["--model", "models:/g@champion", "--params", str(params)], "cannot reach the MLflow server at http://***@"),
+    ]
+    for args, message in cases:
+        argv = ["sample", "--model", str(tmp_path), "--out", str(tmp_path / "s.npy"), *args]
+        assert cli.main(argv) == 1, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+        assert "s3cret" not in err
+    assert not (tmp_path / "s.npy").exists() and not (tmp_path / "s.png").exists()
+    assert cli.main(["sample", "--model", str(tmp_path), "--n", "5", "--out", str(tmp_path / "s.npy")]) == 0
+    assert np.load(tmp_path / "s.npy").shape == (5, 2)

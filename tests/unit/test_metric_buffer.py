@@ -139,32 +139,6 @@ def test_a_spill_that_cannot_be_written_is_said_once_and_the_sender_goes_on(tmp_
     assert not any("they are kept in" in m for m in lines)
 
 
-def test_an_output_folder_is_complete_or_absent_and_a_crash_leaves_nothing_git_sees(tmp_path: Path):
-    import subprocess
-
-    from pipeline.io import outputs
-
-    target = tmp_path / "export"
-    stale = tmp_path / f"{outputs.TMP_PREFIX}export.abc123"  # what a killed stage left behind
-    stale.mkdir()
-    try:
-        with outputs.atomic_dir(target) as tmp:
-            (tmp / "a.txt").write_text("half")
-            raise OSError("disk full")
-    except OSError:
-        pass
-    assert not target.exists() and not stale.exists() and list(tmp_path.iterdir()) == []
-    with outputs.atomic_dir(target) as tmp:
-        (tmp / "a.txt").write_text("whole")
-    assert (target / "a.txt").read_text() == "whole"
-    # the repository's .gitignore covers a temporary left by a crash
-    root = Path(__file__).resolve().parents[2]
-    ignored = subprocess.run(
-        ["git", "check-ignore", "-q", f"models/{outputs.TMP_PREFIX}models.x1y2"], cwd=root, capture_output=True
-    )
-    assert ignored.returncode == 0
-
-
 class _Server:
     """A real HTTP endpoint on loopback that answers MLflow's log-batch with the given statuses in
     turn (then 200), and keeps the metric steps of every batch it accepted."""
@@ -251,3 +225,27 @@ def test_a_training_run_gets_system_metrics_and_keeps_the_status_the_block_earne
     assert run.info.status == "FINISHED" and run.info.run_name == "grid-nonsaturating-mlp-0123abcd"
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     assert client.get_run(failed).info.status == "FAILED" and mlflow.active_run() is None
+
+
+def test_a_failed_rerun_of_a_finished_run_leaves_it_finished(tmp_path: Path):
+    """A hand-back that fails (an unreadable checkpoint, say) must not mark the run whose training
+    finished as FAILED; a run that had not finished is ended FAILED as before."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    for finished in (True, False):
+        key = f"key-{finished}"
+        run_id, resumed = tracking.start_or_resume_run(uri, "hand-back", key, "r")
+        assert not resumed and tracking.find_run(uri, "hand-back", key).info.status == "RUNNING"
+        if finished:
+            tracking.end_run(uri, run_id, "FINISHED")
+        before = tracking.find_run(uri, "hand-back", key)
+        again, resumed = tracking.start_or_resume_run(uri, "hand-back", key, "r")
+        assert again == run_id and resumed and client.get_run(run_id).info.status == "RUNNING"
+        try:
+            with tracking.closing_run(uri, run_id, before.info.status == "FINISHED"):
+                raise ValueError("the checkpoint .../state.pt: cannot be read")
+        except ValueError:
+            pass
+        assert client.get_run(run_id).info.status == ("FINISHED" if finished else "FAILED")

@@ -74,3 +74,36 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path):
     with pytest.raises(UnsafeFile, match=f"{path}: refused to load"):
         load_tensors(path)
     assert not Path(MARK).exists()
+
+
+def test_a_truncated_or_foreign_file_is_named_in_one_line(tmp_path: Path):
+    """torch's own words for these ("PytorchStreamReader failed...", KeyError: 101, KeyError: 'spec')
+    named no file; a Ray checkpoint's is named where it lives."""
+    from ray.train import Checkpoint
+
+    from pipeline.io.outputs import load_generator, read_json
+    from pipeline.ray.runtime import STATE_FILE, load_state
+
+    good = tmp_path / "good.pt"
+    torch.save({"step": 3, "w": torch.ones(1000)}, good)
+    cut, text = tmp_path / "cut.pt", tmp_path / "text.pt"
+    cut.write_bytes(good.read_bytes()[:2000])
+    text.write_text("hello")
+    for path in (cut, text):
+        with pytest.raises(ValueError, match=f"{path}: cannot be read .*: it is truncated or not a file") as e:
+            load_tensors(path)
+        assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        load_tensors(tmp_path / "absent.pt")
+    with pytest.raises(ValueError, match=f"{good}: not a generator saved by the train stage"):
+        load_generator(good)
+    ckpt = tmp_path / "checkpoint_000002"
+    ckpt.mkdir()
+    (ckpt / STATE_FILE).write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=f"the checkpoint {ckpt}: .*cannot be read"):
+        load_state(Checkpoint.from_directory(str(ckpt)))
+    listed = tmp_path / "train.json"
+    for content, message in (("[]", "holds a JSON list, not an object"), ("{bad", "not readable JSON")):
+        listed.write_text(content)
+        with pytest.raises(ValueError, match=f"{listed}: {message}"):
+            read_json(listed, "run the train stage first")
