@@ -219,6 +219,8 @@ def model_card(spec: dict, cfg, lineage: Lineage, *, diffs: dict, model_uri: str
                 "shape": ["N", *spec["sample_shape"]],
                 "dtype": "float32",
                 "meaning": "images (N, C, H, W) in [-1, 1]" if image else "points in the data's own scale",
+                # for points: the training data's smallest and largest coordinate, what that scale is
+                **({} if image or "range" not in manifest else {"data_range": manifest["range"]}),
             }
         },
         "architecture": spec,

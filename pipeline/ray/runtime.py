@@ -177,5 +177,8 @@ def load_state(checkpoint, map_location=None) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         try:
             return load_tensors(Path(d) / STATE_FILE, map_location=map_location)
-        except ValueError as e:  # named where it lives (d may be a temporary copy of a checkpoint in a bucket)
+        except ValueError as e:
+            if str(checkpoint.path) in str(e):  # a local checkpoint: the message names it already
+                raise
+            # d is a temporary copy of a checkpoint in a bucket: name it where it lives
             raise type(e)(f"the checkpoint {checkpoint.path}: {e}") from None

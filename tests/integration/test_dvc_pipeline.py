@@ -35,6 +35,7 @@ def test_repro_runs_every_stage_then_only_what_changed(project: Path):
         assert (project / f).stat().st_size > 0, f
     card = json.loads((project / "export/model_card.json").read_text())
     assert card["data"]["content_hash"] == manifest["content_hash"]
+    assert card["outputs"]["x"]["data_range"] == manifest["range"]  # what "the data's own scale" is
     assert card["git"]["commit"] and card["mlflow"]["run_id"] == train["mlflow_run_id"]
     assert all(v < 1e-4 for v in card["parity_max_abs_diff"].values())
 

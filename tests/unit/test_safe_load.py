@@ -100,7 +100,7 @@ def test_a_truncated_or_foreign_file_is_named_in_one_line(tmp_path: Path):
     ckpt = tmp_path / "checkpoint_000002"
     ckpt.mkdir()
     (ckpt / STATE_FILE).write_bytes(good.read_bytes()[:2000])
-    with pytest.raises(ValueError, match=f"the checkpoint {ckpt}: .*cannot be read"):
+    with pytest.raises(ValueError, match=f"^{ckpt / STATE_FILE}: cannot be read"):
         load_state(Checkpoint.from_directory(str(ckpt)))
     listed = tmp_path / "train.json"
     for content, message in (("[]", "holds a JSON list, not an object"), ("{bad", "not readable JSON")):
