@@ -168,6 +168,10 @@ class UnsafeFile(ValueError):
     """A file that holds more than tensors and plain data (it could run code when loaded)."""
 
 
+class UnreadableFile(ValueError):
+    """A file torch cannot read: truncated, or not one this project wrote. The message names it."""
+
+
 def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
     """torch.load restricted to tensors and plain data (dicts, lists, numbers, strings): a file from
     shared storage (a checkpoint under storage.root, a model in a bucket) can be written by anyone
@@ -182,7 +186,7 @@ def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
     except FileNotFoundError:
         raise
     except Exception as e:  # torch's words for a truncated or foreign file (RuntimeError, KeyError...) name no file
-        raise ValueError(
+        raise UnreadableFile(
             f"{path}: cannot be read ({_gist(e)}): it is truncated or not a file this project wrote"
         ) from None
 

@@ -10,6 +10,8 @@ collectives, progress and live evaluation for a run; the trial's metrics and dia
 
 from __future__ import annotations
 
+import logging
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from pipeline.core import data, training
 from pipeline.core.config import Config
 from pipeline.core.objectives import objective
 from pipeline.io import store_shipping
-from pipeline.io.outputs import load_tensors
+from pipeline.io.outputs import UnreadableFile, UnsafeFile, load_tensors
 
 STATE_FILE = "state.pt"
 
@@ -100,11 +102,29 @@ def tune_session() -> Session:
     return Session(device=device, checkpoint=tune.get_checkpoint(), report=report)
 
 
+class _OneLineFailures(logging.Filter):
+    """Ray Train logs the traceback of whatever a worker raises ("Error in training function:" and
+    a dozen lines, in the user's terminal); failures whose message already names their cause and
+    place (a NaN loss and its step, an unreadable or unsafe checkpoint) need none: the stage prints
+    that message as its one error line. Every other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = sys.exc_info()[1]  # Ray formats the traceback inside the handler of the user's exception
+        return not (str(record.msg).startswith("Error in training function") and isinstance(exc, ONE_LINE_FAILURES))
+
+
+ONE_LINE_FAILURES = (training.Diverged, UnsafeFile, UnreadableFile)
+_RAY_TRAIN_ERROR_LOGGER = "ray.train.v2._internal.util"  # where Ray Train 2.x logs a worker's exception
+
+
 class Worker:
     """Build, restore, batch and checkpoint a GAN for one worker of a session."""
 
     def __init__(self, cfg: Config, shipped: WorkerData, session: Session):
         self.cfg, self.session = cfg, session
+        logger = logging.getLogger(_RAY_TRAIN_ERROR_LOGGER)
+        if not any(isinstance(f, _OneLineFailures) for f in logger.filters):  # a reused process: once
+            logger.addFilter(_OneLineFailures())
         device = session.device
         torch.set_num_threads(cfg.train.cpus_per_worker)
         if device.type == "cuda":  # NCCL's object collectives (the pids, CycleGAN pools) use the current device
