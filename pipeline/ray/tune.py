@@ -554,7 +554,11 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
             ),
         )
-    with environment.temporarily({"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):
+    # Ctrl-C must stop the stage as an interruption (non-zero exit, no tune/ outputs for DVC to cache, a
+    # rerun resumes from the sweep's snapshot); Tune's own handler would end fit() as if the sweep were
+    # done, with the trials it had so far
+    quiet = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_DISABLE_SIGINT_HANDLER": "1"}
+    with environment.temporarily(quiet):
         return tuner.fit()
 
 

@@ -188,6 +188,47 @@ def test_a_killed_driver_resumes_the_sweep_with_no_trial_lost_or_repeated(projec
         assert sorted(steps) == [500, 1000, 1500, 2000], (c.data.tags["ganpipe.trial_id"], steps)
 
 
+def test_ctrl_c_stops_the_sweep_as_interrupted_and_the_rerun_completes_it(project: Path):
+    """SIGINT to the sweep's process group (a terminal's Ctrl-C) once a trial has ended: the stage exits
+    non-zero in one line and writes no tune/ output (Tune's own handler ended the sweep as if done: exit
+    0, a best trial picked among the trials so far, outputs DVC would cache); the rerun completes it."""
+    sh(project, sys.executable, "stages/prepare.py")
+    set_params(
+        project,
+        {
+            "tune": {"num_samples": 3, "scheduler": "none", "max_concurrent": 1},
+            "train": {"steps": 2000, "checkpoint_every": 500, "log_every": 100, "ema": 0.0},
+        },
+    )
+    driver = spawn(project, sys.executable, "stages/tune.py")
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(driver.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any(line.startswith("[tune] trial ") for line in list(seen)):
+            assert time.monotonic() < deadline and driver.poll() is None, "".join(seen)
+            time.sleep(0.1)
+        time.sleep(2)  # into the second trial
+        os.killpg(driver.pid, signal.SIGINT)
+        rc = driver.wait(timeout=120)
+    finally:
+        stop_group(driver)
+    reader.join(timeout=5)
+    out = "".join(seen)
+    assert (
+        rc == 1 and out.strip().splitlines()[-1] == "error: sweep interrupted; rerun the same command to resume it"
+    ), out
+    assert not (project / "tune").exists(), out
+
+    second = sh(project, sys.executable, "stages/tune.py")
+    assert "resuming the sweep" in second.stdout, second.stdout
+    rows = trials(project)
+    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows), rows
+    _, parents, children = mlflow_children(project)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 3
+
+
 def test_a_nan_trial_is_recorded_as_failed_and_the_sweep_goes_on(project: Path):
     sh(project, sys.executable, "stages/prepare.py")
     space = {"train.lr_d": {"grid": [0.001, 1.0e30]}}
