@@ -109,7 +109,7 @@ def _check(args) -> None:
 
     cfg = load_config(args.params)
     tune.check_tunable(cfg)
-    tune.parse_space(cfg.tune.search_space, read_yaml(args.params))
+    tune.check_search(cfg, tune.parse_space(cfg.tune.search_space, read_yaml(args.params)))
     print(json.dumps(cfg.public_dict(), indent=2))
 
 

@@ -34,6 +34,7 @@ def run(args) -> None:
     raw = read_yaml(args.params)
     tune.check_tunable(cfg)
     parsed = tune.parse_space(cfg.tune.search_space, raw)  # refuses a bad space before anything starts
+    tune.check_search(cfg, parsed)
     invalid = tune.invalid_combinations(parsed, raw)  # refuses a space with no valid combination
     if invalid:
         print(f"[tune] note: {tune.invalid_note(invalid, parsed)}")

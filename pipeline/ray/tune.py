@@ -58,12 +58,22 @@ def parse_space(space: dict[str, Any], base_raw: dict[str, Any]) -> dict[str, tu
         raise ConfigError(
             "tune.search_space: empty; give at least one key, e.g. train.lr_g: {loguniform: [0.0001, 0.01]}"
         )
+    from pipeline.core import identity
+
     known = flatten(build_config(base_raw).to_dict())
     parsed, errors = {}, []
     for key, spec in space.items():
         where = f"tune.search_space.{key}"
         if key not in known:
             errors.append(f"{where}: unknown params key")
+            continue
+        if not any(key == p or key.startswith(f"{p}.") for p in identity.TRAIN_PARAMS):
+            # tune.*, tracking.*, storage.*, data.*, operational train.* keys: a trial never reads them
+            # (its value would do nothing, and would be printed and written to tune/trials.csv as given)
+            errors.append(
+                f"{where}: not a key a trial's training reads; search seed, model.*, loss.*, train.* "
+                "(but not where it runs: num_workers, checkpoint_every...) or eval.every / eval.live_samples"
+            )
             continue
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
             errors.append(f"{where}: must be one of {{{' | '.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
@@ -358,6 +368,15 @@ def _train_to_tune():
 # ---- the sweep --------------------------------------------------------------------------------
 
 
+def check_search(cfg: Config, parsed: dict[str, tuple[str, list]]) -> None:
+    """What the scheduler and the search algorithm need of the space: checked before Ray starts and
+    before the sweep's MLflow run is opened."""
+    if cfg.tune.scheduler == "pbt" and not any(d in CONTINUOUS for d, _ in parsed.values()):
+        raise ConfigError("tune.scheduler: pbt needs at least one uniform or loguniform key to mutate")
+    if cfg.tune.search_alg == "optuna" and any(d == "grid" for d, _ in parsed.values()):
+        raise ConfigError("tune.search_alg: optuna does not take grid keys; use choice instead of grid")
+
+
 def scheduler(cfg: Config, parsed: dict[str, tuple[str, list]]):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
@@ -375,8 +394,6 @@ def scheduler(cfg: Config, parsed: dict[str, tuple[str, list]]):
             for k, (d, a) in parsed.items()
             if d in CONTINUOUS
         }
-        if not mutations:
-            raise ConfigError("tune.scheduler: pbt needs at least one uniform or loguniform key to mutate")
         return PopulationBasedTraining(
             time_attr="step", perturbation_interval=t.checkpoint_every, hyperparam_mutations=mutations
         )
@@ -389,8 +406,6 @@ def search_alg(cfg: Config, parsed: dict[str, tuple[str, list]]):
 
         # random sampling (and every grid value), seeded: the same params draw the same trials
         return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.tune.max_concurrent)
-    if any(d == "grid" for d, _ in parsed.values()):
-        raise ConfigError("tune.search_alg: optuna does not take grid keys; use choice instead of grid")
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(seed=cfg.seed)
@@ -497,6 +512,7 @@ def run_sweep(cfg: Config, parsed, job: SweepJob, storage_path: str, fs, name: s
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
+    check_search(cfg, parsed)
     # a single-worker trial trains in the trial itself (its CPUs); a multi-worker trial only drives a
     # Ray Train run, whose workers ask for their own CPUs
     t = cfg.train

@@ -20,6 +20,10 @@ BASE = read_yaml(Path(__file__).resolve().parents[2] / "params.yaml")
     [
         ({}, "tune.search_space: empty"),
         ({"train.lr_x": {"uniform": [0.1, 0.2]}}, "tune.search_space.train.lr_x: unknown params key"),
+        ({"tune.num_samples": {"randint": [1, 3]}}, "tune.search_space.tune.num_samples: not a key a trial's"),
+        ({"tracking.uri": {"choice": ["http://u:p@h:1"]}}, "tune.search_space.tracking.uri: not a key a trial's"),
+        ({"train.num_workers": {"choice": [1, 2]}}, "tune.search_space.train.num_workers: not a key a trial's"),
+        ({"data.n_samples": {"choice": [100, 200]}}, "tune.search_space.data.n_samples: not a key a trial's"),
         ({"train.lr_g": {"normal": [0, 1]}}, "tune.search_space.train.lr_g: must be one of"),
         ({"train.lr_g": {"uniform": [0.2, 0.1]}}, "tune.search_space.train.lr_g: uniform range is empty"),
         ({"train.lr_g": {"loguniform": [0.0, 0.1]}}, "tune.search_space.train.lr_g: loguniform needs low > 0"),
@@ -299,3 +303,30 @@ def test_a_trial_is_numbered_by_its_creation_not_its_id():
     assert tune.trial_position([*trials, skipped], skipped) == 3
     untagged = SimpleNamespace(trial_id="x", experiment_tag="")
     assert tune.trial_position([*trials, untagged], untagged) == 3
+
+
+def test_what_the_scheduler_and_search_need_of_the_space_is_checked_before_anything_starts(tmp_path, capsys):
+    """PBT with nothing to mutate and Optuna with grid keys were refused only once Ray had started and
+    the sweep's MLflow run was open (exit 1, an empty failed run left); now `check_search`, which the
+    stage and `ganpipe check` call first (exit 2, invalid params)."""
+    import yaml
+
+    from pipeline import cli
+
+    for tune_cfg, message in [
+        ({"scheduler": "pbt", "search_space": {"model.hidden": {"choice": [64, 128]}}}, "pbt needs at least one"),
+        (
+            {"search_alg": "optuna", "search_space": {"train.lr_g": {"grid": [0.001, 0.002]}}},
+            "optuna does not take grid keys",
+        ),
+    ]:
+        raw = {**BASE, "tune": {**BASE["tune"], **tune_cfg}}
+        cfg = build_config(raw)
+        with pytest.raises(ConfigError, match=message):
+            tune.check_search(cfg, parse_space(cfg.tune.search_space, raw))
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump(raw))
+        assert cli.main(["check", "--params", str(params)]) == 2
+        assert message in capsys.readouterr().err
+    fine = build_config(BASE)
+    tune.check_search(fine, parse_space(fine.tune.search_space, BASE))  # the committed space passes
