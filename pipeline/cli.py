@@ -189,6 +189,8 @@ def apply_preset(name: str, params_path: str, presets_dir: str = PRESETS_DIR) ->
 
 def apply_best(best_path: str, params_path: str) -> None:
     """Merge the searched keys' best values (only those) into params.yaml."""
+    if not Path(best_path).is_file():
+        raise FileNotFoundError(f"{best_path}: not found; run the sweep first (dvc repro pipelines/tune/dvc.yaml)")
     best = read_yaml(best_path)
     keys = list((best.get("tune") or {}).get("search_space") or {})
     values = {k: v for k, v in flatten(best).items() if k in keys}

@@ -15,6 +15,8 @@ def test_apply_best_refuses_a_file_with_no_searched_key_and_leaves_params_alone(
     shutil.copy(ROOT / "params.yaml", params)
     before = params.read_bytes()
     best = tmp_path / "best_params.yaml"
+    assert cli.main(["apply-best", "--best", str(best), "--params", str(params)]) == 1
+    assert "not found; run the sweep first" in capsys.readouterr().err
     for content, code, message in [
         ("train.lr_g: -1\n", 1, "holds no searched key's value"),  # flat keys, no tune.search_space
         ("[1, 2]\n", 2, "must hold keys and values (a mapping), got a list"),
