@@ -157,7 +157,7 @@ def test_sampling_a_conditional_export_cycles_through_its_own_classes(num_classe
     assert np.abs(sample(files["onnx"], n, seed=3) - ref).max() < PARITY_TOL
 
 
-def test_ganpipe_sample_refuses_bad_arguments_in_one_line_and_hides_credentials(tmp_path, capsys):
+def test_ganpipe_sample_refuses_bad_arguments_in_one_line_and_hides_credentials(tmp_path, capsys, monkeypatch):
     """Each bad argument is named (it used to be numpy's or matplotlib's words, a traceback for a
     corrupt file, an empty plot for --n 0, /tmp/s.png written for --out /tmp/s); a tracking URI's
     password never reaches the terminal."""
@@ -178,6 +178,8 @@ def test_ganpipe_sample_refuses_bad_arguments_in_one_line_and_hides_credentials(
         (["--model", str(tmp_path / "bad")], "generator.onnx: not a readable ONNX model"),
         (["--model", "models:/g@champion", "--params", str(params)], "cannot reach the MLflow server at http://***@"),
     ]
+    # tracking.uri from the params file (MLFLOW_TRACKING_URI, which wins, may be set by an earlier test)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for args, message in cases:
         argv = ["sample", "--model", str(tmp_path), "--out", str(tmp_path / "s.npy"), *args]
         assert cli.main(argv) == 1, args
@@ -185,5 +187,10 @@ def test_ganpipe_sample_refuses_bad_arguments_in_one_line_and_hides_credentials(
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
         assert "s3cret" not in err
     assert not (tmp_path / "s.npy").exists() and not (tmp_path / "s.png").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:s3cret@127.0.0.1:9")  # the environment's, too
+    assert cli.main(["sample", "--model", "models:/g@champion", "--out", str(tmp_path / "s.npy")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the MLflow server at http://***@127.0.0.1:9" in err and "s3cret" not in err, err
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert cli.main(["sample", "--model", str(tmp_path), "--n", "5", "--out", str(tmp_path / "s.npy")]) == 0
     assert np.load(tmp_path / "s.npy").shape == (5, 2)
