@@ -134,7 +134,7 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
-        raise ValueError(f"{path}: not readable JSON ({_gist(e)}); {what}") from None
+        raise ValueError(f"{path}: not readable JSON ({gist(e)}); {what}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not an object; {what}")
     return data
@@ -182,16 +182,17 @@ def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UnsafeFile(f"{path}: refused to load: it holds more than tensors and plain data ({_gist(e)})") from None
+        raise UnsafeFile(f"{path}: refused to load: it holds more than tensors and plain data ({gist(e)})") from None
     except FileNotFoundError:
         raise
     except Exception as e:  # torch's words for a truncated or foreign file (RuntimeError, KeyError...) name no file
         raise UnreadableFile(
-            f"{path}: cannot be read ({_gist(e)}): it is truncated or not a file this project wrote"
+            f"{path}: cannot be read ({gist(e)}): it is truncated or not a file this project wrote"
         ) from None
 
 
-def _gist(e: BaseException) -> str:
+def gist(e: BaseException) -> str:
+    """An exception's first line (at most 200 characters), or its type's name: for one-line errors."""
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
 
@@ -210,5 +211,5 @@ def load_generator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         G = build_generator(blob["spec"])
         G.load_state_dict(blob["state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a generator saved by the train stage ({_gist(e)}); rerun train") from None
+        raise ValueError(f"{path}: not a generator saved by the train stage ({gist(e)}); rerun train") from None
     return G.eval(), blob["spec"]

@@ -95,11 +95,12 @@ def sample(onnx_path: Path, n: int, seed: int, labels: list[int] | None = None) 
     """n samples from an exported generator (z ~ N(0, I) under `seed`; labels cycle for conditional ones)."""
     import onnxruntime as ort
 
+    from pipeline.io.outputs import gist
+
     try:
         sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own errors (a corrupt or truncated file) are not ValueErrors
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{onnx_path}: not a readable ONNX model ({reason})") from None
+        raise ValueError(f"{onnx_path}: not a readable ONNX model ({gist(e)})") from None
     inputs = {i.name: i for i in sess.get_inputs()}
     if "z" not in inputs:
         raise ValueError(f"{onnx_path}: not a generator export (its inputs are {sorted(inputs)}, not z)")

@@ -111,9 +111,10 @@ def _start_own_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
         except Exception as e:  # Ray's own start-up failures are bare Exceptions ("timed out during startup")
-            gist = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            from pipeline.io.outputs import gist
+
             raise RuntimeError(
-                f"ray: the local Ray did not start ({gist}); on a loaded machine retry, or join a running "
+                f"ray: the local Ray did not start ({gist(e)}); on a loaded machine retry, or join a running "
                 "cluster with ray.address"
             ) from None
 
